@@ -1,0 +1,1 @@
+"""lcserve.adapters: inspect, merge, verify and mount LoRA adapters against their base."""

@@ -1,0 +1,1 @@
+"""lcserve.deploy: hardware profiles, the capacity planner and its renderings."""

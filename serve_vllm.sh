@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Serve a model with vLLM through lcserve. Run with --help for usage.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+usage() {
+  cat <<'USAGE'
+Usage: ./serve_vllm.sh [MODEL] [PORT] [MAX_NUM_SEQS] [MAX_MODEL_LEN] [GPU_MEM_UTIL] [VLLM_ARGS...]
+
+Serve MODEL with vLLM until Ctrl-C. Every argument is optional; "auto" (or leaving it out)
+picks the default. With no arguments: the embedded default (Gemma 3 270M, 32k context).
+
+  MODEL          a model folder (config.json + *.safetensors), or "embedded"  [embedded]
+  PORT           port to serve on                                             [8000]
+  MAX_NUM_SEQS   concurrent sequences                                         [auto: vLLM's]
+  MAX_MODEL_LEN  context window in tokens, at most the model's maximum        [auto: the model's maximum]
+  GPU_MEM_UTIL   fraction of GPU memory in (0, 1]; ignored on the CPU build   [auto]
+  VLLM_ARGS      anything after the five (or after --) goes to vLLM unchanged
+
+The first run creates .venv, installs lcserve with vLLM (CPU build when nvidia-smi finds no
+GPU) and prepares the embedded model; later runs reuse them.
+
+Example: ./serve_vllm.sh /models/llama-3.1-8b-writer 8000 9 64000 0.90
+USAGE
+}
+
+die() { echo "serve_vllm.sh: $*" >&2; exit 2; }
+is_auto() { [ -z "$1" ] || [ "$1" = auto ]; }
+positive_int() { [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -gt 0 ]; }
+
+positional=()
+passthrough=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --) shift; passthrough+=("$@"); break ;;
+    -*) passthrough+=("$@"); break ;;
+    *) if [ ${#positional[@]} -lt 5 ]; then positional+=("$1"); shift; else passthrough+=("$@"); break; fi ;;
+  esac
+done
+
+MODEL="${positional[0]:-embedded}"
+PORT="${positional[1]:-8000}"
+MAX_NUM_SEQS="${positional[2]:-auto}"
+MAX_MODEL_LEN="${positional[3]:-auto}"
+GPU_MEM_UTIL="${positional[4]:-auto}"
+
+positive_int "$PORT" && [ "$PORT" -le 65535 ] || die "PORT must be an integer from 1 to 65535, got '$PORT'"
+is_auto "$MAX_NUM_SEQS" || positive_int "$MAX_NUM_SEQS" || die "MAX_NUM_SEQS must be a positive integer or 'auto', got '$MAX_NUM_SEQS'"
+is_auto "$MAX_MODEL_LEN" || positive_int "$MAX_MODEL_LEN" || die "MAX_MODEL_LEN must be a positive integer or 'auto', got '$MAX_MODEL_LEN'"
+if ! is_auto "$GPU_MEM_UTIL"; then
+  [[ "$GPU_MEM_UTIL" =~ ^[0-9]*\.?[0-9]+$ ]] && awk -v u="$GPU_MEM_UTIL" 'BEGIN { exit !(u > 0 && u <= 1) }' \
+    || die "GPU_MEM_UTIL must be a number in (0, 1], like 0.90, got '$GPU_MEM_UTIL'"
+fi
+if [ "$MODEL" != embedded ] && [ ! -d "$MODEL" ] && [[ "$MODEL" == [/.~]* || ! "$MODEL" =~ ^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$ ]]; then
+  die "MODEL '$MODEL' is not a folder; pass a model folder (config.json + *.safetensors), a hub id (org/name), or leave it out for the embedded default"
+fi
+
+BIN="$("$ROOT/scripts/bootstrap.sh")"
+args=(serve)
+if [ "$MODEL" = embedded ]; then
+  "$BIN/lcserve" embedded prepare >&2
+else
+  args+=("$MODEL")
+fi
+args+=(--port "$PORT")
+is_auto "$MAX_NUM_SEQS" || args+=(--max-num-seqs "$MAX_NUM_SEQS")
+is_auto "$MAX_MODEL_LEN" || args+=(--max-model-len "$MAX_MODEL_LEN")
+is_auto "$GPU_MEM_UTIL" || args+=(--gpu-memory-utilization "$GPU_MEM_UTIL")
+exec "$BIN/lcserve" "${args[@]}" -- "${passthrough[@]}"
