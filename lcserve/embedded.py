@@ -10,6 +10,7 @@ second `prepare` instant.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -118,6 +119,7 @@ def prepare(force: bool = False, progress=None) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # our progress bar replaces the GGUF loader's
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, add_bos_token=True)

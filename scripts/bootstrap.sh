@@ -22,8 +22,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 STAMP="$VENV/.lcserve-installed"
-WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16) $EXTRAS"
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+HASH="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+HAVE="$(cat "$STAMP" 2>/dev/null || true)"
+# Up to date when pyproject.toml is unchanged and the installed extras include the wanted ones.
+if [ "$HAVE" != "$HASH $EXTRAS" ] && [ "$HAVE" != "$HASH $BUILD,dev" ]; then
   echo "lcserve: installing lcserve[$EXTRAS] into $VENV (first time: about 5 minutes)" >&2
   "$VENV/bin/python" -m pip install --quiet --progress-bar off -e "$ROOT[$EXTRAS]" >&2
   if [ "$BUILD" = cpu ]; then
@@ -31,6 +33,6 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     # and break transformers' Gemma 3 import ("operator torchvision::nms does not exist").
     "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >&2 2>/dev/null || true
   fi
-  echo "$WANT" > "$STAMP"
+  echo "$HASH $EXTRAS" > "$STAMP"
 fi
 echo "$VENV/bin"

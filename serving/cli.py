@@ -14,6 +14,7 @@ from rich.console import Console
 from lcserve import embedded as emb
 from lcserve.errors import ModelError
 from lcserve.paths import lcserve_home
+from lcserve.safetensors_header import read_model_tensors
 
 from .engine import EngineProcess, EngineSpec, vllm_build, vllm_command
 
@@ -70,8 +71,7 @@ def max_context(model_dir: Path) -> int:
     limit = text.get("max_position_embeddings") or config.get("max_position_embeddings")
     if not isinstance(limit, int):
         raise ModelError(f"{config_path}: no max_position_embeddings; add it or pass --max-model-len")
-    if not any(model_dir.glob("*.safetensors")):
-        raise ModelError(f"{model_dir}: no *.safetensors weights; convert the model to safetensors first")
+    read_model_tensors(model_dir)  # ModelError on missing, truncated or corrupt weights
     return limit
 
 

@@ -55,7 +55,9 @@ def engine(embedded_model_dir, tmp_path_factory) -> Engine:
     spec = EngineSpec(
         model=str(embedded_model_dir), served_model_name=emb.SERVED_NAME, port=free_port(),
         max_model_len=ENGINE_MAX_MODEL_LEN, extra_args=["--enforce-eager"], lora_args=lora_args,
-        env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
+        env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+             # tests may run a second engine; "auto" would pin every engine to core 0
+             "VLLM_CPU_OMP_THREADS_BIND": "nobind"},
     )
     process = EngineProcess(spec, tmp_path_factory.mktemp("engine") / "vllm.log")
     process.start()

@@ -12,6 +12,7 @@ from lcserve.serving import cli as serve_cli
 from lcserve.serving.engine import EngineSpec, vllm_command
 
 ROOT = Path(__file__).resolve().parents[2]
+EMPTY_SAFETENSORS = b"\x02\0\0\0\0\0\0\0{}"
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -45,7 +46,7 @@ def test_serve_command_rejects_context_above_model_maximum(tmp_path):
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
-    (model / "model.safetensors").write_bytes(b"")
+    (model / "model.safetensors").write_bytes(EMPTY_SAFETENSORS)
     r = CliRunner().invoke(cli, ["serve", str(model), "--max-model-len", "8192", "--dry-run"])
     assert r.exit_code == 2
     assert "above the model's maximum context 4096" in r.output and "use at most 4096" in r.output
@@ -56,6 +57,8 @@ def test_serve_command_rejects_context_above_model_maximum(tmp_path):
     (lambda d: None, "config.json not found"),
     (lambda d: (d / "config.json").write_text("{not json"), "is not valid JSON"),
     (lambda d: (d / "config.json").write_text(json.dumps({"max_position_embeddings": 64})), "no *.safetensors"),
+    (lambda d: ((d / "config.json").write_text(json.dumps({"max_position_embeddings": 64})),
+                (d / "model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{}")), "corrupt safetensors header"),
 ])
 def test_serve_command_names_a_broken_model_folder(tmp_path, setup, fragment):
     model = tmp_path / "m"
@@ -70,7 +73,7 @@ def test_dry_run_builds_the_vllm_command(tmp_path, monkeypatch):
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
-    (model / "model.safetensors").write_bytes(b"")
+    (model / "model.safetensors").write_bytes(EMPTY_SAFETENSORS)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
     r = CliRunner().invoke(cli, ["serve", str(model), "--port", "9123", "--max-num-seqs", "4", "--dry-run",
                                  "--", "--seed", "7"])

@@ -1,0 +1,58 @@
+"""The main job end to end: `./serve_vllm.sh` serves, answers, and stops cleanly on Ctrl-C."""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_health(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"serve_vllm.sh exited with {proc.returncode}"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"not ready after {timeout_s} s")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_serve_script_serves_the_embedded_default_and_stops_on_ctrl_c(embedded_model_dir, tmp_path):
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    proc = subprocess.Popen([str(ROOT / "serve_vllm.sh"), "embedded", str(port), "2", "2048"], env=env,
+                            stdout=subprocess.PIPE, stderr=(tmp_path / "stderr").open("w"), text=True,
+                            start_new_session=True)
+    try:
+        wait_health(f"http://127.0.0.1:{port}", proc, 600)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120, json={
+            "model": "gemma-3-270m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"].strip()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stderr = (tmp_path / "stderr").read_text()
+    assert "VLLM_CPU_KVCACHE_SPACE=1 GiB (from the environment)" in stderr
+    assert "ready in" in stderr and "stopping vLLM" in stderr
+    assert port_is_free(port)
+    leftovers = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
+    assert leftovers == [], f"orphaned engine processes: {leftovers}"
