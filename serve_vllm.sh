@@ -5,17 +5,21 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 usage() {
   cat <<'USAGE'
-Usage: ./serve_vllm.sh [MODEL] [PORT] [MAX_NUM_SEQS] [MAX_MODEL_LEN] [GPU_MEM_UTIL] [VLLM_ARGS...]
+Usage: ./serve_vllm.sh [--profile NAME] [MODEL] [PORT] [MAX_NUM_SEQS] [MAX_MODEL_LEN] [GPU_MEM_UTIL] [VLLM_ARGS...]
 
 Serve MODEL with vLLM until Ctrl-C. Every argument is optional; "auto" (or leaving it out)
-picks the default. With no arguments: the embedded default (Gemma 3 270M, 32k context).
+takes lcserve's planner's choice for the hardware. With no arguments: the embedded default
+(Gemma 3 270M, 32k context) on this machine.
 
+  --profile NAME hardware profile the planner plans for (lcserve deploy profiles) [auto: detected]
   MODEL          a model folder (config.json + *.safetensors), or "embedded"  [embedded]
   PORT           port to serve on                                             [8000]
-  MAX_NUM_SEQS   concurrent sequences                                         [auto: vLLM's]
-  MAX_MODEL_LEN  context window in tokens, at most the model's maximum        [auto: the model's maximum]
-  GPU_MEM_UTIL   fraction of GPU memory in (0, 1]; ignored on the CPU build   [auto]
-  VLLM_ARGS      anything after the five (or after --) goes to vLLM unchanged
+  MAX_NUM_SEQS   requests that must fit at full context at once               [auto: planner]
+  MAX_MODEL_LEN  context window in tokens, at most the model's maximum        [auto: planner, the maximum that fits]
+  GPU_MEM_UTIL   fraction of GPU memory in (0, 1]; ignored on the CPU build   [auto: planner]
+  VLLM_ARGS      anything after the five (or after --) goes to vLLM unchanged and wins over the plan
+
+See the plan and the reason for every number with: .venv/bin/lcserve deploy plan --model MODEL
 
 The first run creates .venv, installs lcserve with vLLM (CPU build when nvidia-smi finds no
 GPU) and prepares the embedded model; later runs reuse them.
@@ -30,9 +34,12 @@ positive_int() { [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -gt 0 ]; }
 
 positional=()
 passthrough=()
+PROFILE=auto
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
+    --profile) [ $# -ge 2 ] || die "--profile needs a NAME (see: lcserve deploy profiles)"; PROFILE="$2"; shift 2 ;;
+    --profile=*) PROFILE="${1#--profile=}"; shift ;;
     --) shift; passthrough+=("$@"); break ;;
     -*) passthrough+=("$@"); break ;;
     *) if [ ${#positional[@]} -lt 5 ]; then positional+=("$1"); shift; else passthrough+=("$@"); break; fi ;;
@@ -57,13 +64,8 @@ if [ "$MODEL" != embedded ] && [ ! -d "$MODEL" ] && [[ "$MODEL" == [/.~]* || ! "
 fi
 
 BIN="$("$ROOT/scripts/bootstrap.sh")"
-args=(serve)
-if [ "$MODEL" = embedded ]; then
-  "$BIN/lcserve" embedded prepare >&2
-else
-  args+=("$MODEL")
-fi
-args+=(--port "$PORT")
+[ "$MODEL" = embedded ] && "$BIN/lcserve" embedded prepare >&2
+args=(serve "$MODEL" --port "$PORT" --profile "$PROFILE")
 is_auto "$MAX_NUM_SEQS" || args+=(--max-num-seqs "$MAX_NUM_SEQS")
 is_auto "$MAX_MODEL_LEN" || args+=(--max-model-len "$MAX_MODEL_LEN")
 is_auto "$GPU_MEM_UTIL" || args+=(--gpu-memory-utilization "$GPU_MEM_UTIL")

@@ -1,4 +1,4 @@
-"""`lcserve serve`: the main job. Resolve the model, choose vLLM's settings, launch and wait."""
+"""`lcserve serve`: the main job. Resolve the model, plan vLLM's settings, launch and wait."""
 
 from __future__ import annotations
 
@@ -12,32 +12,14 @@ import click
 from rich.console import Console
 
 from lcserve import embedded as emb
-from lcserve.errors import ModelError
+from lcserve.deploy.adapters_info import read_adapter
+from lcserve.deploy.hardware import resolve_profile
+from lcserve.deploy.plan import ServePlan, plan_deployment
+from lcserve.errors import ModelError, PlanError
+from lcserve.model_config import read_model
 from lcserve.paths import lcserve_home
-from lcserve.safetensors_header import read_model_tensors
 
 from .engine import EngineProcess, EngineSpec, vllm_build, vllm_command
-
-GIB = 1024**3
-
-
-def node_available_bytes() -> int:
-    """Memory available to vLLM's CPU worker, computed the way it does (NUMA node 0 meminfo)."""
-    path = Path("/sys/devices/system/node/node0/meminfo")
-    if not path.exists():
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    fields = {}
-    for line in path.read_text().splitlines():
-        parts = line.split()
-        fields[parts[2].rstrip(":")] = int(parts[3]) * 1024
-    return sum(fields[k] for k in ("MemFree", "Active(file)", "Inactive(file)", "SReclaimable"))
-
-
-def cpu_kv_space_gib(available_bytes: int) -> int:
-    """Half of what vLLM's CPU worker sees as available, between 1 and 16 GiB."""
-    return max(1, min(16, int(available_bytes * 0.5 // GIB)))
 
 
 def resolve_model(model: str | None, console: Console) -> tuple[str, str, Path | None]:
@@ -58,85 +40,115 @@ def resolve_model(model: str | None, console: Console) -> tuple[str, str, Path |
     return str(path), path.name, path
 
 
-def max_context(model_dir: Path) -> int:
-    """The model's context limit from config.json (ModelError when the folder is incomplete)."""
-    config_path = model_dir / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"{config_path} not found; {model_dir} is not a Hugging Face model folder") from None
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{config_path} is not valid JSON ({e}); restore the model's config.json") from None
-    text = config.get("text_config") or config
-    limit = text.get("max_position_embeddings") or config.get("max_position_embeddings")
-    if not isinstance(limit, int):
-        raise ModelError(f"{config_path}: no max_position_embeddings; add it or pass --max-model-len")
-    read_model_tensors(model_dir)  # ModelError on missing, truncated or corrupt weights
-    return limit
+def plan_for(model_dir: Path, profile: str, adapter_dirs: list[Path], max_model_len: int | None,
+             max_num_seqs: int | None, kv_dtype: str, rope_scaling: str | None = None) -> ServePlan:
+    """The planner's choice for this model on this hardware; explicit values become its targets."""
+    prof = resolve_profile(profile)
+    kv_env = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    kv_cache_gib = int(kv_env) if prof.is_cpu and kv_env and kv_env.isdigit() else None
+    return plan_deployment(prof, read_model(model_dir), adapters=[read_adapter(d) for d in adapter_dirs],
+                           context=max_model_len, concurrency=max_num_seqs, kv_dtype=kv_dtype,
+                           rope_scaling=rope_scaling, kv_cache_gib=kv_cache_gib)
+
+
+def override_option(args: list[str], option: str, value: str) -> list[str]:
+    """`args` with `option`'s value replaced (or appended)."""
+    if option in args:
+        i = args.index(option)
+        return args[:i + 1] + [value] + args[i + 2:]
+    return args + [option, value]
+
+
+def plan_summary(plan: ServePlan) -> list[str]:
+    lines = [f"plan ({plan.profile.name}): max_model_len {plan.max_model_len}, max_num_seqs {plan.max_num_seqs}, "
+             f"KV cache {plan.kv_tokens:,} tokens = {plan.max_concurrency:.2f} requests at full context "
+             "(`lcserve deploy plan` explains every number)"]
+    lines += [f"{k}={v}: {r.why}" for k, v in plan.env.items() for r in plan.reasons
+              if r.setting == k and k not in os.environ]
+    return lines + [f"warning: {w}" for w in plan.warnings]
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "help_option_names": ["-h", "--help"]})
 @click.argument("model", required=False)
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to serve on.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise).")
-@click.option("--max-num-seqs", type=click.IntRange(min=1), help="Concurrent sequences (default: vLLM's).")
-@click.option("--max-model-len", type=click.IntRange(min=16), help="Context window (default: the model's maximum).")
+@click.option("--profile", default="auto", show_default=True,
+              help="Hardware profile for the planner (`lcserve deploy profiles`), or auto (NVML, else CPU).")
+@click.option("--max-model-len", type=click.IntRange(min=16),
+              help="Context window (default: the planner's, the model's maximum when it fits).")
+@click.option("--max-num-seqs", type=click.IntRange(min=1),
+              help="Requests that must fit at full context at once (default: the planner's).")
 @click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True),
-              help="Fraction of GPU memory for this instance, in (0, 1] (GPU build only).")
+              help="Override the planner's fraction of GPU memory, in (0, 1] (GPU build only).")
+@click.option("--kv-dtype", type=click.Choice(["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]), default="auto",
+              show_default=True, help="KV cache dtype; fp8 halves a bf16 cache.")
+@click.option("--rope-scaling", type=click.Choice(["yarn"]),
+              help="Allow --max-model-len above the model's maximum by YaRN (passed as --hf-overrides).")
 @click.option("--served-model-name", help="Name clients use (default: the folder name).")
 @click.option("--ready-timeout", type=click.IntRange(min=1), default=900, show_default=True,
               help="Seconds to wait for vLLM to become ready.")
 @click.option("--log-file", type=click.Path(path_type=Path), help="vLLM's log (default: $LCSERVE_HOME/logs/vllm-PORT.log).")
-@click.option("--dry-run", is_flag=True, help="Print the vLLM command and environment as JSON; start nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the plan, vLLM command and environment as JSON; start nothing.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
-def serve(model, port, host, max_num_seqs, max_model_len, gpu_memory_utilization, served_model_name,
-          ready_timeout, log_file, dry_run, vllm_args) -> None:
+def serve(model, port, host, profile, max_model_len, max_num_seqs, gpu_memory_utilization, kv_dtype,
+          rope_scaling, served_model_name, ready_timeout, log_file, dry_run, vllm_args) -> None:
     """Serve MODEL (a model folder; default: the embedded Gemma 3 270M) with vLLM until Ctrl-C.
 
-    Arguments after the options (or after `--`) are passed to vLLM unchanged, e.g.
-    `lcserve serve /models/m -- --enforce-eager`.
+    The planner (`lcserve deploy plan`) chooses the context window, concurrency, batch size and
+    memory for the hardware profile; explicit options become its targets and are checked.
+    Arguments after the options (or after `--`) go to vLLM unchanged and win over the plan, e.g.
+    `lcserve serve /models/m -- --enable-prefix-caching`.
     """
     console = Console(stderr=True)
+    if model is not None and model.startswith("-"):  # MODEL omitted: click gave it the first vLLM argument
+        model, vllm_args = None, (model, *vllm_args)
     model_arg, default_name, model_dir = resolve_model(model, console)
-    if model_dir is not None:
-        limit = max_context(model_dir)
-        if max_model_len is not None and max_model_len > limit:
-            raise ModelError(f"--max-model-len {max_model_len} is above the model's maximum context {limit} "
-                             f"({model_dir / 'config.json'}: max_position_embeddings); use at most {limit}")
-        max_model_len = max_model_len or limit
     build = vllm_build()
-    extra = list(vllm_args)
+    args: list[str] = []
     env: dict[str, str] = {}
     notes: list[str] = []
-    if build == "cpu":
-        if gpu_memory_utilization is not None:
-            notes.append("--gpu-memory-utilization is ignored on the CPU build: it sizes the KV cache from "
+    plan = None
+    if model_dir is not None:
+        plan = plan_for(model_dir, profile, [], max_model_len, max_num_seqs, kv_dtype, rope_scaling)
+        if build == "cpu" and not plan.profile.is_cpu:
+            raise PlanError(f"--profile {profile} is a GPU profile but this machine runs vLLM's CPU build; serve with "
+                            "--profile auto (or cpu), and plan for other hardware with `lcserve deploy plan --profile`")
+        args = plan.vllm_args()
+        env = {k: v for k, v in plan.env.items() if k not in os.environ}
+        notes += plan_summary(plan)
+    else:
+        notes.append(f"{model_arg} is not a local folder: no plan (lcserve reads config.json to plan); "
+                     "your explicit settings go to vLLM as they are")
+        for option, value in (("--max-model-len", max_model_len), ("--max-num-seqs", max_num_seqs)):
+            if value is not None:
+                args += [option, str(value)]
+    for key in ("VLLM_CPU_KVCACHE_SPACE",):
+        if key in os.environ and build == "cpu":
+            notes.append(f"{key}={os.environ[key]} GiB (from the environment)")
+    if gpu_memory_utilization is not None:
+        if build == "cpu":
+            notes.append("--gpu-memory-utilization is ignored on the CPU build: the KV cache is sized by "
                          "VLLM_CPU_KVCACHE_SPACE")
-            gpu_memory_utilization = None
-        if "VLLM_CPU_KVCACHE_SPACE" in os.environ:
-            notes.append(f"CPU build: VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB (from the environment)")
         else:
-            available = node_available_bytes()
-            kv = cpu_kv_space_gib(available)
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(kv)
-            notes.append(f"CPU build: VLLM_CPU_KVCACHE_SPACE={kv} GiB = half of the {available / GIB:.1f} GiB "
-                         "vLLM's CPU worker sees as available (1..16 GiB)")
-        if "--enforce-eager" not in extra and "-O" not in " ".join(extra):
-            extra.append("--enforce-eager")
-            notes.append("CPU build: --enforce-eager (torch.compile warm-up takes minutes on small CPUs)")
+            args = override_option(args, "--gpu-memory-utilization", str(gpu_memory_utilization))
+    passthrough = list(vllm_args)
+    if build == "cpu" and "--enforce-eager" not in passthrough and "-O" not in " ".join(passthrough):
+        args.append("--enforce-eager")
+        notes.append("CPU build: --enforce-eager (torch.compile warm-up takes minutes on small CPUs)")
     spec = EngineSpec(model=model_arg, served_model_name=served_model_name or default_name, host=host, port=port,
-                      max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                      gpu_memory_utilization=gpu_memory_utilization, extra_args=extra, env=env)
+                      extra_args=args + passthrough, env=env)
     if dry_run:
-        click.echo(json.dumps({"command": vllm_command(spec), "env": env, "notes": notes, "build": build}, indent=2))
+        click.echo(json.dumps({"command": vllm_command(spec), "env": env, "notes": notes, "build": build,
+                               "plan": plan.to_json() if plan else None}, indent=2))
         return
     for note in notes:
         console.print(f"[dim]{note}[/dim]")
     log_path = log_file or lcserve_home() / "logs" / f"vllm-{port}.log"
-    _run_until_signal(EngineProcess(spec, log_path), ready_timeout, console)
+    _run_until_signal(EngineProcess(spec, log_path), plan.max_model_len if plan else max_model_len,
+                      ready_timeout, console)
 
 
-def _run_until_signal(engine: EngineProcess, ready_timeout: int, console: Console) -> None:
+def _run_until_signal(engine: EngineProcess, max_model_len: int | None, ready_timeout: int, console: Console) -> None:
     """Start the engine, wait for readiness, then block until SIGINT/SIGTERM or the engine exits."""
     stop = {"requested": False}
 
@@ -152,7 +164,7 @@ def _run_until_signal(engine: EngineProcess, ready_timeout: int, console: Consol
         with console.status("waiting for vLLM to become ready..."):
             engine.wait_ready(ready_timeout)
         console.print(f"[green]ready[/green] in {time.monotonic() - started:.0f} s: {engine.url}/v1 serves "
-                      f"'{engine.spec.served_model_name}' (max_model_len {engine.spec.max_model_len}); Ctrl-C stops")
+                      f"'{engine.spec.served_model_name}' (max_model_len {max_model_len}); Ctrl-C stops")
         while not stop["requested"] and engine.alive():
             time.sleep(0.5)
         if not engine.alive() and not stop["requested"]:

@@ -12,7 +12,9 @@ from lcserve.serving import cli as serve_cli
 from lcserve.serving.engine import EngineSpec, vllm_command
 
 ROOT = Path(__file__).resolve().parents[2]
-EMPTY_SAFETENSORS = b"\x02\0\0\0\0\0\0\0{}"
+GEMMA_LIKE = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "num_hidden_layers": 2,
+              "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+              "vocab_size": 128, "max_position_embeddings": 4096, "torch_dtype": "bfloat16"}
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -42,52 +44,63 @@ def test_serve_script_help():
     assert "MODEL" in r.stdout and "GPU_MEM_UTIL" in r.stdout and "embedded" in r.stdout
 
 
-def test_serve_command_rejects_context_above_model_maximum(tmp_path):
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
-    (model / "model.safetensors").write_bytes(EMPTY_SAFETENSORS)
-    r = CliRunner().invoke(cli, ["serve", str(model), "--max-model-len", "8192", "--dry-run"])
+def serve(*args: str, env: dict | None = None):
+    return CliRunner().invoke(cli, ["serve", *args], env=env)
+
+
+def test_serve_command_rejects_context_above_model_maximum(embedded_model_dir):
+    r = serve("--max-model-len", "40000", "--dry-run")
     assert r.exit_code == 2
-    assert "above the model's maximum context 4096" in r.output and "use at most 4096" in r.output
+    assert "above the derived maximum 32768" in r.output and "largest feasible: 32768" in r.output
     assert "Traceback" not in r.output
 
 
+def test_serve_command_scales_rope_only_when_asked(embedded_model_dir):
+    r = serve("--max-model-len", "65536", "--rope-scaling", "yarn", "--dry-run")
+    assert r.exit_code == 0, r.output
+    cmd = json.loads(r.output)["command"]
+    overrides = json.loads(cmd[cmd.index("--hf-overrides") + 1])
+    assert "yarn" in json.dumps(overrides) and cmd[cmd.index("--max-model-len") + 1] == "65536"
+
+
 @pytest.mark.parametrize("setup, fragment", [
-    (lambda d: None, "config.json not found"),
-    (lambda d: (d / "config.json").write_text("{not json"), "is not valid JSON"),
-    (lambda d: (d / "config.json").write_text(json.dumps({"max_position_embeddings": 64})), "no *.safetensors"),
-    (lambda d: ((d / "config.json").write_text(json.dumps({"max_position_embeddings": 64})),
+    (lambda d: None, "config.json: missing"),
+    (lambda d: (d / "config.json").write_text("{not json"), "unreadable JSON"),
+    (lambda d: (d / "config.json").write_text(json.dumps(GEMMA_LIKE)), "no *.safetensors"),
+    (lambda d: ((d / "config.json").write_text(json.dumps(GEMMA_LIKE)),
                 (d / "model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{}")), "corrupt safetensors header"),
 ])
 def test_serve_command_names_a_broken_model_folder(tmp_path, setup, fragment):
     model = tmp_path / "m"
     model.mkdir()
     setup(model)
-    r = CliRunner().invoke(cli, ["serve", str(model), "--dry-run"])
+    r = serve(str(model), "--dry-run")
     assert r.exit_code == 2 and fragment in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1
 
 
-def test_dry_run_builds_the_vllm_command(tmp_path, monkeypatch):
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
-    (model / "model.safetensors").write_bytes(EMPTY_SAFETENSORS)
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
-    r = CliRunner().invoke(cli, ["serve", str(model), "--port", "9123", "--max-num-seqs", "4", "--dry-run",
-                                 "--", "--seed", "7"])
+def test_dry_run_takes_the_plan_and_lets_vllm_args_win(embedded_model_dir):
+    r = serve("--port", "9123", "--max-model-len", "4096", "--max-num-seqs", "4", "--dry-run",
+              "--", "--max-num-batched-tokens", "512", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     cmd = out["command"]
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert cmd[cmd.index("--port") + 1] == "9123"
-    assert cmd[cmd.index("--max-model-len") + 1] == "4096"  # the model's maximum by default
+    assert cmd[cmd.index("--max-model-len") + 1] == "4096"
     assert cmd[cmd.index("--max-num-seqs") + 1] == "4"
-    assert cmd[cmd.index("--seed") + 1] == "7"
+    assert out["plan"]["max_model_len"] == 4096 and out["plan"]["kv_cache_tokens"] > 4 * 4096
+    # the user's vLLM argument comes last, so vLLM's parser lets it win over the plan's
+    last = len(cmd) - 1 - cmd[::-1].index("--max-num-batched-tokens")
+    assert cmd[last + 1] == "512"
     if out["build"] == "cpu":
-        assert "--enforce-eager" in cmd
-        assert "VLLM_CPU_KVCACHE_SPACE=3" in " ".join(out["notes"])
+        assert "--enforce-eager" in cmd and out["env"] == {}
+        assert any("VLLM_CPU_KVCACHE_SPACE=1 GiB (from the environment)" in n for n in out["notes"])
+
+
+def test_override_option_replaces_or_appends():
+    assert serve_cli.override_option(["--a", "1", "--b", "2"], "--a", "9") == ["--a", "9", "--b", "2"]
+    assert serve_cli.override_option(["--a", "1"], "--c", "3") == ["--a", "1", "--c", "3"]
 
 
 def test_vllm_command_orders_lora_then_passthrough():
@@ -97,8 +110,3 @@ def test_vllm_command_orders_lora_then_passthrough():
     assert cmd == ["py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--served-model-name", "m",
                    "--host", "127.0.0.1", "--port", "1234", "--max-model-len", "2048",
                    "--gpu-memory-utilization", "0.9", "--enable-lora", "--seed", "1"]
-
-
-@pytest.mark.parametrize("available_gib, expected", [(0.5, 1), (5.9, 2), (12, 6), (100, 16)])
-def test_cpu_kv_space_is_half_of_available_within_bounds(available_gib, expected):
-    assert serve_cli.cpu_kv_space_gib(int(available_gib * 1024**3)) == expected

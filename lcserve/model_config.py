@@ -1,0 +1,265 @@
+"""Read a model folder the way vLLM sees it: `config.json` and safetensors headers only.
+
+Never loads weights. The planner needs the KV layout per layer (full, sliding window,
+MLA), the derived maximum length (with vLLM's RoPE rules), and the weight bytes; the
+adapters code needs the linear shapes. The attention-layout rules follow the
+transformers config classes (which write `layer_types`) and vLLM's reading of them
+(`engine/arg_utils.py`: a model without `layer_types` applies `sliding_window` to every
+layer), so old and new config.json files give the same answer vLLM does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError
+from .safetensors_header import read_model_tensors
+
+# vLLM `derive_max_model_len_and_key`: the smallest of these keys is the derived maximum.
+MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+# RoPE types whose max_position_embeddings is already the scaled length (vLLM does not multiply).
+PRESCALED_ROPE_TYPES = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+DEFAULT_MAX_LEN = 2048  # vLLM's assumption when config.json states no length at all
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """One layer's KV kind: "full", "sliding" (with `window`), "mla", or another raw
+    layer type (for example "linear_attention") that the planner does not model."""
+
+    kind: str
+    window: int | None = None
+
+    def __str__(self) -> str:
+        return f"sliding({self.window})" if self.kind == "sliding" else self.kind
+
+
+@dataclass(frozen=True)
+class MLADims:
+    """Multi-head latent attention: one compressed latent plus the RoPE part per token."""
+
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+
+    @property
+    def latent_dim(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    architecture: str
+    model_type: str
+    dtype: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layers: tuple[LayerAttention, ...]
+    mla: MLADims | None
+    max_position_embeddings: int | None
+    rope_parameters: dict
+    derived_max_len: int
+    derived_max_len_reason: str
+    param_bytes_by_dtype: dict[str, int]
+    param_count: int
+    quantization: dict | None
+    tie_word_embeddings: bool
+    linear_shapes: dict[str, tuple[int, int]]
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.param_bytes_by_dtype.values())
+
+    @property
+    def attention_summary(self) -> dict[str, int]:
+        """Layer count per kind, e.g. {"sliding(512)": 15, "full": 3}."""
+        return dict(Counter(str(layer) for layer in self.layers))
+
+    @property
+    def rope_scaling(self) -> dict | None:
+        """The RoPE parameters when any layer type uses scaling, else None."""
+        scaled = {k: v for k, v in self.rope_parameters.items() if v.get("rope_type", "default") != "default"}
+        return scaled or None
+
+    @property
+    def is_hybrid(self) -> bool:
+        return len({(layer.kind, layer.window) for layer in self.layers}) > 1
+
+
+def read_model(model_dir: str | Path) -> ModelInfo:
+    """Read `config.json` (+ tokenizer_config.json) and the safetensors headers of a model folder."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir}: not a folder; pass a Hugging Face model folder (config.json + *.safetensors)")
+    if not config_path.exists():
+        raise ModelError(f"{config_path}: missing; pass a Hugging Face model folder (config.json + *.safetensors)")
+    config = _read_json(config_path)
+    text = {**config, **config["text_config"]} if isinstance(config.get("text_config"), dict) else config
+
+    def need(key: str, *alternatives: str) -> int:
+        for k in (key, *alternatives):
+            if text.get(k) is not None:
+                return int(text[k])
+        raise ModelError(f"{config_path}: field {key!r} is missing; the model folder is incomplete or not a decoder LM")
+
+    num_layers = need("num_hidden_layers", "n_layer", "num_layers")
+    hidden = need("hidden_size", "n_embd", "d_model")
+    heads = need("num_attention_heads", "n_head")
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    mla = None
+    if text.get("kv_lora_rank") is not None:
+        mla = MLADims(int(text["kv_lora_rank"]), int(text.get("qk_rope_head_dim") or 0))
+
+    tensors = read_model_tensors(model_dir)
+    by_dtype: Counter[str] = Counter()
+    count = 0
+    linear_shapes: dict[str, tuple[int, int]] = {}
+    for name, t in tensors.items():
+        by_dtype[t.dtype] += t.nbytes
+        count += t.numel
+        if len(t.shape) == 2 and name.endswith(".weight"):
+            linear_shapes[name[: -len(".weight")]] = (t.shape[0], t.shape[1])
+
+    rope = _rope_parameters(text)
+    derived, reason = derived_max_len(text, rope, _tokenizer_max_len(model_dir))
+    quant = config.get("quantization_config")
+    return ModelInfo(
+        path=model_dir,
+        architecture=(config.get("architectures") or [config.get("model_type", "unknown")])[0],
+        model_type=str(text.get("model_type") or config.get("model_type") or "unknown"),
+        dtype=str(text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype") or "bfloat16"),
+        num_layers=num_layers,
+        hidden_size=hidden,
+        intermediate_size=int(text.get("intermediate_size") or 4 * hidden),
+        vocab_size=need("vocab_size"),
+        num_attention_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        layers=layer_attention(text, num_layers, mla is not None),
+        mla=mla,
+        max_position_embeddings=text.get("max_position_embeddings"),
+        rope_parameters=rope,
+        derived_max_len=derived,
+        derived_max_len_reason=reason,
+        param_bytes_by_dtype=dict(by_dtype),
+        param_count=count,
+        quantization=({"method": quant.get("quant_method"), "bits": quant.get("bits") or quant.get("w_bit")}
+                      if isinstance(quant, dict) else None),
+        tie_word_embeddings=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+        linear_shapes=linear_shapes,
+    )
+
+
+def layer_attention(text: dict, num_layers: int, is_mla: bool) -> tuple[LayerAttention, ...]:
+    """Per-layer KV kind, by the rules transformers and vLLM apply to config.json."""
+    if is_mla:
+        return (LayerAttention("mla"),) * num_layers
+    window = text.get("sliding_window") or None  # vLLM treats 0 as "no sliding window"
+    types = text.get("layer_types")
+    if not types:
+        types = _implicit_layer_types(text, num_layers, window)
+    if len(types) != num_layers:
+        raise ModelError(f"config.json: layer_types has {len(types)} entries for {num_layers} layers; fix the config")
+    out = []
+    for t in types:
+        if t == "sliding_attention" and window:
+            out.append(LayerAttention("sliding", int(window)))
+        elif t in ("full_attention", "sliding_attention"):
+            out.append(LayerAttention("full"))
+        else:
+            out.append(LayerAttention(str(t)))
+    return tuple(out)
+
+
+def _implicit_layer_types(text: dict, num_layers: int, window: int | None) -> list[str]:
+    """Layer types of configs written before transformers stored `layer_types`."""
+    model_type = str(text.get("model_type", ""))
+    if "use_sliding_window" in text:  # Qwen2 family: sliding only when enabled, from max_window_layers on
+        first = int(text.get("max_window_layers") or 0)
+        on = bool(text["use_sliding_window"]) and window
+        return ["sliding_attention" if on and i >= first else "full_attention" for i in range(num_layers)]
+    if model_type.startswith("gemma2"):
+        return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
+    if model_type.startswith("gemma3"):
+        pattern = int(text.get("sliding_window_pattern") or text.get("_sliding_window_pattern") or 6)
+        return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+    # vLLM applies a model-level sliding_window to every layer when layer_types is absent.
+    return ["sliding_attention" if window else "full_attention"] * num_layers
+
+
+def _rope_parameters(text: dict) -> dict:
+    """RoPE parameters keyed by layer type ("default" when one set covers all layers).
+
+    Accepts the transformers 5 `rope_parameters` (flat or nested per layer type) and the
+    older `rope_scaling` + `rope_theta` pair; `type` is normalised to `rope_type`.
+    """
+    params = text.get("rope_parameters")
+    if params is None:
+        params = dict(text.get("rope_scaling") or {})
+        if text.get("rope_theta") is not None:
+            params.setdefault("rope_theta", text["rope_theta"])
+    if not isinstance(params, dict):
+        return {}
+    nested = params and all(isinstance(v, dict) for v in params.values())
+    groups = params if nested else {"default": params}
+    out = {}
+    for key, p in groups.items():
+        p = dict(p)
+        if "type" in p and "rope_type" not in p:
+            p["rope_type"] = p.pop("type")
+        p.setdefault("rope_type", "default")
+        out[key] = p
+    return out
+
+
+def derived_max_len(text: dict, rope: dict, tokenizer_max: int | None) -> tuple[int, str]:
+    """vLLM's derived max_model_len (config/model.py `_get_and_verify_max_len`) and why."""
+    found = {k: int(text[k]) for k in MAX_LEN_KEYS if isinstance(text.get(k), (int, float))}
+    if "model_max_length" in found:
+        key, value = "model_max_length", found["model_max_length"]
+    elif found:
+        key = min(found, key=found.get)
+        value = found[key]
+    else:
+        key, value = None, DEFAULT_MAX_LEN
+    reason = f"{key}={value} in config.json" if key else f"no length key in config.json, vLLM assumes {value}"
+    if tokenizer_max is not None and tokenizer_max < value:
+        value, reason = tokenizer_max, f"model_max_length={tokenizer_max} in tokenizer_config.json"
+    factor = 1.0
+    if "gemma3" not in str(text.get("model_type", "")):
+        for p in rope.values():
+            if p.get("rope_type", "default") not in PRESCALED_ROPE_TYPES and p.get("factor"):
+                factor = float(p["factor"])
+    if factor != 1.0:
+        value = int(value * factor)
+        reason += f", x RoPE factor {factor:g}"
+    return int(value), reason
+
+
+def _tokenizer_max_len(model_dir: Path) -> int | None:
+    path = model_dir / "tokenizer_config.json"
+    if not path.exists():
+        return None
+    value = _read_json(path).get("model_max_length")
+    return int(value) if isinstance(value, (int, float)) and value < 1e12 else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: unreadable JSON ({e}); re-create or re-download the model folder") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return data
