@@ -36,6 +36,7 @@ def cli() -> None:
     lcserve adapters ...       inspect, merge and verify LoRA adapters
     lcserve deploy ...         hardware profiles and the capacity planner
     lcserve probe ...          long-context probes, base vs adapter
+    lcserve gateway ...        the gateway alone, in front of a vLLM started elsewhere
     """
 
 
@@ -44,9 +45,11 @@ def _compose() -> None:
     from lcserve.adapters.cli import adapters, train_adapter_command
     from lcserve.deploy.cli import deploy
     from lcserve.serving.cli import serve
+    from lcserve.serving.probe_cli import probe
+    from lcserve.serving.stack import gateway_command
 
     embedded.add_command(train_adapter_command, "train-adapter")
-    for command in (embedded, adapters, deploy, serve):
+    for command in (embedded, adapters, deploy, serve, probe, gateway_command):
         cli.add_command(command)
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -12,6 +14,10 @@ import click
 from rich.console import Console
 
 from lcserve import embedded as emb
+from lcserve.adapters.inspection import AdapterReport, inspect_adapter
+from lcserve.adapters.merge import merge_adapter
+from lcserve.adapters.mount import MODES, decide_mode, parse_adapter_spec, vllm_lora_args
+from lcserve.adapters.reader import adapter_sha256
 from lcserve.deploy.adapters_info import read_adapter
 from lcserve.deploy.hardware import resolve_profile
 from lcserve.deploy.plan import ServePlan, plan_deployment
@@ -20,6 +26,13 @@ from lcserve.model_config import read_model
 from lcserve.paths import lcserve_home
 
 from .engine import EngineProcess, EngineSpec, vllm_build, vllm_command
+from .stack import run_stack
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def resolve_model(model: str | None, console: Console) -> tuple[str, str, Path | None]:
@@ -59,6 +72,19 @@ def override_option(args: list[str], option: str, value: str) -> list[str]:
     return args + [option, value]
 
 
+def merged_model(name: str, report: AdapterReport, base_dir: Path, console: Console, dry_run: bool) -> Path:
+    """A merged copy of base + adapter, cached by both identities (merging again is wasted work)."""
+    adapter_dir = Path(report.adapter_dir)
+    key = f"{name}-{adapter_sha256(adapter_dir)[:12]}-{base_dir.name}"
+    out_dir = lcserve_home() / "merged" / key
+    if dry_run:
+        return out_dir
+    if not (out_dir / "config.json").exists():
+        console.print(f"merging {adapter_dir} into {base_dir} -> {out_dir}")
+        merge_adapter(adapter_dir, base_dir, out_dir)
+    return out_dir
+
+
 def plan_summary(plan: ServePlan) -> list[str]:
     lines = [f"plan ({plan.profile.name}): max_model_len {plan.max_model_len}, max_num_seqs {plan.max_num_seqs}, "
              f"KV cache {plan.kv_tokens:,} tokens = {plan.max_concurrency:.2f} requests at full context "
@@ -72,6 +98,17 @@ def plan_summary(plan: ServePlan) -> list[str]:
 @click.argument("model", required=False)
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to serve on.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise).")
+@click.option("--adapter", "adapter_specs", multiple=True, metavar="NAME=DIR",
+              help="LoRA adapter (PEFT folder) to serve beside the base as NAME (repeatable).")
+@click.option("--mode", type=click.Choice(MODES), default="auto", show_default=True,
+              help="Mount adapters in vLLM, merge them into the base, or auto (merge when vLLM cannot mount it "
+                   "or with --adapter-only).")
+@click.option("--adapter-only", is_flag=True,
+              help="One adapter serves all traffic (nobody needs the plain base): auto mode merges it.")
+@click.option("--gateway/--no-gateway", default=True, show_default=True,
+              help="Put lcserve's gateway (/metrics, context checks, 503 while restarting) on PORT, vLLM behind it.")
+@click.option("--api-key", envvar="LCSERVE_API_KEY",
+              help="Bearer token the gateway requires (env LCSERVE_API_KEY); enables adapter load/unload routes.")
 @click.option("--profile", default="auto", show_default=True,
               help="Hardware profile for the planner (`lcserve deploy profiles`), or auto (NVML, else CPU).")
 @click.option("--max-model-len", type=click.IntRange(min=16),
@@ -90,7 +127,7 @@ def plan_summary(plan: ServePlan) -> list[str]:
 @click.option("--log-file", type=click.Path(path_type=Path), help="vLLM's log (default: $LCSERVE_HOME/logs/vllm-PORT.log).")
 @click.option("--dry-run", is_flag=True, help="Print the plan, vLLM command and environment as JSON; start nothing.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
-def serve(model, port, host, profile, max_model_len, max_num_seqs, gpu_memory_utilization, kv_dtype,
+def serve(model, port, host, adapter_specs, mode, adapter_only, gateway, api_key, profile, max_model_len, max_num_seqs, gpu_memory_utilization, kv_dtype,
           rope_scaling, served_model_name, ready_timeout, log_file, dry_run, vllm_args) -> None:
     """Serve MODEL (a model folder; default: the embedded Gemma 3 270M) with vLLM until Ctrl-C.
 
@@ -99,7 +136,7 @@ def serve(model, port, host, profile, max_model_len, max_num_seqs, gpu_memory_ut
     Arguments after the options (or after `--`) go to vLLM unchanged and win over the plan, e.g.
     `lcserve serve /models/m -- --enable-prefix-caching`.
     """
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # log lines stay whole when piped
     if model is not None and model.startswith("-"):  # MODEL omitted: click gave it the first vLLM argument
         model, vllm_args = None, (model, *vllm_args)
     model_arg, default_name, model_dir = resolve_model(model, console)
@@ -108,12 +145,38 @@ def serve(model, port, host, profile, max_model_len, max_num_seqs, gpu_memory_ut
     env: dict[str, str] = {}
     notes: list[str] = []
     plan = None
+    adapters = [parse_adapter_spec(a) for a in adapter_specs]
+    if adapters and model_dir is None:
+        raise ModelError(f"{model_arg} is not a local folder; adapters need the base's folder to be checked against")
+    served_name = served_model_name or default_name
+    mounted: list[tuple[str, Path]] = []
+    training_lengths: dict[str, int] = {}
+    if adapters:
+        reports = [inspect_adapter(path, base_dir=model_dir) for _, path in adapters]
+        decision = decide_mode(reports, mode, all_traffic=adapter_only)
+        notes.append(f"adapters: {decision.mode} ({'; '.join(decision.reasons)})")
+        for (name, _), report in zip(adapters, reports):
+            if report.training_seq_len:
+                training_lengths[name] = report.training_seq_len
+        if decision.mode == "merge":
+            name = adapters[0][0]
+            merged_dir = merged_model(name, reports[0], model_dir, console, dry_run)
+            notes.append(f"serving the merge of {adapters[0][1]} into {model_dir}: {merged_dir}")
+            if not dry_run:  # a dry run plans on the base: same architecture, nothing written
+                model_dir = merged_dir
+            model_arg, served_name = str(merged_dir), served_model_name or name
+        else:
+            mounted = adapters
     if model_dir is not None:
-        plan = plan_for(model_dir, profile, [], max_model_len, max_num_seqs, kv_dtype, rope_scaling)
+        plan = plan_for(model_dir, profile, [path for _, path in mounted], max_model_len, max_num_seqs, kv_dtype,
+                        rope_scaling)
         if build == "cpu" and not plan.profile.is_cpu:
             raise PlanError(f"--profile {profile} is a GPU profile but this machine runs vLLM's CPU build; serve with "
                             "--profile auto (or cpu), and plan for other hardware with `lcserve deploy plan --profile`")
         args = plan.vllm_args()
+        if mounted:  # the plan sizes LoRA capacity; the adapters themselves are named here
+            lora = vllm_lora_args(mounted, served_name, reports)
+            args += lora[lora.index("--lora-modules"):lora.index("--max-lora-rank")]
         env = {k: v for k, v in plan.env.items() if k not in os.environ}
         notes += plan_summary(plan)
     else:
@@ -135,17 +198,36 @@ def serve(model, port, host, profile, max_model_len, max_num_seqs, gpu_memory_ut
     if build == "cpu" and "--enforce-eager" not in passthrough and "-O" not in " ".join(passthrough):
         args.append("--enforce-eager")
         notes.append("CPU build: --enforce-eager (torch.compile warm-up takes minutes on small CPUs)")
-    spec = EngineSpec(model=model_arg, served_model_name=served_model_name or default_name, host=host, port=port,
-                      extra_args=args + passthrough, env=env)
+    engine_port = free_port() if gateway else port
+    spec = EngineSpec(model=model_arg, served_model_name=served_name, host="127.0.0.1" if gateway else host,
+                      port=engine_port, extra_args=args + passthrough, env=env)
     if dry_run:
         click.echo(json.dumps({"command": vllm_command(spec), "env": env, "notes": notes, "build": build,
+                               "gateway": f"http://{host}:{port}" if gateway else None,
+                               "training_lengths": training_lengths,
                                "plan": plan.to_json() if plan else None}, indent=2))
         return
     for note in notes:
         console.print(f"[dim]{note}[/dim]")
     log_path = log_file or lcserve_home() / "logs" / f"vllm-{port}.log"
-    _run_until_signal(EngineProcess(spec, log_path), plan.max_model_len if plan else max_model_len,
-                      ready_timeout, console)
+    context = plan.max_model_len if plan else max_model_len
+    if not gateway:
+        _run_until_signal(EngineProcess(spec, log_path), context, ready_timeout, console)
+        return
+    if api_key:  # the gateway's adapter load/unload routes need vLLM's runtime LoRA API, behind the key
+        spec.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.monotonic()
+    console.print(f"starting vLLM for {served_name} on internal port {engine_port} (log: {log_path}); "
+                  f"gateway on {host}:{port}")
+    names = [served_name, *(name for name, _ in mounted)]
+    run_stack(spec, gateway_host=host, gateway_port=port, api_key=api_key, training_lengths=training_lengths,
+              log_path=log_path, ready_timeout_s=ready_timeout,
+              on_ready=lambda stack: console.print(
+                  f"[green]ready[/green] in {time.monotonic() - started:.0f} s: {stack.url}/v1 serves "
+                  f"{', '.join(repr(n) for n in names)} (max_model_len {context}; metrics at {stack.url}/metrics); "
+                  "Ctrl-C stops"))
+    console.print("stopped")
 
 
 def _run_until_signal(engine: EngineProcess, max_model_len: int | None, ready_timeout: int, console: Console) -> None:

@@ -1,6 +1,8 @@
-"""The main job end to end: `./serve_vllm.sh` serves, answers, and stops cleanly on Ctrl-C."""
+"""The main job end to end: `./serve_vllm.sh` plans, serves the embedded model behind the gateway,
+answers, and stops cleanly on Ctrl-C (no orphaned engine, port released)."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,9 +44,14 @@ def test_serve_script_serves_the_embedded_default_and_stops_on_ctrl_c(embedded_m
                             start_new_session=True)
     try:
         wait_health(f"http://127.0.0.1:{port}", proc, 600)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120, json={
-            "model": "gemma-3-270m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
-        assert r.status_code == 200 and r.json()["choices"][0]["text"].strip()
+        url = f"http://127.0.0.1:{port}"
+        served = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
+        assert served == {"gemma-3-270m"}
+        for model in served:
+            r = httpx.post(f"{url}/v1/completions", timeout=120, json={
+                "model": model, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"].strip()
+        assert "lcserve_engine_up" in httpx.get(f"{url}/metrics", timeout=30).text  # the gateway is in front
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(60) == 0
     finally:
@@ -52,7 +59,8 @@ def test_serve_script_serves_the_embedded_default_and_stops_on_ctrl_c(embedded_m
             os.killpg(proc.pid, signal.SIGKILL)
     stderr = (tmp_path / "stderr").read_text()
     assert "VLLM_CPU_KVCACHE_SPACE=1 GiB (from the environment)" in stderr
-    assert "ready in" in stderr and "stopping vLLM" in stderr
-    assert port_is_free(port)
-    leftovers = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
+    assert "ready in" in stderr and "stopped" in stderr
+    engine_port = int(re.search(r"internal port (\d+)", stderr).group(1))
+    assert port_is_free(port) and port_is_free(engine_port)
+    leftovers = subprocess.run(["pgrep", "-f", f"--port {engine_port}"], capture_output=True, text=True).stdout.split()
     assert leftovers == [], f"orphaned engine processes: {leftovers}"

@@ -86,7 +86,8 @@ def test_dry_run_takes_the_plan_and_lets_vllm_args_win(embedded_model_dir):
     out = json.loads(r.output)
     cmd = out["command"]
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
-    assert cmd[cmd.index("--port") + 1] == "9123"
+    assert out["gateway"] == "http://127.0.0.1:9123"  # clients talk to the gateway; vLLM sits behind it
+    assert cmd[cmd.index("--port") + 1] != "9123" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--max-model-len") + 1] == "4096"
     assert cmd[cmd.index("--max-num-seqs") + 1] == "4"
     assert out["plan"]["max_model_len"] == 4096 and out["plan"]["kv_cache_tokens"] > 4 * 4096
@@ -96,6 +97,42 @@ def test_dry_run_takes_the_plan_and_lets_vllm_args_win(embedded_model_dir):
     if out["build"] == "cpu":
         assert "--enforce-eager" in cmd and out["env"] == {}
         assert any("VLLM_CPU_KVCACHE_SPACE=1 GiB (from the environment)" in n for n in out["notes"])
+
+
+def test_no_gateway_puts_vllm_on_the_port(embedded_model_dir):
+    r = serve("--no-gateway", "--port", "9124", "--dry-run")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["gateway"] is None and out["command"][out["command"].index("--port") + 1] == "9124"
+    assert "--enable-lora" not in out["command"]
+
+
+def test_adapter_is_mounted_with_the_planned_lora_capacity(embedded_model_dir, lora_adapter_dir):
+    r = serve("--adapter", f"mine={lora_adapter_dir}", "--dry-run")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    cmd = out["command"]
+    module = json.loads(cmd[cmd.index("--lora-modules") + 1])
+    assert module == {"name": "mine", "path": str(lora_adapter_dir.resolve()), "base_model_name": "gemma-3-270m"}
+    assert cmd.count("--enable-lora") == 1 and cmd[cmd.index("--max-lora-rank") + 1] == "8"  # rank 4 rounds up
+    assert out["plan"]["max_lora_rank"] == 8
+
+
+def test_adapter_only_merges_without_writing_on_a_dry_run(embedded_model_dir, lora_adapter_dir, tmp_path,
+                                                          monkeypatch):
+    monkeypatch.setenv("LCSERVE_HOME", str(tmp_path))
+    r = serve(str(embedded_model_dir), "--adapter", f"mine={lora_adapter_dir}", "--adapter-only", "--dry-run")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    cmd = out["command"]
+    assert cmd[cmd.index("--served-model-name") + 1] == "mine" and "--enable-lora" not in cmd
+    assert cmd[cmd.index("--model") + 1].startswith(str(tmp_path / "merged" / "mine-"))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_bad_adapter_spec_is_one_line(embedded_model_dir):
+    r = serve("--adapter", "no-equals-sign", "--dry-run")
+    assert r.exit_code == 2 and "expected NAME=DIR" in r.output and "Traceback" not in r.output
 
 
 def test_override_option_replaces_or_appends():

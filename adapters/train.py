@@ -1,0 +1,166 @@
+"""Train the demo LoRA adapter: PEFT on the embedded Gemma 3 270M, at a SHORT sequence length.
+
+The kit exists for adapters trained at 256 to 4096 tokens and served at 32k; the demo
+adapter is such an adapter, trained at 256 tokens on the shipped lighthouse-keeper corpus
+(`data/writer_corpus.jsonl`), in a few minutes on 2 CPU cores. Only the answer tokens are
+scored, and the vocabulary projection (262144 rows) runs only at those positions, which is
+most of the saving. Deterministic: fixed seed, fixed example order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lcserve import __version__
+from lcserve.embedded import atomic_dir, embedded_model_path
+from lcserve.errors import AdapterError
+from lcserve.paths import demo_adapter_dir
+
+from .style import corpus_bytes, corpus_examples
+from .training_length import LCSERVE_METADATA
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seq_len: int = 256
+    rank: int = 8
+    alpha: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    learning_rate: float = 2e-3
+    batch_size: int = 8
+    epochs: int = 1
+    warmup_steps: int = 4
+    seed: int = 0
+
+
+def is_trained(adapter_dir: Path | None = None, config: TrainConfig = TrainConfig()) -> bool:
+    """True when the folder holds an adapter trained from this corpus with this recipe."""
+    adapter_dir = adapter_dir or demo_adapter_dir()
+    try:
+        meta = json.loads((adapter_dir / LCSERVE_METADATA).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (meta.get("format_version") == FORMAT_VERSION and (adapter_dir / "adapter_model.safetensors").exists()
+            and meta.get("corpus_sha256") == corpus_sha256() and meta.get("train_config") == _config_json(config))
+
+
+def corpus_sha256() -> str:
+    return hashlib.sha256(corpus_bytes()).hexdigest()
+
+
+def train_demo_adapter(out_dir: Path | None = None, base_dir: Path | None = None, force: bool = False,
+                       config: TrainConfig = TrainConfig(), progress=None) -> Path:
+    """Train (or reuse) the demo adapter; returns its folder. Written atomically."""
+    out_dir = Path(out_dir or demo_adapter_dir())
+    if is_trained(out_dir, config) and not force:
+        return out_dir
+    base_dir = Path(base_dir or embedded_model_path())
+
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    examples = _tokenize(tokenizer, corpus_examples("train"), config.seq_len)
+    if not examples:
+        raise AdapterError("the demo corpus has no training rows; reinstall lcserve")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
+        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+    ))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    batches = _batches(examples, config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps) * max(0.0, 1 - s / len(batches)))
+    task = progress.add_task("training demo adapter", total=len(batches)) if progress else None
+
+    decoder, lm_head = model.base_model.model.model, model.base_model.model.lm_head
+    started, losses = time.monotonic(), []
+    for input_ids, attention, labels in batches:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        scored = labels[:, 1:] != -100
+        logits = lm_head(hidden[:, :-1][scored]).float()
+        loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:][scored])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if progress:
+            progress.update(task, advance=1, description=f"training demo adapter (loss {loss.item():.3f})")
+
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "README.md").unlink(missing_ok=True)
+        (tmp / LCSERVE_METADATA).write_text(json.dumps({
+            "format_version": FORMAT_VERSION,
+            "training_seq_len": config.seq_len,
+            "corpus_sha256": corpus_sha256(),
+            "corpus": "lcserve/adapters/data/writer_corpus.jsonl",
+            "base_model": str(base_dir),
+            "seed": config.seed,
+            "lcserve_version": __version__,
+            "train_config": _config_json(config),
+            "steps": len(batches),
+            "examples": len(examples),
+            "loss_first": round(losses[0], 4),
+            "loss_last": round(losses[-1], 4),
+            "train_seconds": round(time.monotonic() - started, 1),
+            "torch_threads": torch.get_num_threads(),
+        }, indent=2) + "\n")
+    return out_dir
+
+
+def _config_json(config: TrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(config)))
+
+
+def _tokenize(tokenizer, rows: list[dict], seq_len: int) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) per example, cut at seq_len: the short training length."""
+    out = []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                               add_generation_prompt=True, tokenize=True)["input_ids"]
+        answer = tokenizer(row["response"] + "<end_of_turn>", add_special_tokens=False)["input_ids"]
+        ids = (list(prompt) + answer + [tokenizer.eos_token_id])[:seq_len]
+        if len(ids) > len(prompt):
+            out.append((ids, len(prompt)))
+    return out
+
+
+def _batches(examples: list[tuple[list[int], int]], config: TrainConfig) -> list:
+    """Padded (input_ids, attention_mask, labels) batches in a seeded order, epoch by epoch."""
+    import torch
+
+    rng = random.Random(config.seed)
+    batches = []
+    for _ in range(config.epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for start in range(0, len(order), config.batch_size):
+            chunk = [examples[i] for i in order[start:start + config.batch_size]]
+            width = max(len(ids) for ids, _ in chunk)
+            input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            attention = torch.zeros(len(chunk), width, dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            for row, (ids, prompt_len) in enumerate(chunk):
+                input_ids[row, :len(ids)] = torch.tensor(ids)
+                attention[row, :len(ids)] = 1
+                labels[row, prompt_len:len(ids)] = torch.tensor(ids[prompt_len:])
+            batches.append((input_ids, attention, labels))
+    return batches

@@ -1,0 +1,158 @@
+"""Verify a merged model against what was trained: base + adapter in PEFT, in fp32.
+
+Same prompts through both, logits compared position by position: the largest absolute
+difference and the share of positions whose top-1 token agrees. One prompt is longer than
+the adapter's training length (and than the sliding window), since serving past that length
+is the point of the kit. The adapter's own effect (PEFT vs the plain base) is reported too:
+a tolerance far below it shows the check would catch a merge that lost the adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lcserve.errors import AdapterError
+
+from .style import corpus_examples
+from .training_length import training_seq_len
+
+# Largest |logit difference| accepted, by the dtype the merged weights are stored in. A
+# bf16/fp16 merge rounds every touched weight once (PEFT's own merge does the same).
+TOLERANCES = {"F32": 1e-3, "BF16": 1.0, "F16": 0.25}
+MIN_TOP1_AGREEMENT = 0.95
+COMPARED_POSITIONS = 64
+SHORT_PROMPTS = (
+    "The lighthouse keeper wrote in his log that",
+    "Question: How do I keep bread fresh?\nAnswer:",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+)
+CHAT_PROMPT = "How can I make my mornings calmer?"
+
+
+@dataclass
+class PromptCheck:
+    name: str
+    tokens: int
+    positions: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+    adapter_effect: float        # max |PEFT - base| on this prompt
+
+
+@dataclass
+class VerifyResult:
+    merged_dir: str
+    adapter_dir: str
+    base_dir: str
+    merged_dtype: str
+    training_seq_len: int | None
+    long_prompt_tokens: int
+    tolerance: float
+    min_top1_agreement: float
+    max_abs_diff: float
+    top1_agreement: float
+    adapter_effect: float
+    passed: bool
+    prompts: list[PromptCheck] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def verify_merge(merged_dir: Path, adapter_dir: Path, base_dir: Path, tolerance: float | None = None,
+                 long_tokens: int | None = None, progress=None) -> VerifyResult:
+    """Compare the merged model with base + adapter (PEFT, fp32) on a fixed prompt set."""
+    import torch
+    import transformers
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged_dir, adapter_dir, base_dir = Path(merged_dir), Path(adapter_dir), Path(base_dir)
+    for path, what in ((merged_dir, "merged model"), (base_dir, "base model")):
+        if not (path / "config.json").exists():
+            raise AdapterError(f"{path}: no config.json; pass the {what} folder")
+    from .inspection import UNUSABLE, inspect_adapter
+
+    report = inspect_adapter(adapter_dir, base_dir)
+    if report.verdict == UNUSABLE:
+        raise AdapterError(f"{adapter_dir}: does not fit {base_dir}: {'; '.join(report.reasons)}")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(0)
+    trained = training_seq_len(adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    prompts = prompt_set(tokenizer, long_tokens or max(2 * (trained or 512), 600))
+    dtype = merged_dtype(merged_dir)
+    tol = TOLERANCES.get(dtype, TOLERANCES["BF16"]) if tolerance is None else tolerance
+    task = progress.add_task("verifying", total=3 * len(prompts)) if progress else None
+
+    def run(model) -> list:
+        out = []
+        with torch.inference_mode():
+            for _, ids in prompts:
+                logits = model(input_ids=torch.tensor([ids]), logits_to_keep=COMPARED_POSITIONS).logits[0].float()
+                out.append(logits)
+                if progress:
+                    progress.advance(task)
+        return out
+
+    base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base_model, adapter_dir)
+    peft_model.eval()
+    reference = run(peft_model)
+    with peft_model.disable_adapter():
+        plain = run(peft_model)
+    del peft_model, base_model
+    merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    merged_model.eval()
+    merged = run(merged_model)
+    del merged_model
+
+    checks = []
+    for (name, ids), ref, got, base in zip(prompts, reference, merged, plain):
+        diff = (ref - got).abs()
+        checks.append(PromptCheck(
+            name=name, tokens=len(ids), positions=ref.shape[0],
+            max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
+            top1_agreement=float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+            adapter_effect=float((ref - base).abs().max()),
+        ))
+    positions = sum(c.positions for c in checks)
+    agreement = sum(c.top1_agreement * c.positions for c in checks) / positions
+    worst = max(c.max_abs_diff for c in checks)
+    return VerifyResult(
+        merged_dir=str(merged_dir), adapter_dir=str(adapter_dir), base_dir=str(base_dir), merged_dtype=dtype,
+        training_seq_len=trained, long_prompt_tokens=max(len(ids) for _, ids in prompts), tolerance=tol,
+        min_top1_agreement=MIN_TOP1_AGREEMENT, max_abs_diff=worst, top1_agreement=agreement,
+        adapter_effect=max(c.adapter_effect for c in checks),
+        passed=worst <= tol and agreement >= MIN_TOP1_AGREEMENT, prompts=checks,
+    )
+
+
+def prompt_set(tokenizer, long_tokens: int) -> list[tuple[str, list[int]]]:
+    """(name, token ids): short plain prompts, a chat turn, and one long document of `long_tokens`."""
+    prompts = [(f"short-{i + 1}", tokenizer(text)["input_ids"]) for i, text in enumerate(SHORT_PROMPTS)]
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True,
+                                         tokenize=True)["input_ids"]
+    prompts.append(("chat", list(chat)))
+    document, ids = [], []
+    for row in corpus_examples("train"):
+        document.append(f"Q: {row['prompt']}\nA: {row['response']}\n")
+        ids = tokenizer("".join(document))["input_ids"]
+        if len(ids) >= long_tokens:
+            break
+    prompts.append((f"long-{long_tokens}", ids[:long_tokens]))
+    return prompts
+
+
+def merged_dtype(model_dir: Path) -> str:
+    """The dtype most of a model's floating-point weights are stored in (from headers)."""
+    from lcserve.safetensors_header import read_model_tensors
+
+    sizes: dict[str, int] = {}
+    for info in read_model_tensors(model_dir).values():
+        sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
+    floats = {k: v for k, v in sizes.items() if k in TOLERANCES}
+    return max(floats, key=floats.get) if floats else "BF16"

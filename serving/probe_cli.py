@@ -1,0 +1,89 @@
+"""`lcserve probe`: long-context probes of a base and its adapters on a served endpoint."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from lcserve.errors import ProbeError
+
+from .probes.plan import TIERS
+from .probes.report import rich_tables
+from .probes.runner import DEFAULT_BASE, DEFAULT_REFERENCE, ProbeConfig, run_probe
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """'128,1k,8k' -> (128, 1024, 8192)."""
+    lengths = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            value = int(part[:-1]) * 1024 if part.endswith("k") else int(part)
+        except ValueError:
+            raise ProbeError(f"--lengths: '{part}' is not a token count; write e.g. 128,1k,8k") from None
+        if value <= 0:
+            raise ProbeError(f"--lengths: {value} must be positive")
+        lengths.append(value)
+    return tuple(lengths)
+
+
+@click.command("probe")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="OpenAI-compatible vLLM endpoint (vLLM itself or the lcserve gateway).")
+@click.option("--base", default=DEFAULT_BASE, show_default=True, help="Served name of the base model.")
+@click.option("--adapter", "adapters", multiple=True, help="Served name of an adapter (repeatable). Default: every adapter the server mounts on the base.")
+@click.option("--base-only", is_flag=True, help="Probe the base alone, even if adapters are mounted.")
+@click.option("--lengths", help="Context lengths to probe, e.g. 128,1k,8k. Default: the adapter's training length x 0.5, 1, 2, 4, ... up to max_model_len (the quick tier stops at 8192).")
+@click.option("--tier", type=click.Choice(list(TIERS)), default="quick", show_default=True, help="quick: lengths up to 8192, 2 passkey + 3 needle depths, loss over 4k tokens, a 1k-token continuation, trimmed to a 9-minute budget. full: up to max_model_len, 3 + 5 depths, loss over up to 32k tokens, a 4k-token continuation, no budget.")
+@click.option("--budget-minutes", type=float, help="Time budget of the whole run: the plan is trimmed to fit (fewer depths first, then shorter generation and loss, then the top lengths) and says what it dropped. Default: 9 for the quick tier, none for full.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Folder for records.jsonl, summary.json, report.md and PNG plots. Default: ./probe-<time>.")
+@click.option("--training-length", type=int, help=f"Training length of the adapters, when their folder has no metadata (base only: the ladder reference, default {DEFAULT_REFERENCE}).")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.8, show_default=True, help="Accuracy an effective length must reach at every rung.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of needles, keys and the bootstrap.")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=1, show_default=True, help="Requests in flight at once. On a CPU engine prefill takes all cores, so more rarely helps.")
+@click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout instead of tables.")
+def probe(url, base, adapters, base_only, lengths, tier, budget_minutes, out_dir, training_length, threshold, seed, concurrency, as_json):
+    """Tell whether short-trained adapters hold at long context, against their base.
+
+    Passkey and needle retrieval (RULER-style, with distractors) on a length ladder, a
+    no-context control, loss by token position on a long public-domain text (vLLM
+    prompt_logprobs) and repetition of a long continuation. Prompts are sized exactly with
+    the server's /tokenize; adapters and base answer the same prompts, so differences come
+    with a paired bootstrap interval.
+    """
+    if budget_minutes is not None and budget_minutes <= 0:
+        raise ProbeError("--budget-minutes must be positive")
+    if base_only and adapters:
+        raise ProbeError("--base-only and --adapter exclude each other; pass one of them")
+    out_dir = out_dir or Path(f"probe-{datetime.now():%Y%m%d-%H%M%S}")
+    console = Console(stderr=True)
+    summary = run_probe(ProbeConfig(
+        url=url,
+        base=base,
+        adapters=() if base_only else (tuple(adapters) or None),
+        tier=tier,
+        lengths=parse_lengths(lengths) if lengths else None,
+        budget_minutes=budget_minutes,
+        out_dir=out_dir,
+        training_length=training_length,
+        threshold=threshold,
+        seed=seed,
+        concurrency=concurrency,
+        console=console,
+    ))
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+        return
+    out = Console()
+    for table in rich_tables(summary):
+        out.print(table)
+    for name, comp in summary["comparisons"].items():
+        out.print(f"[bold]{name} vs {base}[/bold]")
+        for line in comp["verdict"]:
+            out.print(f"  - {line}", highlight=False)
+    if summary["dropped"]:
+        out.print(f"dropped to fit the budget: {'; '.join(summary['dropped'])}", highlight=False)
+    out.print(f"{summary['requests']} requests in {summary['wall_s']:.0f} s; files in {out_dir}/", highlight=False)

@@ -1,0 +1,97 @@
+"""HTTP client for an OpenAI-compatible vLLM endpoint (vLLM itself or the lcserve gateway).
+
+Only the calls the probes need: `/v1/models`, `/tokenize` (vLLM's exact count with the served
+tokenizer), `/v1/completions` and `/metrics`. Every failure a user can cause becomes one
+ProbeError line that names the URL and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+
+from lcserve.errors import ProbeError
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    max_model_len: int | None
+    parent: str | None  # set for a LoRA adapter: the base it is mounted on
+    root: str | None  # for a LoRA adapter: the folder vLLM loaded it from
+
+
+class ProbeClient:
+    """Thread-safe (one httpx.Client shared by the worker threads)."""
+
+    def __init__(self, url: str, timeout_s: float = 1800.0):
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def models(self) -> dict[str, ServedModel]:
+        body = self._request("GET", "/v1/models")
+        return {
+            m["id"]: ServedModel(m["id"], m.get("max_model_len"), m.get("parent"), m.get("root"))
+            for m in body.get("data", [])
+        }
+
+    def count(self, model: str, text: str) -> int:
+        """Prompt length in tokens as the server will see it (BOS included)."""
+        return int(self._request("POST", "/tokenize", {"model": model, "prompt": text})["count"])
+
+    def tokens(self, model: str, text: str) -> list[int]:
+        """Token ids of a generated text (no BOS), for n-gram statistics."""
+        body = {"model": model, "prompt": text, "add_special_tokens": False}
+        return list(self._request("POST", "/tokenize", body)["tokens"])
+
+    def complete(self, model: str, prompt: str, max_tokens: int, **extra) -> dict:
+        """A completion, greedy unless `extra` sets sampling; returns the JSON body (choices[0].text, usage, ...)."""
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, **extra}
+        return self._request("POST", "/v1/completions", body)
+
+    def metrics(self) -> str:
+        response = self._send("GET", "/metrics")
+        if response.status_code != 200:
+            raise ProbeError(f"{self.url}/metrics answered HTTP {response.status_code}; the engine's own timings need vLLM's /metrics")
+        return response.text
+
+    def _send(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
+        try:
+            return self._http.request(method, path, json=body)
+        except httpx.ConnectError as e:
+            raise ProbeError(f"cannot reach {self.url} ({_reason(e)}); check --url and that vLLM or the lcserve gateway is running there") from None
+        except httpx.TimeoutException:
+            raise ProbeError(f"{self.url}{path} did not answer in time; the server is overloaded or stuck") from None
+        except httpx.HTTPError as e:
+            raise ProbeError(f"request to {self.url}{path} failed: {_reason(e)}") from None
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        response = self._send(method, path, body)
+        if response.status_code == 404 and path == "/tokenize":
+            raise ProbeError(f"{self.url} has no /tokenize endpoint, which exact prompt sizing needs; point --url at vLLM or the lcserve gateway")
+        if response.status_code != 200:
+            raise ProbeError(f"{self.url}{path} answered HTTP {response.status_code}: {_server_message(response)}")
+        try:
+            return response.json()
+        except ValueError:
+            raise ProbeError(f"{self.url}{path} did not answer JSON; is --url an OpenAI-compatible vLLM endpoint?") from None
+
+
+def _reason(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return text.splitlines()[0]
+
+
+def _server_message(response: httpx.Response) -> str:
+    """vLLM's error text (`{"error": {"message": ...}}` or `{"message": ...}`), on one line."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip().splitlines()[0][:300] if response.text.strip() else "(empty body)"
+    error = body.get("error", body) if isinstance(body, dict) else body
+    message = error.get("message", error) if isinstance(error, dict) else error
+    return " ".join(str(message).split())[:300]

@@ -1,0 +1,98 @@
+"""The human side of a summary: one table (rich for the terminal, markdown for report.md)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _diff(result: dict | None) -> str:
+    if not result:
+        return "-"
+    mark = " !" if result["regression"] else ""
+    return f"{result['mean']:+.2f} [{result['lo']:+.2f},{result['hi']:+.2f}]{mark}"
+
+
+def accuracy_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Per length: accuracy of every model on passkey and needle, then each adapter's needle
+    and passkey difference to the base (Δ) with its 95% interval ("!" = significant regression)."""
+    models = summary["models"]
+    comparisons = summary["comparisons"]
+    lengths = sorted({int(k) for m in models.values() for t in ("passkey", "needle") for k in m["tasks"].get(t, {}).get("by_length", {})})
+    header = ["length"]
+    for name in models:
+        header += [f"{name} passkey", f"{name} needle"]
+    for name in comparisons:
+        header += [f"{name} Δ needle", f"{name} Δ passkey"]
+    rows = []
+    for length in lengths:
+        key = str(length)
+        row = [key]
+        for entry in models.values():
+            for task in ("passkey", "needle"):
+                row.append(_pct(entry["tasks"].get(task, {}).get("by_length", {}).get(key, {}).get("accuracy")))
+        for comp in comparisons.values():
+            for task in ("needle", "passkey"):
+                row.append(_diff(comp["retrieval"].get(task, {}).get("by_length", {}).get(key)))
+        rows.append(row)
+    return header, rows
+
+
+def model_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per measure, one column per model."""
+    models = summary["models"]
+    header = ["measure", *models]
+    measures = {
+        "trained at": lambda e: str(e["training_length"]) if e["role"] == "adapter" else "(base)",
+        "effective length, needle": lambda e: str(e["tasks"].get("needle", {}).get("effective_length") or "none"),
+        "effective length, passkey": lambda e: str(e["tasks"].get("passkey", {}).get("effective_length") or "none"),
+        "no-context control": lambda e: _pct(e["tasks"].get("control", {}).get("accuracy")),
+        "empty answers": lambda e: str(sum(r["empty"] for t in ("passkey", "needle") for r in e["tasks"].get(t, {}).get("by_length", {}).values())),
+        "distractor answers": lambda e: str(sum(r["distractor"] for r in e["tasks"].get("needle", {}).get("by_length", {}).values())),
+        "NLL before T (nats/token)": lambda e: _num(e.get("loss", {}).get("within"), 3),
+        "NLL from T on": lambda e: _num(e.get("loss", {}).get("beyond"), 3),
+        "rep-2 (mean of windows)": lambda e: _num(e.get("repetition", {}).get("mean_rep2"), 2),
+        "rep-4 (mean of windows)": lambda e: _num(e.get("repetition", {}).get("mean_rep4"), 2),
+    }
+    rows = [[name, *(fn(entry) for entry in models.values())] for name, fn in measures.items()]
+    rates = summary.get("rates", {})
+    if rates:
+        # what one prompt token costs the engine: a mounted LoRA on a CPU build costs several times the base
+        rows.append(["prefill ms/token (calibrated)", *(_num(1000 * rates[m]["prefill"], 2) if m in rates else "-" for m in models)])
+        rows.append(["decode ms/token (calibrated)", *(_num(1000 * rates[m]["decode"], 1) if m in rates else "-" for m in models)])
+    return header, rows
+
+
+def _num(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def rich_tables(summary: dict) -> list[Table]:
+    tables = []
+    for title, (header, rows) in (("accuracy by length", accuracy_rows(summary)), ("per model", model_rows(summary))):
+        table = Table(title=title)
+        for i, column in enumerate(header):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        tables.append(table)
+    return tables
+
+
+def markdown(summary: dict) -> str:
+    parts = [f"# lcserve probe: {summary['url']}", "", f"tier {summary['tier']}, threshold {summary['threshold']:.0%}, wall time {summary['wall_s']:.0f} s", ""]
+    for header, rows in (accuracy_rows(summary), model_rows(summary)):
+        parts.append("| " + " | ".join(header) + " |")
+        parts.append("|" + "---|" * len(header))
+        parts += ["| " + " | ".join(row) + " |" for row in rows]
+        parts.append("")
+    if summary["dropped"]:
+        parts += ["Dropped to fit the budget: " + "; ".join(summary["dropped"]), ""]
+    for name, comp in summary["comparisons"].items():
+        parts.append(f"## {name} vs base")
+        parts += [f"- {line}" for line in comp["verdict"]]
+        parts.append("")
+    return "\n".join(parts)
