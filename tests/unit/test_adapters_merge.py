@@ -1,0 +1,248 @@
+"""Streaming merge + verify on tiny random bases (Gemma 3 text and GPT-2) with real PEFT adapters.
+
+Tiny models keep this fast; they use the embedded model's real tokenizer so that `verify`
+runs its real prompt set. The same checks on the real Gemma 3 270M are integration tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel
+
+from lcserve.adapters.inspection import MERGE, MOUNT, inspect_adapter
+from lcserve.adapters.merge import PROVENANCE, long_context_fields, merge_adapter
+from lcserve.adapters.verify import verify_merge
+from lcserve.errors import AdapterError, LcserveError
+from lcserve.paths import embedded_model_dir
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+LONG = 300  # long prompt for verify on tiny models (> their sliding window of 16)
+
+
+def _with_tokenizer(model_dir: Path) -> Path:
+    source = embedded_model_dir()
+    if not (source / "tokenizer.json").exists():
+        pytest.fail(f"the embedded model is not prepared at {source}; run `lcserve embedded prepare`")
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, model_dir / name)
+    return model_dir
+
+
+def _gemma(path: Path, hidden: int = 32, shard: str | None = None) -> Path:
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=262144, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                              max_position_embeddings=4096, tie_word_embeddings=True)
+    model = Gemma3ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    return _with_tokenizer(path)
+
+
+def _gpt2(path: Path) -> Path:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=262144, n_embd=32, n_layer=2, n_head=2, n_positions=1024))
+    model.to(torch.bfloat16).save_pretrained(path)
+    return _with_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    return {"gemma": _gemma(root / "gemma"), "gpt2": _gpt2(root / "gpt2"),
+            "gemma-sharded": _gemma(root / "gemma-sharded", shard="1MB"),
+            "gemma-wide": _gemma(root / "gemma-wide", hidden=48)}
+
+
+def make_adapter(base: Path, out: Path, seq_len: int | None = 128, **lora) -> Path:
+    """A real PEFT adapter with random, non-zero weights (so a merge is never an identity)."""
+    torch.manual_seed(1)
+    cls = GPT2LMHeadModel if "gpt2" in base.name else Gemma3ForCausalLM
+    model = get_peft_model(cls.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora))
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:  # LoRA A/B, DoRA magnitudes, modules_to_save copies, trained biases
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(out)
+    if seq_len:
+        (out / "lcserve_adapter.json").write_text(json.dumps({"training_seq_len": seq_len}))
+    return out
+
+
+CASES = {
+    "lora": ("gemma", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), MOUNT),
+    "rslora": ("gemma", dict(target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True), MOUNT),
+    "patterns": ("gemma", dict(target_modules=["q_proj", "v_proj", "up_proj"],
+                               rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 8}, alpha_pattern={"up_proj": 3}), MOUNT),
+    "dora": ("gemma", dict(target_modules=["q_proj", "o_proj", "gate_proj"], use_dora=True), MERGE),
+    "modules_to_save": ("gemma", dict(target_modules=["k_proj"], modules_to_save=["post_attention_layernorm"]), MERGE),
+    "embedding": ("gemma", dict(target_modules=["embed_tokens", "q_proj"]), MERGE),
+    "sharded": ("gemma-sharded", dict(target_modules=["q_proj", "down_proj"]), MOUNT),
+    "fan_in_fan_out+bias": ("gpt2", dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, bias="all"), MERGE),
+    "dora+fan_in_fan_out": ("gpt2", dict(target_modules=["c_attn"], fan_in_fan_out=True, use_dora=True), MERGE),
+    "lora_bias": ("gpt2", dict(target_modules=["c_attn"], fan_in_fan_out=True, lora_bias=True), MERGE),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merge_equals_peft(case, bases, tmp_path):
+    base_name, lora, verdict = CASES[case]
+    base = bases[base_name]
+    adapter = make_adapter(base, tmp_path / "adapter", **lora)
+    assert inspect_adapter(adapter, base).verdict == verdict
+
+    exact = merge_adapter(adapter, base, tmp_path / "fp32", dtype="fp32")
+    result = verify_merge(exact.out_dir, adapter, base, long_tokens=LONG)
+    assert result.passed, result
+    assert result.max_abs_diff < 1e-4                        # fp32 merge: PEFT's function up to float error
+    assert result.adapter_effect > 100 * max(result.max_abs_diff, 1e-6)  # ... and the adapter does change it
+    assert result.long_prompt_tokens == LONG > 128           # past the recorded training length
+
+    stored = merge_adapter(adapter, base, tmp_path / "as-base")  # default: the base's dtype (bf16)
+    rounded = verify_merge(stored.out_dir, adapter, base, long_tokens=LONG)
+    assert rounded.merged_dtype == "BF16" and rounded.passed, rounded
+
+
+def test_merged_folder_keeps_base_config_tokenizer_and_records_provenance(bases, tmp_path):
+    base = bases["gemma-sharded"]
+    adapter = make_adapter(base, tmp_path / "adapter", seq_len=256, target_modules=["q_proj"])
+    out = merge_adapter(adapter, base, tmp_path / "merged").out_dir
+    base_config, config = (json.loads((d / "config.json").read_text()) for d in (base, out))
+    assert long_context_fields(config) == long_context_fields(base_config) != {}
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes()
+    base_index = json.loads((base / "model.safetensors.index.json").read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == base_index["weight_map"] and len(set(index["weight_map"].values())) > 1
+    provenance = json.loads((out / PROVENANCE).read_text())
+    assert provenance["adapter_training_seq_len"] == 256
+    assert set(provenance["base_safetensors_sha256"]) == set(base_index["weight_map"].values())
+    assert len(provenance["adapter_sha256"]) == 64 and provenance["merged_modules"] == 2
+
+
+def test_tied_embedding_lora_unties_lm_head(bases, tmp_path):
+    """PEFT applies an embedding LoRA to the input side only: the merged model gets its own lm_head."""
+    base = bases["gemma"]
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["embed_tokens"])
+    out = merge_adapter(adapter, base, tmp_path / "merged", dtype="fp32").out_dir
+    weights = load_file(out / "model.safetensors")
+    base_weights = load_file(base / "model.safetensors")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert torch.equal(weights["lm_head.weight"], base_weights["model.embed_tokens.weight"].float())
+    assert not torch.equal(weights["model.embed_tokens.weight"], weights["lm_head.weight"])
+
+
+# ---------------------------------------------------------------- bad input: one clear line, nothing written
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.fixture
+def good_adapter(bases, tmp_path) -> Path:
+    return make_adapter(bases["gemma"], tmp_path / "good", target_modules=["q_proj", "v_proj"])
+
+
+def _truncate(adapter: Path) -> None:
+    path = adapter / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _nan(adapter: Path) -> None:
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key][0, 0] = math.nan
+    save_file(tensors, path)
+
+
+BAD_INPUTS = {
+    "missing config": (lambda a: (a / "adapter_config.json").unlink(), "adapter_config.json: missing"),
+    "corrupt config": (lambda a: (a / "adapter_config.json").write_text("{not json"), "not valid JSON"),
+    "config without r": (lambda a: (a / "adapter_config.json").write_text(json.dumps({"lora_alpha": 8})), "`r`"),
+    "truncated safetensors": (_truncate, "truncated safetensors"),
+    "NaN weights": (_nan, "NaN/inf"),
+    "pickle only": (lambda a: (a / "adapter_model.safetensors").rename(a / "adapter_model.bin"), "--allow-pickle"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_adapter_is_refused_and_nothing_is_written(case, good_adapter, bases, tmp_path):
+    damage, message = BAD_INPUTS[case]
+    damage(good_adapter)
+    base, out = bases["gemma"], tmp_path / "out"
+    before = _snapshot(base)
+    with pytest.raises(LcserveError) as err:
+        merge_adapter(good_adapter, base, out)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+    assert _snapshot(base) == before
+
+
+def test_adapter_that_does_not_fit_the_base(bases, tmp_path):
+    adapter = make_adapter(bases["gemma-wide"], tmp_path / "wide", target_modules=["q_proj"])
+    report = inspect_adapter(adapter, bases["gemma"])
+    assert report.verdict == "unusable" and "do not fit base weight" in report.reasons[0]
+    with pytest.raises(AdapterError, match="do not fit base weight"):
+        merge_adapter(adapter, bases["gemma"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_for_another_architecture(bases, tmp_path):
+    adapter = make_adapter(bases["gpt2"], tmp_path / "gpt2-adapter", target_modules=["c_attn"], fan_in_fan_out=True)
+    with pytest.raises(AdapterError, match="trained for another architecture"):
+        merge_adapter(adapter, bases["gemma"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_rules(good_adapter, bases, tmp_path):
+    base = bases["gemma"]
+    before = _snapshot(base)
+    for out in (base, base / "sub", base.parent):
+        with pytest.raises(AdapterError, match="never writes a base model"):
+            merge_adapter(good_adapter, base, out, force=True)
+    assert _snapshot(base) == before
+    with pytest.raises(AdapterError, match="overlaps the adapter"):
+        merge_adapter(good_adapter, base, good_adapter, force=True)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    with pytest.raises(AdapterError, match="--force"):
+        merge_adapter(good_adapter, base, busy)
+    assert (busy / "keep.txt").exists()
+    merge_adapter(good_adapter, base, busy, force=True)
+    assert not (busy / "keep.txt").exists() and (busy / PROVENANCE).exists()
+
+
+def test_cli_prints_one_line_and_exits_2(good_adapter, bases, tmp_path):
+    from lcserve.cli import cli
+
+    (good_adapter / "adapter_config.json").write_text("{")
+    result = CliRunner().invoke(cli, ["adapters", "merge", str(good_adapter), "--base", str(bases["gemma"]),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "adapter_config.json" in lines[0]
+
+
+def test_cached_merge_reuses_the_folder(good_adapter, bases, tmp_path, monkeypatch):
+    from lcserve.adapters.merge import cached_merge
+
+    monkeypatch.setenv("LCSERVE_HOME", str(tmp_path / "home"))
+    first = cached_merge(good_adapter, bases["gemma"])
+    stamp = (first / PROVENANCE).stat().st_mtime_ns
+    assert cached_merge(good_adapter, bases["gemma"]) == first
+    assert (first / PROVENANCE).stat().st_mtime_ns == stamp          # reused, not merged again
+    make_adapter(bases["gemma"], good_adapter, target_modules=["o_proj"])  # other adapter bytes
+    second = cached_merge(good_adapter, bases["gemma"])
+    assert second != first and json.loads((second / PROVENANCE).read_text())["merged_modules"] == 2
