@@ -9,7 +9,7 @@ Usage: ./serve_vllm.sh [--profile NAME] [MODEL] [PORT] [MAX_NUM_SEQS] [MAX_MODEL
 
 Serve MODEL with vLLM until Ctrl-C. Every argument is optional; "auto" (or leaving it out)
 takes lcserve's planner's choice for the hardware. With no arguments: the embedded default
-(Gemma 3 270M, 32k context) on this machine.
+(Gemma 3 270M, 32k context, with the demo LoRA adapter `writer` mounted) on this machine.
 
   --profile NAME hardware profile the planner plans for (lcserve deploy profiles) [auto: detected]
   MODEL          a model folder (config.json + *.safetensors), or "embedded"  [embedded]
@@ -22,7 +22,8 @@ takes lcserve's planner's choice for the hardware. With no arguments: the embedd
 See the plan and the reason for every number with: .venv/bin/lcserve deploy plan --model MODEL
 
 The first run creates .venv, installs lcserve with vLLM (CPU build when nvidia-smi finds no
-GPU) and prepares the embedded model; later runs reuse them.
+GPU), prepares the embedded model and trains its demo adapter (about 1 to 2 minutes on
+2 cores); later runs reuse them.
 
 Example: ./serve_vllm.sh /models/llama-3.1-8b-writer 8000 9 64000 0.90
 USAGE
@@ -64,7 +65,10 @@ if [ "$MODEL" != embedded ] && [ ! -d "$MODEL" ] && [[ "$MODEL" == [/.~]* || ! "
 fi
 
 BIN="$("$ROOT/scripts/bootstrap.sh")"
-[ "$MODEL" = embedded ] && "$BIN/lcserve" embedded prepare >&2
+if [ "$MODEL" = embedded ]; then
+  "$BIN/lcserve" embedded prepare >&2
+  "$BIN/lcserve" embedded train-adapter >&2
+fi
 args=(serve "$MODEL" --port "$PORT" --profile "$PROFILE")
 is_auto "$MAX_NUM_SEQS" || args+=(--max-num-seqs "$MAX_NUM_SEQS")
 is_auto "$MAX_MODEL_LEN" || args+=(--max-model-len "$MAX_MODEL_LEN")

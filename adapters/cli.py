@@ -7,8 +7,10 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import DownloadColumn, TextColumn
 from rich.table import Table
+
+from lcserve.progress import progress_bar
 
 DIR = click.Path(exists=False, file_okay=False, path_type=Path)
 
@@ -17,9 +19,8 @@ def _console() -> Console:
     return Console(stderr=True)
 
 
-def _progress(console: Console, *columns) -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), *columns, TimeElapsedColumn(),
-                    console=console, transient=not console.is_terminal)
+def _progress(console: Console, *columns):
+    return progress_bar(console, *columns)
 
 
 @click.group()
@@ -129,9 +130,10 @@ def merge(adapter: Path, base_dir: Path, out_dir: Path, dtype: str | None, force
               help="Largest accepted |logit difference| (default by merged dtype: fp32 1e-3, bf16 1.0, fp16 0.25).")
 @click.option("--long-tokens", type=int, default=None,
               help="Length of the long prompt (default: twice the adapter's training length, at least 600).")
+@click.option("--allow-pickle", is_flag=True, help="Read adapter_model.bin (pickle) when there is no safetensors file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify(merged: Path, adapter_dir: Path, base_dir: Path, tolerance: float | None, long_tokens: int | None,
-           as_json: bool) -> None:
+           allow_pickle: bool, as_json: bool) -> None:
     """Check that MERGED computes what base + adapter computes in PEFT (fp32 logits).
 
     Exit code 0 when the largest logit difference is within the tolerance and top-1 tokens
@@ -142,7 +144,7 @@ def verify(merged: Path, adapter_dir: Path, base_dir: Path, tolerance: float | N
     console = _console()
     with _progress(console) as progress:
         result = verify_merge(merged, adapter_dir, base_dir, tolerance=tolerance, long_tokens=long_tokens,
-                              progress=progress)
+                              progress=progress, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:

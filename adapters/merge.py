@@ -40,7 +40,7 @@ OUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
-COPY_CHUNK_BYTES = 64 << 20
+COPY_CHUNK_BYTES = 16 << 20
 # config.json fields that decide long-context behaviour: a merge must not change any of them.
 LONG_CONTEXT_KEYS = ("max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window",
                      "layer_types", "sliding_window_pattern", "_sliding_window_pattern", "max_window_layers",
@@ -115,27 +115,6 @@ def merge_adapter(adapter_dir: Path, base_dir: Path, out_dir: Path, dtype: str |
         progress.update(task, completed=total, description="merged")
     return MergeResult(out_dir, provenance["merged_modules"], provenance["replaced_tensors"], dtype or "as base",
                        round(time.monotonic() - started, 2), provenance)
-
-
-def cached_merge(adapter_dir: Path, base_dir: Path, progress=None, allow_pickle: bool = False) -> Path:
-    """The merged model for (base, adapter) under $LCSERVE_HOME/merged, merged on first use.
-
-    `lcserve serve --mode merge` calls this: a second start reuses the folder when its
-    provenance names the same base folder and the same adapter bytes.
-    """
-    from lcserve.paths import lcserve_home
-
-    adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
-    digest = reader.adapter_sha256(adapter_dir, allow_pickle)
-    out_dir = lcserve_home() / "merged" / f"{base_dir.name}+{adapter_dir.name}-{digest[:12]}"
-    try:
-        provenance = json.loads((out_dir / PROVENANCE).read_text())
-    except (OSError, json.JSONDecodeError):
-        provenance = {}
-    if provenance.get("adapter_sha256") == digest and provenance.get("base_dir") == str(base_dir.resolve()):
-        return out_dir
-    return merge_adapter(adapter_dir, base_dir, out_dir, force=True, progress=progress,
-                         allow_pickle=allow_pickle).out_dir
 
 
 # ---------------------------------------------------------------- planning (what happens to each base tensor)

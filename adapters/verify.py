@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lcserve.errors import AdapterError
+from lcserve.safetensors_header import read_model_tensors
 
+from .inspection import UNUSABLE, inspect_adapter
 from .style import corpus_examples
 from .training_length import training_seq_len
 
@@ -62,7 +64,7 @@ class VerifyResult:
 
 
 def verify_merge(merged_dir: Path, adapter_dir: Path, base_dir: Path, tolerance: float | None = None,
-                 long_tokens: int | None = None, progress=None) -> VerifyResult:
+                 long_tokens: int | None = None, progress=None, allow_pickle: bool = False) -> VerifyResult:
     """Compare the merged model with base + adapter (PEFT, fp32) on a fixed prompt set."""
     import torch
     import transformers
@@ -73,11 +75,10 @@ def verify_merge(merged_dir: Path, adapter_dir: Path, base_dir: Path, tolerance:
     for path, what in ((merged_dir, "merged model"), (base_dir, "base model")):
         if not (path / "config.json").exists():
             raise AdapterError(f"{path}: no config.json; pass the {what} folder")
-    from .inspection import UNUSABLE, inspect_adapter
-
-    report = inspect_adapter(adapter_dir, base_dir)
+    report = inspect_adapter(adapter_dir, base_dir, allow_pickle=allow_pickle)
     if report.verdict == UNUSABLE:
         raise AdapterError(f"{adapter_dir}: does not fit {base_dir}: {'; '.join(report.reasons)}")
+    _check_same_layout(merged_dir, base_dir)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
@@ -147,10 +148,17 @@ def prompt_set(tokenizer, long_tokens: int) -> list[tuple[str, list[int]]]:
     return prompts
 
 
+def _check_same_layout(merged_dir: Path, base_dir: Path) -> None:
+    """A merged model has every base tensor, with the base's shape (a merge may add an lm_head)."""
+    merged, base = read_model_tensors(merged_dir), read_model_tensors(base_dir)
+    for name, info in base.items():
+        if name not in merged or merged[name].shape != info.shape:
+            raise AdapterError(f"{merged_dir}: tensor {name} is missing or has another shape than in {base_dir}; "
+                               "pass the folder merged from this base")
+
+
 def merged_dtype(model_dir: Path) -> str:
     """The dtype most of a model's floating-point weights are stored in (from headers)."""
-    from lcserve.safetensors_header import read_model_tensors
-
     sizes: dict[str, int] = {}
     for info in read_model_tensors(model_dir).values():
         sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes

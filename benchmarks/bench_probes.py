@@ -27,6 +27,8 @@ from rich.console import Console
 
 from lcserve import embedded
 from lcserve.paths import demo_adapter_dir
+from lcserve.serving.cpu_lora import ENV_VAR as CPU_LORA_ENV
+from lcserve.serving.cpu_lora import SEGMENTED
 from lcserve.serving.engine import EngineProcess, EngineSpec
 from lcserve.serving.probes import ProbeConfig, run_probe
 from lcserve.serving.probes.runner import CALIBRATION_REQUESTS
@@ -71,7 +73,8 @@ def start_engine(max_model_len: int, log_dir: Path) -> EngineProcess:
                      "--lora-modules", json.dumps({"name": "writer", "path": str(adapter), "base_model_name": embedded.SERVED_NAME})]
     spec = EngineSpec(model=str(embedded.prepare()), served_model_name=embedded.SERVED_NAME, port=free_port(),
                       max_model_len=max_model_len, extra_args=["--enforce-eager"], lora_args=lora_args,
-                      env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
+                      env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                           CPU_LORA_ENV: SEGMENTED})  # as `lcserve serve` runs it
     process = EngineProcess(spec, log_dir / "vllm.log")
     process.start()
     try:

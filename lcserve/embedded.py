@@ -91,6 +91,9 @@ def atomic_dir(target: Path):
     """Yield a temporary sibling folder; rename it to `target` only if the block succeeds."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should read like any folder
     try:
         yield tmp
         if target.exists():
@@ -101,11 +104,29 @@ def atomic_dir(target: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def build_lock(target: Path):
+    """Hold an exclusive lock for building `target`, so two processes never build it at once."""
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def prepare(force: bool = False, progress=None) -> Path:
     """Assemble, dequantize and save the embedded model; instant when already prepared."""
     target = embedded_model_dir()
     if is_prepared(target) and not force:
         return target
+    with build_lock(target):
+        if is_prepared(target) and not force:  # another process built it while we waited
+            return target
+        return _build(target, progress)
+
+
+def _build(target: Path, progress) -> Path:
     steps = _Steps(progress, total=4)
 
     steps.start("assembling GGUF (sha256 check)")

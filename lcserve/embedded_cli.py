@@ -6,9 +6,9 @@ import json
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from . import embedded as emb
+from .progress import progress_bar
 
 
 @click.group()
@@ -29,8 +29,7 @@ def prepare(force: bool, as_json: bool) -> None:
     if emb.is_prepared() and not force:
         path = emb.embedded_model_path()
     else:
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                      console=console, transient=not console.is_terminal) as progress:
+        with progress_bar(console) as progress:
             path = emb.prepare(force=force, progress=progress)
     if as_json:
         click.echo(json.dumps({"model_dir": str(path), "served_name": emb.SERVED_NAME}))

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.progress import TextColumn
 
 from lcserve import embedded as emb
 from lcserve.adapters.inspection import AdapterReport, inspect_adapter
-from lcserve.adapters.merge import merge_adapter
+from lcserve.adapters.merge import PROVENANCE, merge_adapter
 from lcserve.adapters.mount import MODES, decide_mode, parse_adapter_spec, vllm_lora_args
 from lcserve.adapters.reader import adapter_sha256
 from lcserve.deploy.adapters_info import read_adapter
@@ -23,9 +24,14 @@ from lcserve.deploy.hardware import resolve_profile
 from lcserve.deploy.plan import ServePlan, plan_deployment
 from lcserve.errors import ModelError, PlanError
 from lcserve.model_config import read_model
-from lcserve.paths import lcserve_home
+from lcserve.paths import demo_adapter_dir, lcserve_home
+from lcserve.progress import progress_bar
 
+from .cpu_lora import ENV_VAR as CPU_LORA_ENV
+from .cpu_lora import SEGMENTED
 from .engine import EngineProcess, EngineSpec, vllm_build, vllm_command
+from .probe_schedule import ProbeSchedule
+from .probes.runner import ProbeConfig
 from .stack import run_stack
 
 
@@ -75,14 +81,31 @@ def override_option(args: list[str], option: str, value: str) -> list[str]:
 def merged_model(name: str, report: AdapterReport, base_dir: Path, console: Console, dry_run: bool) -> Path:
     """A merged copy of base + adapter, cached by both identities (merging again is wasted work)."""
     adapter_dir = Path(report.adapter_dir)
-    key = f"{name}-{adapter_sha256(adapter_dir)[:12]}-{base_dir.name}"
-    out_dir = lcserve_home() / "merged" / key
+    digest = adapter_sha256(adapter_dir)
+    out_dir = lcserve_home() / "merged" / f"{name}-{digest[:12]}-{base_dir.name}"
     if dry_run:
         return out_dir
-    if not (out_dir / "config.json").exists():
+    try:
+        provenance = json.loads((out_dir / PROVENANCE).read_text())
+    except (OSError, json.JSONDecodeError):
+        provenance = {}
+    if provenance.get("adapter_sha256") != digest or provenance.get("base_dir") != str(base_dir.resolve()):
         console.print(f"merging {adapter_dir} into {base_dir} -> {out_dir}")
-        merge_adapter(adapter_dir, base_dir, out_dir)
+        merge_adapter(adapter_dir, base_dir, out_dir, force=True)
     return out_dir
+
+
+def demo_adapter(console: Console, dry_run: bool) -> list[str]:
+    """`writer=<demo adapter>` for the embedded default, trained on first use (about a minute)."""
+    from lcserve.adapters.train import is_trained, train_demo_adapter
+
+    if not is_trained():
+        if dry_run:
+            return []
+        console.print("training the demo adapter `writer` (first run only; `--base-only` skips it)...")
+        with progress_bar(console, TextColumn("{task.completed}/{task.total} steps")) as progress:
+            train_demo_adapter(progress=progress)
+    return [f"writer={demo_adapter_dir()}"]
 
 
 def plan_summary(plan: ServePlan) -> list[str]:
@@ -105,10 +128,17 @@ def plan_summary(plan: ServePlan) -> list[str]:
                    "or with --adapter-only).")
 @click.option("--adapter-only", is_flag=True,
               help="One adapter serves all traffic (nobody needs the plain base): auto mode merges it.")
+@click.option("--base-only", is_flag=True,
+              help="Embedded default only: serve the base without the demo adapter `writer`.")
 @click.option("--gateway/--no-gateway", default=True, show_default=True,
               help="Put lcserve's gateway (/metrics, context checks, 503 while restarting) on PORT, vLLM behind it.")
 @click.option("--api-key", envvar="LCSERVE_API_KEY",
               help="Bearer token the gateway requires (env LCSERVE_API_KEY); enables adapter load/unload routes.")
+@click.option("--probe-on-start", is_flag=True,
+              help="Run the quick long-context probe (base vs adapters) once vLLM is ready; results become the "
+                   "gateway's lcserve_probe_* gauges and files under $LCSERVE_HOME/probes.")
+@click.option("--probe-every", type=click.FloatRange(min=1), metavar="MINUTES",
+              help="Run the quick probe every MINUTES (it shares the engine with your traffic).")
 @click.option("--profile", default="auto", show_default=True,
               help="Hardware profile for the planner (`lcserve deploy profiles`), or auto (NVML, else CPU).")
 @click.option("--max-model-len", type=click.IntRange(min=16),
@@ -127,9 +157,11 @@ def plan_summary(plan: ServePlan) -> list[str]:
 @click.option("--log-file", type=click.Path(path_type=Path), help="vLLM's log (default: $LCSERVE_HOME/logs/vllm-PORT.log).")
 @click.option("--dry-run", is_flag=True, help="Print the plan, vLLM command and environment as JSON; start nothing.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
-def serve(model, port, host, adapter_specs, mode, adapter_only, gateway, api_key, profile, max_model_len, max_num_seqs, gpu_memory_utilization, kv_dtype,
+def serve(model, port, host, adapter_specs, mode, adapter_only, base_only, gateway, api_key, probe_on_start,
+          probe_every, profile, max_model_len, max_num_seqs, gpu_memory_utilization, kv_dtype,
           rope_scaling, served_model_name, ready_timeout, log_file, dry_run, vllm_args) -> None:
-    """Serve MODEL (a model folder; default: the embedded Gemma 3 270M) with vLLM until Ctrl-C.
+    """Serve MODEL (a model folder; default: the embedded Gemma 3 270M with its demo adapter `writer`
+    mounted) with vLLM until Ctrl-C.
 
     The planner (`lcserve deploy plan`) chooses the context window, concurrency, batch size and
     memory for the hardware profile; explicit options become its targets and are checked.
@@ -139,8 +171,12 @@ def serve(model, port, host, adapter_specs, mode, adapter_only, gateway, api_key
     console = Console(stderr=True, soft_wrap=True)  # log lines stay whole when piped
     if model is not None and model.startswith("-"):  # MODEL omitted: click gave it the first vLLM argument
         model, vllm_args = None, (model, *vllm_args)
+    if (probe_on_start or probe_every) and not gateway:
+        raise click.UsageError("--probe-on-start/--probe-every publish through the gateway; drop --no-gateway")
     model_arg, default_name, model_dir = resolve_model(model, console)
     build = vllm_build()
+    if model in (None, "embedded") and not adapter_specs and not base_only:
+        adapter_specs = demo_adapter(console, dry_run)
     args: list[str] = []
     env: dict[str, str] = {}
     notes: list[str] = []
@@ -178,6 +214,10 @@ def serve(model, port, host, adapter_specs, mode, adapter_only, gateway, api_key
             lora = vllm_lora_args(mounted, served_name, reports)
             args += lora[lora.index("--lora-modules"):lora.index("--max-lora-rank")]
         env = {k: v for k, v in plan.env.items() if k not in os.environ}
+        if mounted and build == "cpu" and CPU_LORA_ENV not in os.environ:
+            env[CPU_LORA_ENV] = SEGMENTED
+            notes.append(f"{CPU_LORA_ENV}={SEGMENTED}: one matrix product per run of tokens instead of vLLM's "
+                         "per-token weight copies (LoRA prefill about 5x faster on the CPU build; =stock restores vLLM's)")
         notes += plan_summary(plan)
     else:
         notes.append(f"{model_arg} is not a local folder: no plan (lcserve reads config.json to plan); "
@@ -221,8 +261,13 @@ def serve(model, port, host, adapter_specs, mode, adapter_only, gateway, api_key
     console.print(f"starting vLLM for {served_name} on internal port {engine_port} (log: {log_path}); "
                   f"gateway on {host}:{port}")
     names = [served_name, *(name for name, _ in mounted)]
+    probe = None
+    if probe_on_start or probe_every:
+        probe = ProbeSchedule(ProbeConfig(base=served_name, adapters=tuple(name for name, _ in mounted)),
+                              lcserve_home() / "probes", on_start=probe_on_start,
+                              every_s=probe_every * 60 if probe_every else None)
     run_stack(spec, gateway_host=host, gateway_port=port, api_key=api_key, training_lengths=training_lengths,
-              log_path=log_path, ready_timeout_s=ready_timeout,
+              log_path=log_path, ready_timeout_s=ready_timeout, probe=probe,
               on_ready=lambda stack: console.print(
                   f"[green]ready[/green] in {time.monotonic() - started:.0f} s: {stack.url}/v1 serves "
                   f"{', '.join(repr(n) for n in names)} (max_model_len {context}; metrics at {stack.url}/metrics); "

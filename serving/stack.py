@@ -21,6 +21,7 @@ from lcserve.paths import lcserve_home
 
 from .engine import EngineSpec
 from .gateway import Gateway
+from .probe_schedule import ProbeSchedule
 from .supervisor import ExternalEngine, Supervisor
 
 log = logging.getLogger("lcserve.serving")
@@ -41,7 +42,7 @@ class Stack:
     def __init__(self, spec: EngineSpec | None = None, *, upstream_url: str | None = None,
                  gateway_host: str = "127.0.0.1", gateway_port: int = 8080, api_key: str | None = None,
                  training_lengths: dict[str, int] | None = None, log_path: Path | None = None,
-                 ready_timeout_s: float = 900.0):
+                 ready_timeout_s: float = 900.0, probe: ProbeSchedule | None = None):
         if (spec is None) == (upstream_url is None):
             raise ValueError("give exactly one of spec (launch vLLM) and upstream_url (front a running vLLM)")
         if spec is not None:
@@ -57,6 +58,7 @@ class Stack:
         self.gateway = Gateway(self.engine, api_key=api_key, training_lengths=training_lengths)
         self.gateway_host = gateway_host
         self.gateway_port = gateway_port
+        self.probe = probe
 
     @property
     def url(self) -> str:
@@ -72,8 +74,12 @@ class Stack:
         except BaseException:
             self.gateway.stop()
             raise
+        if self.probe is not None:  # straight to the engine: probe traffic stays out of the gateway's series
+            self.probe.start(self.engine.url)
 
     def stop(self) -> None:
+        if self.probe is not None:
+            self.probe.stop()
         self.gateway.stop()
         self.engine.stop()
 
@@ -92,13 +98,14 @@ class _ShutdownRequested(Exception):
 def run_stack(spec: EngineSpec | None = None, gateway_host: str = "127.0.0.1", gateway_port: int = 8080, *,
               upstream_url: str | None = None, api_key: str | None = None,
               training_lengths: dict[str, int] | None = None, log_path: Path | None = None,
-              ready_timeout_s: float = 900.0, on_ready: Callable[[Stack], None] | None = None) -> None:
+              ready_timeout_s: float = 900.0, on_ready: Callable[[Stack], None] | None = None,
+              probe: ProbeSchedule | None = None) -> None:
     """Run the stack until SIGINT/SIGTERM, then stop the gateway and the engine's whole process
     group (no orphans, both ports released). A signal while vLLM is still starting stops it too.
     EngineError when vLLM does not become ready, or when the supervisor gives up restarting it."""
     stack = Stack(spec, upstream_url=upstream_url, gateway_host=gateway_host, gateway_port=gateway_port,
                   api_key=api_key, training_lengths=training_lengths, log_path=log_path,
-                  ready_timeout_s=ready_timeout_s)
+                  ready_timeout_s=ready_timeout_s, probe=probe)
 
     def on_signal(signum, _frame):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # one shutdown; a second Ctrl-C must not interrupt it

@@ -1,7 +1,9 @@
-"""Shared fixtures. `engine`: ONE real vLLM CPU server (embedded Gemma 3 270M) for the whole session."""
+"""Shared fixtures. `engine`: ONE real vLLM CPU server for the whole session: the embedded Gemma 3
+270M with the demo adapter mounted as `writer` (the embedded default that ./serve_vllm.sh serves)."""
 
 from __future__ import annotations
 
+import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,9 +11,12 @@ from pathlib import Path
 import pytest
 
 from lcserve import embedded as emb
+from lcserve.serving.cpu_lora import ENV_VAR as CPU_LORA_ENV
+from lcserve.serving.cpu_lora import SEGMENTED
 from lcserve.serving.engine import EngineProcess, EngineSpec
 
 ENGINE_MAX_MODEL_LEN = 8192
+ADAPTER_MODEL = "writer"
 
 
 def free_port() -> int:
@@ -27,7 +32,8 @@ class Engine:
     max_model_len: int
     model_dir: Path
     process: EngineProcess
-
+    adapter_model: str
+    adapter_dir: Path
 
 
 
@@ -53,19 +59,42 @@ def lora_adapter_dir(embedded_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine(embedded_model_dir, tmp_path_factory) -> Engine:
+def demo_adapter(embedded_model_dir) -> Path:
+    """The demo adapter, trained at 256 tokens (instant when the set-up already trained it)."""
+    from lcserve.adapters.train import train_demo_adapter
+
+    return train_demo_adapter()
+
+
+@pytest.fixture(scope="session")
+def real_adapters_root(tmp_path_factory) -> Path:
+    """Where the integration tests build their PEFT adapters, once per session (both the merge and
+    the vLLM tests use them)."""
+    root = tmp_path_factory.getbasetemp() / "real-adapters"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def engine(embedded_model_dir, demo_adapter, tmp_path_factory) -> Engine:
+    lora = {"name": ADAPTER_MODEL, "path": str(demo_adapter), "base_model_name": emb.SERVED_NAME}
     spec = EngineSpec(
         model=str(embedded_model_dir), served_model_name=emb.SERVED_NAME, port=free_port(),
         max_model_len=ENGINE_MAX_MODEL_LEN, extra_args=["--enforce-eager"],
+        # rank 16 and two slots: tests load rank-4 adapters at run time beside `writer`
+        lora_args=["--enable-lora", "--max-lora-rank", "16", "--max-loras", "2", "--lora-modules", json.dumps(lora)],
         env={"VLLM_CPU_KVCACHE_SPACE": "2",
              # tests may run a second engine; "auto" would pin every engine to core 0
-             "VLLM_CPU_OMP_THREADS_BIND": "nobind"},
+             "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+             CPU_LORA_ENV: SEGMENTED},
     )
     process = EngineProcess(spec, tmp_path_factory.mktemp("engine") / "vllm.log")
     process.start()
     try:
         process.wait_ready(600)
         yield Engine(url=spec.url, base_model=spec.served_model_name, max_model_len=ENGINE_MAX_MODEL_LEN,
-                     model_dir=embedded_model_dir, process=process)
+                     model_dir=embedded_model_dir, process=process, adapter_model=ADAPTER_MODEL,
+                     adapter_dir=demo_adapter)
     finally:
         process.stop()

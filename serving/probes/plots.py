@@ -23,12 +23,13 @@ def _grid(entry: dict, task: str) -> tuple[list[int], list[float], np.ndarray]:
     return lengths, depths, values
 
 
-def _heatmap(ax, lengths, depths, values, title, cmap, vmin, vmax):
+def _heatmap(ax, lengths, depths, values, title, cmap, vmin, vmax, first=False):
     image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", origin="upper")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
+    if first:
+        ax.set_ylabel("needle depth")
     ax.set_title(title)
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
@@ -47,9 +48,9 @@ def heatmaps(summary: dict, task: str, path: Path) -> Path | None:
     adapters = [m for m in models if m != base and base in models]
     fig, axes = plt.subplots(1, len(models) + len(adapters), figsize=(4.5 * (len(models) + len(adapters)), 4), squeeze=False)
     panels = iter(axes[0])
-    for model in models:
+    for i, model in enumerate(models):
         lengths, depths, values = _grid(summary["models"][model], task)
-        image = _heatmap(next(panels), lengths, depths, values, f"{task}: {model}", "viridis", 0, 1)
+        image = _heatmap(next(panels), lengths, depths, values, f"{task}: {model}", "viridis", 0, 1, first=i == 0)
     fig.colorbar(image, ax=axes[0][: len(models)].tolist(), label="accuracy")
     for adapter in adapters:
         lengths, depths, values = _grid(summary["models"][adapter], task)

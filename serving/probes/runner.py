@@ -18,10 +18,11 @@ from functools import lru_cache
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress, TextColumn
 
 from lcserve.embedded import SERVED_NAME
 from lcserve.errors import ProbeError
+from lcserve.progress import progress_bar
 
 from . import plots, report
 from .client import ProbeClient, ServedModel
@@ -287,17 +288,10 @@ def _execute(client: ProbeClient, jobs: list[Job], config: ProbeConfig, jsonl: P
     records: list[dict] = []
     lock = threading.Lock()
     sink = jsonl.open("w") if jsonl else None
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[done]}/{task.fields[requests]} requests"),
-        TimeElapsedColumn(),
-        TextColumn("left"),
-        TimeRemainingColumn(),
-        console=config.console,
-        disable=config.console is None,
-        transient=False,
-    )
+    if config.console is not None:
+        progress = progress_bar(config.console, TextColumn("{task.fields[done]}/{task.fields[requests]} requests"))
+    else:
+        progress = Progress(disable=True)
     bar = progress.add_task("probing", total=sum(j.est_s for j in jobs), done=0, requests=len(jobs))
 
     def one(job: Job) -> None:
@@ -331,7 +325,8 @@ def _request(client: ProbeClient, job: Job, seed: int) -> dict:
     if job.task == "loss":
         body = client.complete(job.model, job.text, 1, prompt_logprobs=0)
     elif job.task == "repetition":
-        body = client.complete(job.model, job.text, job.max_tokens, ignore_eos=True, **REPETITION_SAMPLING, seed=seed)
+        body = client.complete(job.model, job.text, job.max_tokens, ignore_eos=True, return_token_ids=True,
+                               **REPETITION_SAMPLING, seed=seed)
     else:
         body = client.complete(job.model, job.text, job.max_tokens)
     elapsed = time.perf_counter() - start
@@ -355,7 +350,8 @@ def _request(client: ProbeClient, job: Job, seed: int) -> dict:
     if job.task == "loss":
         record["logprobs"] = [None] + [round(next(iter(d.values()))["logprob"], 5) for d in choice["prompt_logprobs"][1:]]
     elif job.task == "repetition":
-        tokens = client.tokens(job.model, choice["text"])
+        # the generated ids themselves: re-tokenizing the text merges pieces and undercounts
+        tokens = choice.get("token_ids") or client.tokens(job.model, choice["text"])
         record.update({
             "window": REPETITION_WINDOW,
             "output_tokens": len(tokens),

@@ -50,6 +50,8 @@ def test_models_health_and_limits(engine, gateway):
     # the base's training length is read from its folder, which vLLM names in /v1/models
     assert value(text, "lcserve_model_training_length_tokens", model=engine.base_model) == positions
     assert value(text, "lcserve_model_max_model_len_tokens", model=engine.base_model) == engine.max_model_len
+    # the mounted adapter's training length comes from the lcserve_adapter.json vLLM's `root` points at
+    assert value(text, "lcserve_model_training_length_tokens", model=engine.adapter_model) == 256
 
 
 def test_completion_matches_vllm_and_is_counted(engine, gateway):

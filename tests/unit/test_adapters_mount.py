@@ -13,7 +13,7 @@ from lcserve.adapters.runtime import load_lora_adapter, unload_lora_adapter
 from lcserve.adapters.vllm_rules import VllmRules
 from lcserve.errors import AdapterError, EngineError
 
-from tests.unit.test_adapters_inspect import PLAIN, Q, write_adapter
+from tests.unit.test_adapters_inspect import Q, write_adapter
 
 RULES = VllmRules(version="0.32.0", honors_rank_alpha_patterns=True)
 

@@ -65,3 +65,35 @@ def test_header_reader_names_truncated_and_corrupt_files(tmp_path):
     f.write_bytes(struct.pack("<Q", 10**6) + b"{}")
     with pytest.raises(ModelError, match="corrupt safetensors header"):
         read_header(f)
+
+
+def test_atomic_dir_result_has_ordinary_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        with emb.atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+
+
+def test_build_lock_lets_one_builder_at_a_time(tmp_path):
+    import threading
+    import time
+
+    events = []
+
+    def build(name):
+        with emb.build_lock(tmp_path / "model"):
+            events.append(f"{name} in")
+            time.sleep(0.2)
+            events.append(f"{name} out")
+
+    threads = [threading.Thread(target=build, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert events[0][0] == events[1][0] and events[2][0] == events[3][0]  # never interleaved

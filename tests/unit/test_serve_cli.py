@@ -80,7 +80,7 @@ def test_serve_command_names_a_broken_model_folder(tmp_path, setup, fragment):
 
 
 def test_dry_run_takes_the_plan_and_lets_vllm_args_win(embedded_model_dir):
-    r = serve("--port", "9123", "--max-model-len", "4096", "--max-num-seqs", "4", "--dry-run",
+    r = serve("--base-only", "--port", "9123", "--max-model-len", "4096", "--max-num-seqs", "4", "--dry-run",
               "--", "--max-num-batched-tokens", "512", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
@@ -100,11 +100,41 @@ def test_dry_run_takes_the_plan_and_lets_vllm_args_win(embedded_model_dir):
 
 
 def test_no_gateway_puts_vllm_on_the_port(embedded_model_dir):
-    r = serve("--no-gateway", "--port", "9124", "--dry-run")
+    r = serve("--base-only", "--no-gateway", "--port", "9124", "--dry-run")
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["gateway"] is None and out["command"][out["command"].index("--port") + 1] == "9124"
     assert "--enable-lora" not in out["command"]
+
+
+def test_embedded_default_mounts_the_demo_adapter(embedded_model_dir, demo_adapter):
+    out = json.loads(serve("--dry-run").output)
+    cmd = out["command"]
+    module = json.loads(cmd[cmd.index("--lora-modules") + 1])
+    assert module == {"name": "writer", "path": str(demo_adapter.resolve()), "base_model_name": "gemma-3-270m"}
+    assert out["training_lengths"] == {"writer": 256}
+    assert any(n.startswith("adapters: mount") for n in out["notes"])
+    if out["build"] == "cpu":
+        assert out["env"]["LCSERVE_CPU_LORA_OPS"] == "segmented"
+
+
+def test_merged_model_is_merged_again_when_the_adapter_changed(embedded_model_dir, lora_adapter_dir, tmp_path,
+                                                               monkeypatch):
+    from rich.console import Console
+
+    from lcserve.adapters.inspection import inspect_adapter
+    from lcserve.adapters.merge import PROVENANCE
+
+    monkeypatch.setenv("LCSERVE_HOME", str(tmp_path))
+    report = inspect_adapter(lora_adapter_dir, embedded_model_dir)
+    quiet = Console(quiet=True)
+    merged = serve_cli.merged_model("mine", report, embedded_model_dir, quiet, dry_run=False)
+    provenance = json.loads((merged / PROVENANCE).read_text())
+    assert serve_cli.merged_model("mine", report, embedded_model_dir, quiet, dry_run=False) == merged
+    assert json.loads((merged / PROVENANCE).read_text()) == provenance  # reused, not merged again
+    (merged / PROVENANCE).write_text(json.dumps({**provenance, "adapter_sha256": "0" * 64}))  # a stale folder
+    serve_cli.merged_model("mine", report, embedded_model_dir, quiet, dry_run=False)
+    assert json.loads((merged / PROVENANCE).read_text())["adapter_sha256"] == provenance["adapter_sha256"]
 
 
 def test_adapter_is_mounted_with_the_planned_lora_capacity(embedded_model_dir, lora_adapter_dir):

@@ -1,0 +1,73 @@
+"""Merge + verify on the real Gemma 3 270M: the demo adapter and PEFT adapters with rsLoRA,
+rank/alpha patterns, DoRA and modules_to_save, each with the verdict inspect gives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lcserve.adapters.inspection import MERGE, MOUNT, inspect_adapter
+from lcserve.adapters.merge import merge_adapter
+from lcserve.adapters.verify import verify_merge
+
+pytestmark = pytest.mark.integration
+
+TRAINED_AT = 256  # recorded for the test adapters too, so verify's long prompt (600 tokens) goes past it
+REAL_CASES = {
+    "rslora": (dict(target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True), MOUNT),
+    "rank_pattern": (dict(target_modules=["q_proj", "v_proj", "up_proj"], rank_pattern={"v_proj": 2},
+                          alpha_pattern={"q_proj": 32}), MOUNT),
+    "dora": (dict(target_modules=["q_proj", "down_proj"], use_dora=True), MERGE),
+    "modules_to_save": (dict(target_modules=["q_proj"], modules_to_save=["post_attention_layernorm"]), MERGE),
+}
+
+
+def real_adapter(case: str, base: Path, root: Path) -> Path:
+    """A PEFT adapter on the real model: rank 4 on three layers (one full-attention), random
+    non-zero weights; built once per session under `root`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = root / case
+    if (out / "adapter_config.json").exists():
+        return out
+    lora, _ = REAL_CASES[case]
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    layers = {"layers_to_transform": [0, 5, 17]}
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **layers, **lora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.1)
+            elif p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(out)
+    (out / "lcserve_adapter.json").write_text(json.dumps({"training_seq_len": TRAINED_AT}))
+    return out
+
+
+def test_demo_adapter_merges_and_verifies(embedded_model_dir, demo_adapter, tmp_path):
+    report = inspect_adapter(demo_adapter, embedded_model_dir)
+    assert report.verdict == MOUNT and report.training_seq_len == 256 and report.max_lora_rank == 8
+    merged = merge_adapter(demo_adapter, embedded_model_dir, tmp_path / "merged")
+    assert merged.provenance["adapter_training_seq_len"] == 256
+    result = verify_merge(merged.out_dir, demo_adapter, embedded_model_dir)
+    assert result.passed, result
+    assert result.long_prompt_tokens > 512 > 256          # past the training length and the sliding window
+    assert result.adapter_effect > 3 * result.tolerance   # the check can tell the adapter from the base
+
+
+@pytest.mark.parametrize("case", list(REAL_CASES))
+def test_real_adapter_verdict_merge_and_verify(case, embedded_model_dir, real_adapters_root, tmp_path):
+    adapter = real_adapter(case, embedded_model_dir, real_adapters_root)
+    report = inspect_adapter(adapter, embedded_model_dir)
+    assert report.verdict == REAL_CASES[case][1], report.reasons
+    assert report.fit_problems == []
+    merged = merge_adapter(adapter, embedded_model_dir, tmp_path / "merged")
+    result = verify_merge(merged.out_dir, adapter, embedded_model_dir)
+    assert result.passed, result
+    assert result.adapter_effect > 3 * result.tolerance
