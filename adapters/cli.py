@@ -127,7 +127,8 @@ def merge(adapter: Path, base_dir: Path, out_dir: Path, dtype: str | None, force
 @click.option("--adapter", "adapter_dir", type=DIR, required=True, help="The adapter that was merged.")
 @click.option("--base", "base_dir", type=DIR, required=True, help="The base it was merged into.")
 @click.option("--tolerance", type=float, default=None,
-              help="Largest accepted |logit difference| (default by merged dtype: fp32 1e-3, bf16 1.0, fp16 0.25).")
+              help="Largest accepted |logit difference| (default by merged dtype: fp32 1e-3, bf16 1.0, fp16 0.25, "
+                   "or 1.5x what an exact merge rounded to that dtype shows, when larger).")
 @click.option("--long-tokens", type=int, default=None,
               help="Length of the long prompt (default: twice the adapter's training length, at least 600).")
 @click.option("--allow-pickle", is_flag=True, help="Read adapter_model.bin (pickle) when there is no safetensors file.")
@@ -156,7 +157,9 @@ def verify(merged: Path, adapter_dir: Path, base_dir: Path, tolerance: float | N
                           f"{p.top1_agreement:.1%}", f"{p.adapter_effect:.3g}")
         Console().print(table)
         trained = f"{result.training_seq_len} tokens" if result.training_seq_len else "not recorded"
-        Console().print(f"merged dtype {result.merged_dtype}; adapter trained at {trained}; longest prompt "
+        floor = (f" (an exact merge rounded to it differs by up to {result.rounding_floor:.3g})"
+                 if result.rounding_floor else "")
+        Console().print(f"merged dtype {result.merged_dtype}{floor}; adapter trained at {trained}; longest prompt "
                         f"{result.long_prompt_tokens} tokens")
         verdict = "[green bold]PASS[/]" if result.passed else "[red bold]FAIL[/]"
         Console().print(f"{verdict}: max |diff| {result.max_abs_diff:.4g} (tolerance {result.tolerance:g}), "

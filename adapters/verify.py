@@ -20,8 +20,13 @@ from .style import corpus_examples
 from .training_length import training_seq_len
 
 # Largest |logit difference| accepted, by the dtype the merged weights are stored in. A
-# bf16/fp16 merge rounds every touched weight once (PEFT's own merge does the same).
+# bf16/fp16 merge rounds every touched weight once (PEFT's own merge does the same), and how far
+# that moves the logits grows with the adapter's own effect on them: the tolerance is at least
+# FLOOR_MARGIN x the "rounding floor", the difference an exact merge rounded once to the same
+# dtype (PEFT's merge_and_unload, cast) shows on the same prompts.
 TOLERANCES = {"F32": 1e-3, "BF16": 1.0, "F16": 0.25}
+FLOOR_MARGIN = 1.5
+TORCH_DTYPES = {"BF16": "bfloat16", "F16": "float16"}
 MIN_TOP1_AGREEMENT = 0.95
 COMPARED_POSITIONS = 64
 SHORT_PROMPTS = (
@@ -53,6 +58,7 @@ class VerifyResult:
     long_prompt_tokens: int
     tolerance: float
     min_top1_agreement: float
+    rounding_floor: float        # max |logit diff| of an exact merge rounded once to merged_dtype (0 for fp32)
     max_abs_diff: float
     top1_agreement: float
     adapter_effect: float
@@ -86,8 +92,8 @@ def verify_merge(merged_dir: Path, adapter_dir: Path, base_dir: Path, tolerance:
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     prompts = prompt_set(tokenizer, long_tokens or max(2 * (trained or 512), 600))
     dtype = merged_dtype(merged_dir)
-    tol = TOLERANCES.get(dtype, TOLERANCES["BF16"]) if tolerance is None else tolerance
-    task = progress.add_task("verifying", total=3 * len(prompts)) if progress else None
+    rounded = TORCH_DTYPES.get(dtype)
+    task = progress.add_task("verifying", total=(4 if rounded else 3) * len(prompts)) if progress else None
 
     def run(model) -> list:
         out = []
@@ -105,7 +111,16 @@ def verify_merge(merged_dir: Path, adapter_dir: Path, base_dir: Path, tolerance:
     reference = run(peft_model)
     with peft_model.disable_adapter():
         plain = run(peft_model)
+    floor = 0.0
+    if rounded:
+        exact = peft_model.merge_and_unload().to(getattr(torch, rounded)).to(torch.float32)
+        floor = max(float((ref - got).abs().max()) for ref, got in zip(reference, run(exact)))
+        del exact
     del peft_model, base_model
+    if tolerance is None:
+        tol = max(TOLERANCES.get(dtype, TOLERANCES["BF16"]), FLOOR_MARGIN * floor)
+    else:
+        tol = tolerance
     merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     merged_model.eval()
     merged = run(merged_model)
@@ -126,7 +141,7 @@ def verify_merge(merged_dir: Path, adapter_dir: Path, base_dir: Path, tolerance:
     return VerifyResult(
         merged_dir=str(merged_dir), adapter_dir=str(adapter_dir), base_dir=str(base_dir), merged_dtype=dtype,
         training_seq_len=trained, long_prompt_tokens=max(len(ids) for _, ids in prompts), tolerance=tol,
-        min_top1_agreement=MIN_TOP1_AGREEMENT, max_abs_diff=worst, top1_agreement=agreement,
+        min_top1_agreement=MIN_TOP1_AGREEMENT, rounding_floor=floor, max_abs_diff=worst, top1_agreement=agreement,
         adapter_effect=max(c.adapter_effect for c in checks),
         passed=worst <= tol and agreement >= MIN_TOP1_AGREEMENT, prompts=checks,
     )
