@@ -23,10 +23,7 @@ import httpx
 from lcserve import embedded
 from lcserve.paths import demo_adapter_dir
 from lcserve.serving.cpu_lora import ENV_VAR
-from lcserve.serving.engine import EngineProcess, EngineSpec
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_probes import free_port  # noqa: E402
+from lcserve.serving.engine import EngineProcess, EngineSpec, free_port
 
 FILLER = "The lighthouse keeper wrote the weather in his log every evening. "
 

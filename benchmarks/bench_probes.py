@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from lcserve import embedded
 from lcserve.paths import demo_adapter_dir
 from lcserve.serving.cpu_lora import ENV_VAR as CPU_LORA_ENV
 from lcserve.serving.cpu_lora import SEGMENTED
-from lcserve.serving.engine import EngineProcess, EngineSpec
+from lcserve.serving.engine import EngineProcess, EngineSpec, free_port
 from lcserve.serving.probes import ProbeConfig, run_probe
 from lcserve.serving.probes.runner import CALIBRATION_REQUESTS
 
@@ -56,12 +55,6 @@ def scrape(url: str) -> dict[str, float]:
             if name == metric:
                 totals[key] += float(line.rsplit(" ", 1)[1])
     return totals
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_engine(max_model_len: int, log_dir: Path) -> EngineProcess:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lcserve.errors import EngineError
+from lcserve.serving.engine import free_port
 
 from .plan import ServePlan
 
@@ -42,18 +42,12 @@ def parse_capacity(log_text: str) -> Measured | None:
     return Measured(int(m.group(2).replace(",", "")), float(m.group(4)), int(m.group(3).replace(",", "")), 0.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure_capacity(model_dir: Path, plan: ServePlan, timeout_s: float = 900, log_path: Path | None = None,
                      python: str = sys.executable) -> Measured:
     """Start vLLM with `plan` on `model_dir`, return its logged KV capacity, stop it."""
     log_path = Path(log_path or tempfile.mkstemp(prefix="lcserve-measure-", suffix=".log")[1])
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--host", "127.0.0.1", "--port", str(_free_port()), "--enforce-eager", "--skip-tokenizer-init",
+           "--host", "127.0.0.1", "--port", str(free_port()), "--enforce-eager", "--skip-tokenizer-init",
            *plan.vllm_args()]
     # Another engine on this machine may hold the cores vLLM would bind; binding only affects speed.
     env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", **os.environ, **plan.env}

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -29,16 +28,10 @@ from lcserve.progress import progress_bar
 
 from .cpu_lora import ENV_VAR as CPU_LORA_ENV
 from .cpu_lora import SEGMENTED
-from .engine import EngineProcess, EngineSpec, vllm_build, vllm_command
+from .engine import EngineProcess, EngineSpec, free_port, vllm_build, vllm_command
 from .probe_schedule import ProbeSchedule
 from .probes.runner import ProbeConfig
 from .stack import run_stack
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def resolve_model(model: str | None, console: Console) -> tuple[str, str, Path | None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,13 @@ from pathlib import Path
 import httpx
 
 from lcserve.errors import EngineError
+
+
+def free_port() -> int:
+    """A free loopback port for an engine or gateway; the OS picks it, so parallel runs never collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,19 +18,12 @@ import click
 from lcserve.errors import EngineError, LcserveError
 from lcserve.paths import lcserve_home
 
-from .engine import EngineSpec
+from .engine import EngineSpec, free_port
 from .gateway import Gateway
 from .probe_schedule import ProbeSchedule
 from .supervisor import ExternalEngine, Supervisor
 
 log = logging.getLogger("lcserve.serving")
-
-
-def free_port() -> int:
-    """A free loopback port (for the engine's internal port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:

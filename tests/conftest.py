@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,16 +12,10 @@ import pytest
 from lcserve import embedded as emb
 from lcserve.serving.cpu_lora import ENV_VAR as CPU_LORA_ENV
 from lcserve.serving.cpu_lora import SEGMENTED
-from lcserve.serving.engine import EngineProcess, EngineSpec
+from lcserve.serving.engine import EngineProcess, EngineSpec, free_port
 
 ENGINE_MAX_MODEL_LEN = 8192
 ADAPTER_MODEL = "writer"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import yaml
+
+from lcserve.serving.engine import free_port
 
 
 def ensure_prometheus() -> tuple[str, str]:
@@ -23,12 +24,6 @@ def ensure_prometheus() -> tuple[str, str]:
         subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "prometheus"], check=True, env=env,
                        capture_output=True)
     return shutil.which("prometheus"), shutil.which("promtool")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrometheusServer:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lcserve.errors import EngineError
-from lcserve.serving.engine import EngineProcess, EngineSpec
+from lcserve.serving.engine import EngineProcess, EngineSpec, free_port
 from lcserve.serving.supervisor import Backoff, ExternalEngine, Supervisor
 
 # Serves GET /health like vLLM's API server and, like it, runs a worker process in its group.
@@ -51,12 +51,6 @@ class FakeEngineForFaultInjection(EngineProcess):
             self.proc = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, str(self.spec.port)],
                                          env={**os.environ, **self.spec.env}, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_free(port: int) -> bool:
