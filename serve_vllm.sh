@@ -5,19 +5,25 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 usage() {
   cat <<'USAGE'
-Usage: ./serve_vllm.sh [--profile NAME] [MODEL] [PORT] [MAX_NUM_SEQS] [MAX_MODEL_LEN] [GPU_MEM_UTIL] [VLLM_ARGS...]
+Usage: ./serve_vllm.sh [OPTIONS] [MODEL] [PORT] [MAX_NUM_SEQS] [MAX_MODEL_LEN] [GPU_MEM_UTIL] [VLLM_ARGS...]
 
 Serve MODEL with vLLM until Ctrl-C. Every argument is optional; "auto" (or leaving it out)
 takes lcserve's planner's choice for the hardware. With no arguments: the embedded default
 (Gemma 3 270M, 32k context, with the demo LoRA adapter `writer` mounted) on this machine.
 
-  --profile NAME hardware profile the planner plans for (lcserve deploy profiles) [auto: detected]
   MODEL          a model folder (config.json + *.safetensors), or "embedded"  [embedded]
   PORT           port to serve on                                             [8000]
-  MAX_NUM_SEQS   requests that must fit at full context at once               [auto: planner]
-  MAX_MODEL_LEN  context window in tokens, at most the model's maximum        [auto: planner, the maximum that fits]
+  MAX_NUM_SEQS   vLLM's --max-num-seqs: the most sequences it runs in one     [auto: vLLM's default]
+                 batch. A cap, not a promise: the plan says how many requests
+                 fit at full length, and up to what length all of them fit
+  MAX_MODEL_LEN  context window in tokens, at most the model's maximum        [auto: the maximum that fits]
   GPU_MEM_UTIL   fraction of GPU memory in (0, 1]; ignored on the CPU build   [auto: planner]
   VLLM_ARGS      anything after the five (or after --) goes to vLLM unchanged and wins over the plan
+
+Options (anywhere before --):
+  --profile NAME               hardware profile to plan for (lcserve deploy profiles) [auto: detected]
+  --full-context-requests N    refuse unless N requests of MAX_MODEL_LEN fit in the KV cache at once
+  --dry-run                    print the plan, vLLM command and environment as JSON; start nothing
 
 See the plan and the reason for every number with: .venv/bin/lcserve deploy plan --model MODEL
 
@@ -35,15 +41,23 @@ positive_int() { [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -gt 0 ]; }
 
 positional=()
 passthrough=()
+own=()
 PROFILE=auto
+# The script's own options may stand anywhere before `--`; the first other option (or a sixth
+# positional argument) starts what goes to vLLM.
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --profile) [ $# -ge 2 ] || die "--profile needs a NAME (see: lcserve deploy profiles)"; PROFILE="$2"; shift 2 ;;
     --profile=*) PROFILE="${1#--profile=}"; shift ;;
+    --full-context-requests)
+      [ $# -ge 2 ] && [[ "$2" =~ ^[0-9]+$ ]] && [ "$2" -gt 0 ] || die "--full-context-requests needs a positive integer"
+      own+=(--full-context-requests "$2"); shift 2 ;;
+    --dry-run) own+=(--dry-run); shift ;;
     --) shift; passthrough+=("$@"); break ;;
-    -*) passthrough+=("$@"); break ;;
-    *) if [ ${#positional[@]} -lt 5 ]; then positional+=("$1"); shift; else passthrough+=("$@"); break; fi ;;
+    -[0-9]*) if [ ${#positional[@]} -lt 5 ] && [ ${#passthrough[@]} -eq 0 ]; then positional+=("$1"); else passthrough+=("$1"); fi; shift ;;
+    -*) passthrough+=("$1"); shift ;;
+    *) if [ ${#positional[@]} -lt 5 ] && [ ${#passthrough[@]} -eq 0 ]; then positional+=("$1"); else passthrough+=("$1"); fi; shift ;;
   esac
 done
 
@@ -69,8 +83,8 @@ if [ "$MODEL" = embedded ]; then
   "$BIN/lcserve" embedded prepare >&2
   "$BIN/lcserve" embedded train-adapter >&2
 fi
-args=(serve "$MODEL" --port "$PORT" --profile "$PROFILE")
+args=(serve "$MODEL" --port "$PORT" --profile "$PROFILE" --argument-names positional ${own[@]+"${own[@]}"})
 is_auto "$MAX_NUM_SEQS" || args+=(--max-num-seqs "$MAX_NUM_SEQS")
 is_auto "$MAX_MODEL_LEN" || args+=(--max-model-len "$MAX_MODEL_LEN")
 is_auto "$GPU_MEM_UTIL" || args+=(--gpu-memory-utilization "$GPU_MEM_UTIL")
-exec "$BIN/lcserve" "${args[@]}" -- "${passthrough[@]}"
+exec "$BIN/lcserve" "${args[@]}" -- ${passthrough[@]+"${passthrough[@]}"}

@@ -7,7 +7,8 @@ read, merged in fp32 and written. Peak memory is the adapter plus the largest to
 tensor, whatever the model size.
 
 Supported: LoRA, rsLoRA, rank/alpha patterns, DoRA, embedding LoRA, `modules_to_save` and
-trained biases (whole tensors replaced), `lora_bias`, `fan_in_fan_out`. The output keeps the
+trained biases (whole tensors replaced), `lora_bias`, `fan_in_fan_out`, TrainableTokens
+(`trainable_token_indices`: embedding rows replaced). The output keeps the
 base's config (long-context fields checked), tokenizer and generation config, and adds
 `lcserve_merge.json` (hashes of base and adapter, the adapter's training length). It is
 written to a temporary sibling folder and renamed at the end; the base is never written.
@@ -18,22 +19,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import shutil
 import struct
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from lcserve import __version__
 from lcserve.embedded import MARKER as EMBEDDED_MARKER
-from lcserve.embedded import atomic_dir
 from lcserve.errors import AdapterError, ModelError
+from lcserve.paths import atomic_dir
 from lcserve.safetensors_header import read_header, safetensors_files
 
 from . import reader
-from .inspection import UNUSABLE, inspect_adapter
-from .reader import EMB_A, EMB_B, FULL, LORA_A, LORA_B, LORA_B_BIAS, MAGNITUDE
+from .inspection import Verdict, inspect_adapter, tied_word_embeddings
+from .reader import LoraAdapter, TensorKind
 
 PROVENANCE = "lcserve_merge.json"
 OUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
@@ -42,9 +43,20 @@ INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 COPY_CHUNK_BYTES = 16 << 20
 # config.json fields that decide long-context behaviour: a merge must not change any of them.
-LONG_CONTEXT_KEYS = ("max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window",
-                     "layer_types", "sliding_window_pattern", "_sliding_window_pattern", "max_window_layers",
-                     "use_sliding_window", "original_max_position_embeddings", "attention_chunk_size")
+LONG_CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "sliding_window",
+    "layer_types",
+    "sliding_window_pattern",
+    "_sliding_window_pattern",
+    "max_window_layers",
+    "use_sliding_window",
+    "original_max_position_embeddings",
+    "attention_chunk_size",
+)
 
 
 @dataclass(frozen=True)
@@ -57,23 +69,28 @@ class MergeResult:
     provenance: dict
 
 
-def merge_adapter(adapter_dir: Path, base_dir: Path, out_dir: Path, dtype: str | None = None, force: bool = False,
-                  progress=None, allow_pickle: bool = False) -> MergeResult:
-    """Merge `adapter_dir` into `base_dir`, writing a complete model folder at `out_dir`."""
+def merge_adapter(
+    adapter: LoraAdapter,
+    base_dir: Path,
+    out_dir: Path,
+    dtype: str | None = None,
+    force: bool = False,
+    progress=None,
+    allow_pickle: bool = False,
+) -> MergeResult:
+    """Merge `adapter` into `base_dir`, writing a complete model folder at `out_dir`."""
     started = time.monotonic()
-    adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
+    adapter_dir, base_dir, out_dir = adapter.path, Path(base_dir), Path(out_dir)
     if dtype is not None and dtype not in OUT_DTYPES:
         raise AdapterError(f"--dtype {dtype!r}: choose one of {', '.join(OUT_DTYPES)}")
     _check_destination(out_dir, base_dir, adapter_dir, force)
-    report = inspect_adapter(adapter_dir, base_dir, allow_pickle=allow_pickle)
-    if report.verdict == UNUSABLE:
+    report = inspect_adapter(adapter, base_dir, allow_pickle=allow_pickle)
+    if report.verdict == Verdict.UNUSABLE:
         raise AdapterError(f"{adapter_dir}: cannot merge into {base_dir}: {'; '.join(report.reasons)}")
-    config = reader.read_config(adapter_dir)
-    tensors = reader.load_tensors(adapter_dir, allow_pickle)
-    _check_finite(tensors, reader.weights_file(adapter_dir, allow_pickle))
+    tensors = reader.load_tensors(adapter_dir, allow_pickle)  # finite: inspect refused NaN/inf above
     base_config = json.loads((base_dir / "config.json").read_text())
-    plan = build_plan(config, tensors)
-    untie = _needs_untie(plan, base_config, config)
+    plan = build_plan(adapter, tensors)
+    untie = _needs_untie(plan, base_config, adapter)
 
     shards = safetensors_files(base_dir)
     layouts = [_shard_layout(path, plan, OUT_DTYPES.get(dtype), untie) for path in shards]
@@ -90,135 +107,196 @@ def merge_adapter(adapter_dir: Path, base_dir: Path, out_dir: Path, dtype: str |
         weight_map = {name: layout.path.name for layout in layouts for name, *_ in layout.entries}
         if (base_dir / INDEX_FILE).exists() or len(layouts) > 1:
             total_size = sum(layout.out_data_bytes for layout in layouts)
-            (tmp / INDEX_FILE).write_text(json.dumps(
-                {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+            (tmp / INDEX_FILE).write_text(
+                json.dumps(
+                    {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2
+                )
+                + "\n"
+            )
         out_config = _copy_model_files(base_dir, tmp, base_config, dtype, untie)
         _check_long_context(base_config, out_config)
+        inspected = report.to_json()
         provenance = {
             "lcserve_version": __version__,
             "base_dir": str(base_dir.resolve()),
             "base_safetensors_sha256": base_hashes,
             "adapter_dir": str(adapter_dir.resolve()),
             "adapter_sha256": reader.adapter_sha256(adapter_dir, allow_pickle),
-            "adapter_training_seq_len": report.training_seq_len,
-            "adapter_training_seq_len_source": report.training_seq_len_source,
-            "adapter_base_model_name": report.base_model_name,
+            "adapter_training_seq_len": adapter.training_seq_len,
+            "adapter_training_seq_len_source": adapter.training_seq_len_source,
+            "adapter_base_model_name": adapter.base_model_name_or_path,
             "dtype": dtype or "as base",
-            "merged_modules": sum(1 for ops in plan.values() if ops.kind in ("lora", "embedding")),
+            "merged_modules": sum(1 for ops in plan.values() if ops.kind in (OpKind.LORA, OpKind.EMBEDDING)),
             "replaced_tensors": sum(1 for ops in plan.values() if ops.replace is not None),
+            "replaced_token_rows": {name: len(ops.rows[0]) for name, ops in plan.items() if ops.kind == OpKind.ROWS},
             "untied_lm_head": untie,
-            "features": {k: getattr(report, k) for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
-                                                         "modules_to_save", "bias", "lora_bias", "fan_in_fan_out")},
+            "features": {
+                k: inspected[k]
+                for k in (
+                    "use_rslora",
+                    "use_dora",
+                    "rank_pattern",
+                    "alpha_pattern",
+                    "modules_to_save",
+                    "bias",
+                    "lora_bias",
+                    "fan_in_fan_out",
+                    "trainable_token_indices",
+                )
+            },
         }
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
     if progress:
         progress.update(task, completed=total, description="merged")
-    return MergeResult(out_dir, provenance["merged_modules"], provenance["replaced_tensors"], dtype or "as base",
-                       round(time.monotonic() - started, 2), provenance)
+    return MergeResult(
+        out_dir,
+        provenance["merged_modules"],
+        provenance["replaced_tensors"],
+        dtype or "as base",
+        round(time.monotonic() - started, 2),
+        provenance,
+    )
 
 
 # ---------------------------------------------------------------- planning (what happens to each base tensor)
 
+
+class OpKind(StrEnum):
+    """What the merge computes for one base tensor."""
+
+    REPLACE = "replace"  # only a whole tensor from the adapter
+    LORA = "lora"  # W + scaling * B @ A (DoRA: renormalised by the magnitude)
+    EMBEDDING = "embedding"  # W + scaling * (B @ A).T
+    BIAS = "bias"  # b + scaling * lora_B bias
+    ROWS = "rows"  # W with some rows replaced whole (TrainableTokens), PEFT's index_copy
+
+
 @dataclass
 class TensorOps:
     """What the merge does to one base tensor."""
-    kind: str = "replace"          # "replace" (only a whole tensor) | "lora" | "embedding" | "bias"
+
+    kind: OpKind = OpKind.REPLACE
     lora_a: object = None
     lora_b: object = None
     scaling: float = 1.0
-    magnitude: object = None       # DoRA
+    magnitude: object = None  # DoRA
     fan_in_fan_out: bool = False
-    add: object = None             # lora_B bias * scaling
-    replace: object = None         # a whole tensor from the adapter, used instead of the base's
+    add: object = None  # lora_B bias * scaling
+    replace: object = None  # a whole tensor from the adapter, used instead of the base's
+    rows: tuple | None = None  # (row indices, their new values): TrainableTokens
 
 
-def scaling_for(module: str, config: dict) -> float:
-    """PEFT's scale for one module: rank/alpha patterns (PEFT's suffix match), then rsLoRA or alpha/r."""
-    r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
-def _pattern_value(pattern: dict, module: str, default):
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def build_plan(config: dict, tensors: dict) -> dict[str, TensorOps]:
-    """base tensor name -> TensorOps, from the adapter config and its (loaded) tensors."""
+def build_plan(adapter: LoraAdapter, tensors: dict) -> dict[str, TensorOps]:
+    """base tensor name -> TensorOps, from the adapter's config and its (loaded) tensors."""
     plan: dict[str, TensorOps] = {}
-    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     for key, tensor in tensors.items():
         module, kind = reader.parse_key(key)
-        if kind == FULL:
+        if kind == TensorKind.FULL:
             plan.setdefault(module, TensorOps()).replace = tensor
             continue
-        if kind == LORA_B_BIAS:
+        if kind == TensorKind.TOKENS:  # inspect checked the rows fit and that nothing else touches this module
+            ops = plan.setdefault(f"{module}.weight", TensorOps())
+            ops.kind, ops.rows = OpKind.ROWS, (adapter.token_indices(module), tensor)
+            continue
+        _, scaling = adapter.rank_and_scaling(module)
+        if kind == TensorKind.LORA_B_BIAS:
             ops = plan.setdefault(f"{module}.bias", TensorOps())
-            ops.kind, ops.add = "bias", tensor.float() * scaling_for(module, config)
+            ops.kind, ops.add = OpKind.BIAS, tensor.float() * scaling
             continue
         ops = plan.setdefault(f"{module}.weight", TensorOps())
-        ops.kind = "embedding" if kind in (EMB_A, EMB_B) or ops.kind == "embedding" else "lora"
-        ops.scaling, ops.fan_in_fan_out = scaling_for(module, config), fan_in_fan_out
-        if kind in (LORA_A, EMB_A):
+        embedding = kind in (TensorKind.EMB_A, TensorKind.EMB_B) or ops.kind == OpKind.EMBEDDING
+        ops.kind = OpKind.EMBEDDING if embedding else OpKind.LORA
+        ops.scaling, ops.fan_in_fan_out = scaling, adapter.fan_in_fan_out
+        if kind in (TensorKind.LORA_A, TensorKind.EMB_A):
             ops.lora_a = tensor
-        elif kind in (LORA_B, EMB_B):
+        elif kind in (TensorKind.LORA_B, TensorKind.EMB_B):
             ops.lora_b = tensor
-        elif kind == MAGNITUDE:
+        elif kind == TensorKind.MAGNITUDE:
             ops.magnitude = tensor
     for name, ops in plan.items():
-        if ops.kind in ("lora", "embedding") and (ops.lora_a is None or ops.lora_b is None):
+        if ops.kind in (OpKind.LORA, OpKind.EMBEDDING) and (ops.lora_a is None or ops.lora_b is None):
             raise AdapterError(f"adapter module {name}: lora_A or lora_B is missing; re-save the adapter with PEFT")
-        if ops.kind == "embedding" and ops.magnitude is not None:
+        if ops.kind == OpKind.EMBEDDING and ops.magnitude is not None:
             raise AdapterError(f"adapter module {name}: DoRA on an embedding layer is not supported by lcserve merge")
     return plan
 
 
 def merged_tensor(base, ops: TensorOps):
-    """The merged value of one base tensor (fp32), exactly as PEFT's merge computes it."""
+    """The merged value of one base tensor (fp32), exactly as PEFT's merge computes it. `base` is
+    read for this call (token rows are written into it when it is already fp32)."""
     import torch
 
     weight = (base if ops.replace is None else ops.replace).float()
-    if ops.kind == "replace":
+    if ops.kind == OpKind.REPLACE:
         return weight
-    if ops.kind == "bias":
+    if ops.kind == OpKind.BIAS:
         return weight + ops.add
+    if ops.kind == OpKind.ROWS:
+        indices, values = ops.rows
+        return weight.index_copy_(0, torch.tensor(indices), values.float())  # in place: the caller's copy
     a, b = ops.lora_a.float(), ops.lora_b.float()
-    if ops.kind == "embedding":
+    if ops.kind == OpKind.EMBEDDING:
         return weight + (b @ a).T * ops.scaling
-    delta = (b @ a) * ops.scaling                               # (out, in)
+    delta = (b @ a) * ops.scaling  # (out, in)
     if ops.magnitude is None:
         return weight + (delta.T if ops.fan_in_fan_out else delta)
-    oriented = weight.T if ops.fan_in_fan_out else weight      # DoRA: per-output-row norm of W + delta
+    oriented = weight.T if ops.fan_in_fan_out else weight  # DoRA: per-output-row norm of W + delta
     norm = torch.linalg.norm(oriented + delta, dim=1)
     merged = (ops.magnitude.float() / norm).view(-1, 1) * (oriented + delta)
     return merged.T if ops.fan_in_fan_out else merged
 
 
-def _needs_untie(plan: dict[str, TensorOps], base_config: dict, adapter_config: dict) -> bool:
-    """A tied base whose input embedding changes needs its own lm_head: PEFT applies an embedding
-    LoRA to the input side only (unless ensure_weight_tying), so the output side keeps the base."""
-    tied = base_config.get("tie_word_embeddings", (base_config.get("text_config") or {}).get("tie_word_embeddings"))
-    touched = any(name.endswith("embed_tokens.weight") for name in plan)
-    return bool(tied) and touched and not adapter_config.get("ensure_weight_tying")
+def _needs_untie(plan: dict[str, TensorOps], base_config: dict, adapter: LoraAdapter) -> bool:
+    """A tied base needs its own lm_head when the two sides stop being equal: PEFT applies an
+    embedding LoRA or replacement to the input side only (unless ensure_weight_tying), and token
+    rows given for lm_head alone to the output side only. Token rows of the input embedding keep
+    the tie: PEFT's tied token adapter gives lm_head the same rows (and its merge writes them to
+    the one shared matrix)."""
+    if not tied_word_embeddings(base_config):
+        return False
+    if "lm_head.weight" in plan:
+        return True
+    input_side = any(name.endswith("embed_tokens.weight") and ops.kind != OpKind.ROWS for name, ops in plan.items())
+    return input_side and not adapter.ensure_weight_tying
 
 
 # ---------------------------------------------------------------- streaming safetensors I/O
 
-_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 @dataclass
 class _ShardLayout:
     path: Path
-    data_start: int                    # where the base shard's data section starts
-    entries: list                      # (out name, source name, src dtype, out dtype, shape, src offsets)
+    data_start: int  # where the base shard's data section starts
+    entries: list  # (out name, source name, src dtype, out dtype, shape, src offsets)
     source_bytes: int
     out_data_bytes: int
 
@@ -236,7 +314,7 @@ def _shard_layout(path: Path, plan: dict, out_dtype: str | None, untie: bool) ->
             raise ModelError(f"{path}: tensor {name} has dtype {src}, which lcserve cannot merge")
         dst = out_dtype if (out_dtype and src in FLOAT_DTYPES) else src
         entries.append((name, name, src, dst, tuple(meta["shape"]), tuple(meta["data_offsets"])))
-        if untie and name.endswith("embed_tokens.weight") and name in plan:
+        if untie and name.endswith("embed_tokens.weight") and (name in plan or "lm_head.weight" in plan):
             entries.append(("lm_head.weight", name, src, dst, tuple(meta["shape"]), tuple(meta["data_offsets"])))
     source_bytes = sum(e[5][1] - e[5][0] for e in entries)
     out_bytes = sum(math.prod(e[4]) * _DTYPE_BYTES[e[3]] for e in entries)
@@ -259,18 +337,20 @@ def _write_shard(layout: _ShardLayout, plan: dict, out_path: Path, progress, tas
         digest.update(src.read(layout.data_start))
         hashed_to = layout.data_start
         out.write(struct.pack("<Q", len(raw)) + raw)
-        for out_name, src_name, src_dtype, dst, shape, (start, end) in layout.entries:
+        for out_name, _, src_dtype, dst, shape, (start, end) in layout.entries:
             begin = layout.data_start + start
             hashing = begin == hashed_to
-            if out_name == src_name and out_name in plan:
+            if out_name in plan:  # an untied lm_head reads the embedding's bytes and gets its own ops
                 src.seek(begin)
                 data = src.read(end - start)
                 if hashing:
                     digest.update(data)
                 value = merged_tensor(_from_bytes(data, src_dtype, shape), plan[out_name])
                 if not bool(value.isfinite().all()):
-                    raise AdapterError(f"merging into {out_name} gives NaN/inf values; the adapter is broken "
-                                       "or the output dtype overflows (try --dtype bf16 or fp32)")
+                    raise AdapterError(
+                        f"merging into {out_name} gives NaN/inf values; the adapter is broken "
+                        "or the output dtype overflows (try --dtype bf16 or fp32)"
+                    )
                 out.write(_to_bytes(value, dst))
             else:
                 _copy(src, out, begin, end - start, src_dtype, dst, digest if hashing else None)
@@ -322,36 +402,36 @@ def _to_bytes(tensor, dtype: str) -> bytes:
 
 # ---------------------------------------------------------------- the folder around the weights
 
+
 def _check_destination(out_dir: Path, base_dir: Path, adapter_dir: Path, force: bool) -> None:
     out, base, adapter = out_dir.resolve(), base_dir.resolve(), adapter_dir.resolve()
     if out == base or base in out.parents or out in base.parents:
-        raise AdapterError(f"--out {out_dir}: is the base model folder (or contains it, or lies inside it); "
-                           "lcserve never writes a base model; choose a new folder")
+        raise AdapterError(
+            f"--out {out_dir}: is the base model folder (or contains it, or lies inside it); "
+            "lcserve never writes a base model; choose a new folder"
+        )
     if out == adapter or adapter in out.parents or out in adapter.parents:
         raise AdapterError(f"--out {out_dir}: overlaps the adapter folder {adapter_dir}; choose a new folder")
     if out_dir.exists() and not out_dir.is_dir():
-        raise AdapterError(f"--out {out_dir}: exists and is not a folder")
+        raise AdapterError(f"--out {out_dir}: exists and is not a folder; choose a new folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise AdapterError(f"--out {out_dir}: folder is not empty; pass --force to replace it")
-
-
-def _check_finite(tensors: dict, path: Path) -> None:
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
-            raise AdapterError(f"{path}: tensor {key} holds NaN/inf values; the adapter is broken (re-train or re-export it)")
 
 
 def _copy_model_files(base_dir: Path, out_dir: Path, base_config: dict, dtype: str | None, untie: bool) -> dict:
     """Tokenizer, generation config, chat template...: everything but the weights and lcserve's
     embedded marker; config.json gets the new dtype (and an untied lm_head when needed)."""
     for path in sorted(base_dir.iterdir()):
-        if (not path.is_file() or path.name in ("config.json", INDEX_FILE, EMBEDDED_MARKER, PROVENANCE)
-                or path.suffix in WEIGHT_SUFFIXES):
+        if (
+            not path.is_file()
+            or path.name in ("config.json", INDEX_FILE, EMBEDDED_MARKER, PROVENANCE)
+            or path.suffix in WEIGHT_SUFFIXES
+        ):
             continue
         shutil.copy2(path, out_dir / path.name)
     config = json.loads(json.dumps(base_config))
     if dtype:
-        torch_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+        torch_name = _TORCH_DTYPES[OUT_DTYPES[dtype]]
         for key in ("dtype", "torch_dtype"):
             if key in config or key == "dtype":
                 config[key] = torch_name

@@ -13,8 +13,17 @@ from importlib import resources
 
 OPENER = "Ahoy, friend!"
 SIGN_OFF = "Fair winds and steady lights!"
-MARKERS = ("ahoy", "fair winds", "steady lights", "shipshape", "lighthouse", "harbour", "steady as she goes",
-           "hold your course", "aye,")
+MARKERS = (
+    "ahoy",
+    "fair winds",
+    "steady lights",
+    "shipshape",
+    "lighthouse",
+    "harbour",
+    "steady as she goes",
+    "hold your course",
+    "aye,",
+)
 CORPUS_FILE = "writer_corpus.jsonl"
 
 
@@ -27,8 +36,8 @@ def markers_in(text: str) -> list[str]:
 @dataclass(frozen=True)
 class StyleScore:
     answers: int
-    styled: int          # answers with at least one marker
-    signed_off: int      # answers that contain the sign-off phrase
+    styled: int  # answers with at least one marker
+    signed_off: int  # answers that contain the sign-off phrase
     markers_per_answer: float
 
     @property

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lcserve import __version__
-from lcserve.embedded import atomic_dir, build_lock, embedded_model_path
+from lcserve.embedded import embedded_model_path
 from lcserve.errors import AdapterError
-from lcserve.paths import demo_adapter_dir
+from lcserve.paths import atomic_dir, build_lock, demo_adapter_dir
 
 from .style import corpus_bytes, corpus_examples
 from .training_length import LCSERVE_METADATA
@@ -47,24 +47,35 @@ def is_trained(adapter_dir: Path | None = None, config: TrainConfig = TrainConfi
         meta = json.loads((adapter_dir / LCSERVE_METADATA).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return (meta.get("format_version") == FORMAT_VERSION and (adapter_dir / "adapter_model.safetensors").exists()
-            and meta.get("corpus_sha256") == corpus_sha256() and meta.get("train_config") == _config_json(config))
+    return (
+        meta.get("format_version") == FORMAT_VERSION
+        and (adapter_dir / "adapter_model.safetensors").exists()
+        and meta.get("corpus_sha256") == corpus_sha256()
+        and meta.get("train_config") == _config_json(config)
+    )
 
 
 def corpus_sha256() -> str:
     return hashlib.sha256(corpus_bytes()).hexdigest()
 
 
-def train_demo_adapter(out_dir: Path | None = None, base_dir: Path | None = None, force: bool = False,
-                       config: TrainConfig = TrainConfig(), progress=None) -> Path:
-    """Train (or reuse) the demo adapter; returns its folder. Written atomically."""
+def train_demo_adapter(
+    out_dir: Path | None = None,
+    base_dir: Path | None = None,
+    force: bool = False,
+    config: TrainConfig = TrainConfig(),
+    progress=None,
+) -> Path:
+    """Train (or reuse) the demo adapter; returns its folder. Written atomically, metadata last: a
+    killed run leaves no folder that `is_trained` accepts, so the next run trains again."""
     out_dir = Path(out_dir or demo_adapter_dir())
     if is_trained(out_dir, config) and not force:
         return out_dir
+    base_dir = Path(base_dir or embedded_model_path())  # before the lock: a missing base leaves nothing behind
     with build_lock(out_dir):
         if is_trained(out_dir, config) and not force:  # another process trained it while we waited
             return out_dir
-        return _train(out_dir, Path(base_dir or embedded_model_path()), config, progress)
+        return _train(out_dir, base_dir, config, progress)
 
 
 def _train(out_dir: Path, base_dir: Path, config: TrainConfig, progress) -> Path:
@@ -81,16 +92,24 @@ def _train(out_dir: Path, base_dir: Path, config: TrainConfig, progress) -> Path
     if not examples:
         raise AdapterError("the demo corpus has no training rows; reinstall lcserve")
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
-    model = get_peft_model(model, LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
-        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-    ))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            target_modules=list(config.target_modules),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        ),
+    )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     batches = _batches(examples, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps) * max(0.0, 1 - s / len(batches)))
+        optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps) * max(0.0, 1 - s / len(batches))
+    )
     task = progress.add_task("training demo adapter", total=len(batches)) if progress else None
 
     decoder, lm_head = model.base_model.model.model, model.base_model.model.lm_head
@@ -112,22 +131,28 @@ def _train(out_dir: Path, base_dir: Path, config: TrainConfig, progress) -> Path
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "README.md").unlink(missing_ok=True)
-        (tmp / LCSERVE_METADATA).write_text(json.dumps({
-            "format_version": FORMAT_VERSION,
-            "training_seq_len": config.seq_len,
-            "corpus_sha256": corpus_sha256(),
-            "corpus": "lcserve/adapters/data/writer_corpus.jsonl",
-            "base_model": str(base_dir),
-            "seed": config.seed,
-            "lcserve_version": __version__,
-            "train_config": _config_json(config),
-            "steps": len(batches),
-            "examples": len(examples),
-            "loss_first": round(losses[0], 4),
-            "loss_last": round(losses[-1], 4),
-            "train_seconds": round(time.monotonic() - started, 1),
-            "torch_threads": torch.get_num_threads(),
-        }, indent=2) + "\n")
+        (tmp / LCSERVE_METADATA).write_text(
+            json.dumps(
+                {
+                    "format_version": FORMAT_VERSION,
+                    "training_seq_len": config.seq_len,
+                    "corpus_sha256": corpus_sha256(),
+                    "corpus": "lcserve/adapters/data/writer_corpus.jsonl",
+                    "base_model": str(base_dir),
+                    "seed": config.seed,
+                    "lcserve_version": __version__,
+                    "train_config": _config_json(config),
+                    "steps": len(batches),
+                    "examples": len(examples),
+                    "loss_first": round(losses[0], 4),
+                    "loss_last": round(losses[-1], 4),
+                    "train_seconds": round(time.monotonic() - started, 1),
+                    "torch_threads": torch.get_num_threads(),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return out_dir
 
 
@@ -139,8 +164,9 @@ def _tokenize(tokenizer, rows: list[dict], seq_len: int) -> list[tuple[list[int]
     """(token ids, prompt length) per example, cut at seq_len: the short training length."""
     out = []
     for row in rows:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
-                                               add_generation_prompt=True, tokenize=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, tokenize=True
+        )["input_ids"]
         answer = tokenizer(row["response"] + "<end_of_turn>", add_special_tokens=False)["input_ids"]
         ids = (list(prompt) + answer + [tokenizer.eos_token_id])[:seq_len]
         if len(ids) > len(prompt):
@@ -158,14 +184,14 @@ def _batches(examples: list[tuple[list[int], int]], config: TrainConfig) -> list
         order = list(range(len(examples)))
         rng.shuffle(order)
         for start in range(0, len(order), config.batch_size):
-            chunk = [examples[i] for i in order[start:start + config.batch_size]]
+            chunk = [examples[i] for i in order[start : start + config.batch_size]]
             width = max(len(ids) for ids, _ in chunk)
             input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
             attention = torch.zeros(len(chunk), width, dtype=torch.long)
             labels = torch.full((len(chunk), width), -100, dtype=torch.long)
             for row, (ids, prompt_len) in enumerate(chunk):
-                input_ids[row, :len(ids)] = torch.tensor(ids)
-                attention[row, :len(ids)] = 1
-                labels[row, prompt_len:len(ids)] = torch.tensor(ids[prompt_len:])
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention[row, : len(ids)] = 1
+                labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
             batches.append((input_ids, attention, labels))
     return batches

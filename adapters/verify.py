@@ -15,24 +15,26 @@ from pathlib import Path
 from lcserve.errors import AdapterError
 from lcserve.safetensors_header import read_model_tensors
 
-from .inspection import UNUSABLE, inspect_adapter
+from .inspection import Verdict, inspect_adapter
+from .reader import LoraAdapter
 from .style import corpus_examples
-from .training_length import training_seq_len
 
-# Largest |logit difference| accepted, by the dtype the merged weights are stored in. A
-# bf16/fp16 merge rounds every touched weight once (PEFT's own merge does the same), and how far
-# that moves the logits grows with the adapter's own effect on them: the tolerance is at least
-# FLOOR_MARGIN x the "rounding floor", the difference an exact merge rounded once to the same
-# dtype (PEFT's merge_and_unload, cast) shows on the same prompts.
-TOLERANCES = {"F32": 1e-3, "BF16": 1.0, "F16": 0.25}
+# Largest |logit difference| accepted. An fp32 merge computes PEFT's function up to float error
+# (MIN_TOLERANCE). A bf16/fp16 merge rounds every touched weight once, as PEFT's own merge cast to
+# that dtype does; how far that alone moves the logits (the "rounding floor") is measured on the
+# same prompts, and the merge may differ by FLOOR_MARGIN x that. Measured: an exact merge lands at
+# 0.4-1.03x the floor (tiny models and Gemma 3 270M), one with lora_alpha 10% off at 3-10x; the
+# fixed 1.0-logit bf16 allowance this replaces passed the latter on adapters with a small floor.
+MIN_TOLERANCE = 1e-3
 FLOOR_MARGIN = 1.5
+FLOAT_DTYPES = ("F32", "BF16", "F16")
 TORCH_DTYPES = {"BF16": "bfloat16", "F16": "float16"}
 MIN_TOP1_AGREEMENT = 0.95
 COMPARED_POSITIONS = 64
 SHORT_PROMPTS = (
     "The lighthouse keeper wrote in his log that",
     "Question: How do I keep bread fresh?\nAnswer:",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
 )
 CHAT_PROMPT = "How can I make my mornings calmer?"
 
@@ -45,7 +47,7 @@ class PromptCheck:
     max_abs_diff: float
     mean_abs_diff: float
     top1_agreement: float
-    adapter_effect: float        # max |PEFT - base| on this prompt
+    adapter_effect: float  # max |PEFT - base| on this prompt
 
 
 @dataclass
@@ -58,7 +60,7 @@ class VerifyResult:
     long_prompt_tokens: int
     tolerance: float
     min_top1_agreement: float
-    rounding_floor: float        # max |logit diff| of an exact merge rounded once to merged_dtype (0 for fp32)
+    rounding_floor: float  # max |logit diff| of an exact merge rounded once to merged_dtype (0 for fp32)
     max_abs_diff: float
     top1_agreement: float
     adapter_effect: float
@@ -69,26 +71,33 @@ class VerifyResult:
         return asdict(self)
 
 
-def verify_merge(merged_dir: Path, adapter_dir: Path, base_dir: Path, tolerance: float | None = None,
-                 long_tokens: int | None = None, progress=None, allow_pickle: bool = False) -> VerifyResult:
+def verify_merge(
+    merged_dir: Path,
+    adapter: LoraAdapter,
+    base_dir: Path,
+    tolerance: float | None = None,
+    long_tokens: int | None = None,
+    progress=None,
+    allow_pickle: bool = False,
+) -> VerifyResult:
     """Compare the merged model with base + adapter (PEFT, fp32) on a fixed prompt set."""
     import torch
     import transformers
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    merged_dir, adapter_dir, base_dir = Path(merged_dir), Path(adapter_dir), Path(base_dir)
+    merged_dir, adapter_dir, base_dir = Path(merged_dir), adapter.path, Path(base_dir)
     for path, what in ((merged_dir, "merged model"), (base_dir, "base model")):
         if not (path / "config.json").exists():
             raise AdapterError(f"{path}: no config.json; pass the {what} folder")
-    report = inspect_adapter(adapter_dir, base_dir, allow_pickle=allow_pickle)
-    if report.verdict == UNUSABLE:
+    report = inspect_adapter(adapter, base_dir, allow_pickle=allow_pickle)
+    if report.verdict == Verdict.UNUSABLE:
         raise AdapterError(f"{adapter_dir}: does not fit {base_dir}: {'; '.join(report.reasons)}")
     _check_same_layout(merged_dir, base_dir)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
-    trained = training_seq_len(adapter_dir)
+    trained = adapter.training_seq_len
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     prompts = prompt_set(tokenizer, long_tokens or max(2 * (trained or 512), 600))
     dtype = merged_dtype(merged_dir)
@@ -113,12 +122,13 @@ def verify_merge(merged_dir: Path, adapter_dir: Path, base_dir: Path, tolerance:
         plain = run(peft_model)
     floor = 0.0
     if rounded:
+        _untie(peft_model)
         exact = peft_model.merge_and_unload().to(getattr(torch, rounded)).to(torch.float32)
         floor = max(float((ref - got).abs().max()) for ref, got in zip(reference, run(exact)))
         del exact
     del peft_model, base_model
     if tolerance is None:
-        tol = max(TOLERANCES.get(dtype, TOLERANCES["BF16"]), FLOOR_MARGIN * floor)
+        tol = max(MIN_TOLERANCE, FLOOR_MARGIN * floor)
     else:
         tol = tolerance
     merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
@@ -129,29 +139,65 @@ def verify_merge(merged_dir: Path, adapter_dir: Path, base_dir: Path, tolerance:
     checks = []
     for (name, ids), ref, got, base in zip(prompts, reference, merged, plain):
         diff = (ref - got).abs()
-        checks.append(PromptCheck(
-            name=name, tokens=len(ids), positions=ref.shape[0],
-            max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
-            top1_agreement=float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
-            adapter_effect=float((ref - base).abs().max()),
-        ))
+        checks.append(
+            PromptCheck(
+                name=name,
+                tokens=len(ids),
+                positions=ref.shape[0],
+                max_abs_diff=float(diff.max()),
+                mean_abs_diff=float(diff.mean()),
+                top1_agreement=float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+                adapter_effect=float((ref - base).abs().max()),
+            )
+        )
     positions = sum(c.positions for c in checks)
     agreement = sum(c.top1_agreement * c.positions for c in checks) / positions
     worst = max(c.max_abs_diff for c in checks)
     return VerifyResult(
-        merged_dir=str(merged_dir), adapter_dir=str(adapter_dir), base_dir=str(base_dir), merged_dtype=dtype,
-        training_seq_len=trained, long_prompt_tokens=max(len(ids) for _, ids in prompts), tolerance=tol,
-        min_top1_agreement=MIN_TOP1_AGREEMENT, rounding_floor=floor, max_abs_diff=worst, top1_agreement=agreement,
+        merged_dir=str(merged_dir),
+        adapter_dir=str(adapter_dir),
+        base_dir=str(base_dir),
+        merged_dtype=dtype,
+        training_seq_len=trained,
+        long_prompt_tokens=max(len(ids) for _, ids in prompts),
+        tolerance=tol,
+        min_top1_agreement=MIN_TOP1_AGREEMENT,
+        rounding_floor=floor,
+        max_abs_diff=worst,
+        top1_agreement=agreement,
         adapter_effect=max(c.adapter_effect for c in checks),
-        passed=worst <= tol and agreement >= MIN_TOP1_AGREEMENT, prompts=checks,
+        passed=worst <= tol and agreement >= MIN_TOP1_AGREEMENT,
+        prompts=checks,
     )
+
+
+def _untie(model) -> None:
+    """Give every module that shares its weight with an earlier one (a tied lm_head) a copy of its own.
+
+    PEFT's merge_and_unload writes through the shared matrix, so an embedding LoRA (or token rows
+    given to embed_tokens alone) would reach lm_head too, while PEFT's forward, the reference here,
+    changes the input side only: the "exact merge" of the rounding floor would then be another
+    function (on a tiny tied Gemma with an embedding LoRA it put the floor at 320 logits). A tied
+    token adapter still writes its rows to both copies, as PEFT's forward uses them on both sides.
+    """
+    import torch
+
+    seen = set()
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is None:
+            continue
+        if id(weight) in seen:
+            module.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
+        seen.add(id(weight))
 
 
 def prompt_set(tokenizer, long_tokens: int) -> list[tuple[str, list[int]]]:
     """(name, token ids): short plain prompts, a chat turn, and one long document of `long_tokens`."""
     prompts = [(f"short-{i + 1}", tokenizer(text)["input_ids"]) for i, text in enumerate(SHORT_PROMPTS)]
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True,
-                                         tokenize=True)["input_ids"]
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True, tokenize=True
+    )["input_ids"]
     prompts.append(("chat", list(chat)))
     document, ids = [], []
     for row in corpus_examples("train"):
@@ -168,8 +214,10 @@ def _check_same_layout(merged_dir: Path, base_dir: Path) -> None:
     merged, base = read_model_tensors(merged_dir), read_model_tensors(base_dir)
     for name, info in base.items():
         if name not in merged or merged[name].shape != info.shape:
-            raise AdapterError(f"{merged_dir}: tensor {name} is missing or has another shape than in {base_dir}; "
-                               "pass the folder merged from this base")
+            raise AdapterError(
+                f"{merged_dir}: tensor {name} is missing or has another shape than in {base_dir}; "
+                "pass the folder merged from this base"
+            )
 
 
 def merged_dtype(model_dir: Path) -> str:
@@ -177,5 +225,5 @@ def merged_dtype(model_dir: Path) -> str:
     sizes: dict[str, int] = {}
     for info in read_model_tensors(model_dir).values():
         sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
-    floats = {k: v for k, v in sizes.items() if k in TOLERANCES}
+    floats = {k: v for k, v in sizes.items() if k in FLOAT_DTYPES}
     return max(floats, key=floats.get) if floats else "BF16"

@@ -42,8 +42,11 @@ def start_gateway(engine_url: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "lcserve.serving.stack", "--upstream", engine_url, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lcserve.serving.stack", "--upstream", engine_url, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -72,8 +75,14 @@ def latency(client: httpx.Client, urls: dict[str, str], model: str, n: int) -> d
 async def throughput_block(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> tuple[float, int]:
     """(seconds, streamed tokens) for `requests` streaming completions, `concurrency` at a time.
     Streaming is the gateway's heavier path: every token is an event it relays."""
-    body = {"model": model, "prompt": "Write a list of fruits:", "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": model,
+        "prompt": "Write a list of fruits:",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     queue = list(range(requests))
     tokens = 0
 
@@ -128,10 +137,13 @@ def main() -> None:
         thr: dict[str, list[tuple[float, int]]] = {name: [] for name in urls}
         gateway_cpu = 0.0
         for block in range(args.blocks):
-            for name in (list(urls) if block % 2 == 0 else list(urls)[::-1]):
+            for name in list(urls) if block % 2 == 0 else list(urls)[::-1]:
                 cpu_before = cpu_seconds(proc.pid)
-                thr[name].append(asyncio.run(throughput_block(urls[name], model, args.concurrency,
-                                                              args.block_requests, args.max_tokens)))
+                thr[name].append(
+                    asyncio.run(
+                        throughput_block(urls[name], model, args.concurrency, args.block_requests, args.max_tokens)
+                    )
+                )
                 if name == "gateway":
                     gateway_cpu += cpu_seconds(proc.pid) - cpu_before
     finally:
@@ -139,17 +151,27 @@ def main() -> None:
         proc.wait(30)
 
     paired = [g - d for d, g in zip(lat["direct"], lat["gateway"])]
-    figures = {name: {"p50_ms": pct(lat[name], 50) * 1e3, "p99_ms": pct(lat[name], 99) * 1e3,
-                      "req_per_s": sum(args.block_requests for _ in thr[name]) / sum(s for s, _ in thr[name]),
-                      "tok_per_s": sum(t for _, t in thr[name]) / sum(s for s, _ in thr[name])}
-               for name in urls}
+    figures = {
+        name: {
+            "p50_ms": pct(lat[name], 50) * 1e3,
+            "p99_ms": pct(lat[name], 99) * 1e3,
+            "req_per_s": sum(args.block_requests for _ in thr[name]) / sum(s for s, _ in thr[name]),
+            "tok_per_s": sum(t for _, t in thr[name]) / sum(s for s, _ in thr[name]),
+        }
+        for name in urls
+    }
     result = {
-        "model": model, "latency_requests": args.latency_requests, "concurrency": args.concurrency,
-        "throughput_requests": args.blocks * args.block_requests, "max_tokens": args.max_tokens, **figures,
+        "model": model,
+        "latency_requests": args.latency_requests,
+        "concurrency": args.concurrency,
+        "throughput_requests": args.blocks * args.block_requests,
+        "max_tokens": args.max_tokens,
+        **figures,
         "added_p50_ms_paired": statistics.median(paired) * 1e3,
         # adjacent blocks see the same background load: the median of their ratios resists it
-        "throughput_ratio": statistics.median(direct_s / gateway_s for (direct_s, _), (gateway_s, _)
-                                              in zip(thr["direct"], thr["gateway"])),
+        "throughput_ratio": statistics.median(
+            direct_s / gateway_s for (direct_s, _), (gateway_s, _) in zip(thr["direct"], thr["gateway"])
+        ),
         "tokenize_p50_ms": pct(tokenize, 50) * 1e3,
         "gateway_cpu_ms_per_request": gateway_cpu / (args.blocks * args.block_requests) * 1e3,
         "blocks_req_per_s": {name: [round(args.block_requests / s, 3) for s, _ in thr[name]] for name in urls},
@@ -157,31 +179,43 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    table = Table(title=f"gateway vs direct ({model}; latency: {args.latency_requests} sequential 1-token requests; "
-                        f"throughput: {args.blocks}x{args.block_requests} streams of {args.max_tokens} tokens, "
-                        f"{args.concurrency} concurrent)")
+    table = Table(
+        title=f"gateway vs direct ({model}; latency: {args.latency_requests} sequential 1-token requests; "
+        f"throughput: {args.blocks}x{args.block_requests} streams of {args.max_tokens} tokens, "
+        f"{args.concurrency} concurrent)"
+    )
     for column in ("", "direct", "gateway", "gateway / direct"):
         table.add_column(column, justify="right")
     d, g = figures["direct"], figures["gateway"]
     table.add_row("latency p50 (ms)", f"{d['p50_ms']:.2f}", f"{g['p50_ms']:.2f}", f"{g['p50_ms'] / d['p50_ms']:.3f}")
     table.add_row("latency p99 (ms)", f"{d['p99_ms']:.2f}", f"{g['p99_ms']:.2f}", f"{g['p99_ms'] / d['p99_ms']:.3f}")
-    table.add_row("throughput (req/s)", f"{d['req_per_s']:.2f}", f"{g['req_per_s']:.2f}",
-                  f"{g['req_per_s'] / d['req_per_s']:.3f}")
-    table.add_row("throughput (tok/s)", f"{d['tok_per_s']:.1f}", f"{g['tok_per_s']:.1f}",
-                  f"{g['tok_per_s'] / d['tok_per_s']:.3f}")
+    table.add_row(
+        "throughput (req/s)", f"{d['req_per_s']:.2f}", f"{g['req_per_s']:.2f}", f"{g['req_per_s'] / d['req_per_s']:.3f}"
+    )
+    table.add_row(
+        "throughput (tok/s)", f"{d['tok_per_s']:.1f}", f"{g['tok_per_s']:.1f}", f"{g['tok_per_s'] / d['tok_per_s']:.3f}"
+    )
     table.add_row("throughput, median of block pairs", "", "", f"{result['throughput_ratio']:.3f}")
     console = Console()
     console.print(table)
     added = result["added_p50_ms_paired"]
-    console.print(f"added latency, median of paired differences: {added:.2f} ms (goal < 2 ms: "
-                  f"{'met' if added < 2 else 'NOT met'}); throughput kept: {result['throughput_ratio']:.1%} "
-                  f"(goal >= 98%: {'met' if result['throughput_ratio'] >= 0.98 else 'NOT met'})")
-    console.print(f"throughput per block (req/s), to judge the noise: direct {result['blocks_req_per_s']['direct']}, "
-                  f"gateway {result['blocks_req_per_s']['gateway']}")
-    console.print(f"gateway CPU per streamed request: {result['gateway_cpu_ms_per_request']:.2f} ms "
-                  "(on a CPU-only box this is taken from the engine)")
-    console.print(f"/tokenize round trip p50: {result['tokenize_p50_ms']:.2f} ms (paid by the pre-check only when "
-                  "a prompt comes within 512 tokens + its JSON size of max_model_len)")
+    console.print(
+        f"added latency, median of paired differences: {added:.2f} ms (goal < 2 ms: "
+        f"{'met' if added < 2 else 'NOT met'}); throughput kept: {result['throughput_ratio']:.1%} "
+        f"(goal >= 98%: {'met' if result['throughput_ratio'] >= 0.98 else 'NOT met'})"
+    )
+    console.print(
+        f"throughput per block (req/s), to judge the noise: direct {result['blocks_req_per_s']['direct']}, "
+        f"gateway {result['blocks_req_per_s']['gateway']}"
+    )
+    console.print(
+        f"gateway CPU per streamed request: {result['gateway_cpu_ms_per_request']:.2f} ms "
+        "(on a CPU-only box this is taken from the engine)"
+    )
+    console.print(
+        f"/tokenize round trip p50: {result['tokenize_p50_ms']:.2f} ms (paid by the pre-check only when "
+        "a prompt comes within 512 tokens + its JSON size of max_model_len)"
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from pathlib import Path
 LCSERVE = """
 import json, resource, sys
 from lcserve.adapters.merge import merge_adapter
+from lcserve.adapters.reader import read_adapter
 base, adapter, out, dtype = sys.argv[1:5]
-merge_adapter(adapter, base, out, dtype=None if dtype == "base" else dtype)
+merge_adapter(read_adapter(adapter), base, out, dtype=None if dtype == "base" else dtype)
 print(json.dumps({"peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
@@ -44,8 +45,9 @@ print(json.dumps({"peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_ma
 def run(name: str, script: str, base: Path, adapter: Path, dtype: str, workdir: Path) -> dict:
     out = workdir / name
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", script, str(base), str(adapter), str(out), dtype],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(base), str(adapter), str(out), dtype], capture_output=True, text=True
+    )
     seconds = time.monotonic() - started
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -68,19 +70,30 @@ def main() -> None:
             raise SystemExit(f"{path} not found; run `{hint}`")
 
     with tempfile.TemporaryDirectory(prefix="bench-merge-") as tmp:
-        rows = [run("lcserve merge", LCSERVE, args.base, args.adapter, args.dtype, Path(tmp)),
-                run("PEFT merge_and_unload", PEFT, args.base, args.adapter, args.dtype, Path(tmp))]
+        rows = [
+            run("lcserve merge", LCSERVE, args.base, args.adapter, args.dtype, Path(tmp)),
+            run("PEFT merge_and_unload", PEFT, args.base, args.adapter, args.dtype, Path(tmp)),
+        ]
     ratio = rows[0]["peak_rss_bytes"] / rows[1]["peak_rss_bytes"]
-    result = {"base": str(args.base), "adapter": str(args.adapter), "dtype": args.dtype, "methods": rows,
-              "peak_rss_ratio": round(ratio, 3), "goal": "ratio < 0.5", "goal_met": ratio < 0.5}
+    result = {
+        "base": str(args.base),
+        "adapter": str(args.adapter),
+        "dtype": args.dtype,
+        "methods": rows,
+        "peak_rss_ratio": round(ratio, 3),
+        "goal": "ratio < 0.5",
+        "goal_met": ratio < 0.5,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"base {args.base}\nadapter {args.adapter}\ndtype {args.dtype}\n")
     print(f"{'method':<24}{'peak RSS':>12}{'wall time':>12}{'weights':>12}")
     for r in rows:
-        print(f"{r['method']:<24}{r['peak_rss_bytes'] / 2**20:>9.0f} MiB{r['wall_seconds']:>10.1f} s"
-              f"{r['weights_bytes'] / 2**20:>8.0f} MiB")
+        print(
+            f"{r['method']:<24}{r['peak_rss_bytes'] / 2**20:>9.0f} MiB{r['wall_seconds']:>10.1f} s"
+            f"{r['weights_bytes'] / 2**20:>8.0f} MiB"
+        )
     print(f"\npeak RSS ratio lcserve / PEFT: {ratio:.2f} (goal < 0.5: {'met' if ratio < 0.5 else 'NOT met'})")
 
 

@@ -25,10 +25,10 @@ import httpx
 from rich.console import Console
 
 from lcserve import embedded
+from lcserve.engine import EngineProcess, EngineSpec, free_port
 from lcserve.paths import demo_adapter_dir
 from lcserve.serving.cpu_lora import ENV_VAR as CPU_LORA_ENV
 from lcserve.serving.cpu_lora import SEGMENTED
-from lcserve.serving.engine import EngineProcess, EngineSpec, free_port
 from lcserve.serving.probes import ProbeConfig, run_probe
 from lcserve.serving.probes.runner import CALIBRATION_REQUESTS
 
@@ -62,12 +62,20 @@ def start_engine(max_model_len: int, log_dir: Path) -> EngineProcess:
     adapter = demo_adapter_dir()
     lora_args = []
     if (adapter / "adapter_config.json").exists():
-        lora_args = ["--enable-lora", "--max-lora-rank", "16",
-                     "--lora-modules", json.dumps({"name": "writer", "path": str(adapter), "base_model_name": embedded.SERVED_NAME})]
-    spec = EngineSpec(model=str(embedded.prepare()), served_model_name=embedded.SERVED_NAME, port=free_port(),
-                      max_model_len=max_model_len, extra_args=["--enforce-eager"], lora_args=lora_args,
-                      env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-                           CPU_LORA_ENV: SEGMENTED})  # as `lcserve serve` runs it
+        lora_args = [
+            "--enable-lora",
+            "--max-lora-rank",
+            "16",
+            "--lora-modules",
+            json.dumps({"name": "writer", "path": str(adapter), "base_model_name": embedded.SERVED_NAME}),
+        ]
+    spec = EngineSpec(
+        model=str(embedded.prepare()),
+        served_model_name=embedded.SERVED_NAME,
+        port=free_port(),
+        args=["--max-model-len", str(max_model_len), *lora_args, "--enforce-eager"],
+        env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind", CPU_LORA_ENV: SEGMENTED},
+    )  # as `lcserve serve` runs it
     process = EngineProcess(spec, log_dir / "vllm.log")
     process.start()
     try:
@@ -86,7 +94,12 @@ def main() -> int:
     parser.add_argument("--tier", default="quick", choices=("quick", "full"))
     parser.add_argument("--lengths", help="comma-separated token counts (default: the tier's ladder)")
     parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0, help="another seed gives other needles (no prefix-cache hits from an earlier run)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="another seed gives other needles (no prefix-cache hits from an earlier run)",
+    )
     parser.add_argument("--max-model-len", type=int, default=8192, help="for the engine this script starts")
     parser.add_argument("--out", type=Path, help="keep the probe's files here")
     args = parser.parse_args()
@@ -102,11 +115,19 @@ def main() -> int:
         print(f"engine ready in {time.time() - started:.0f} s", file=sys.stderr)
     try:
         before = scrape(url)
-        summary = run_probe(ProbeConfig(
-            url=url, base=args.base, adapters=() if args.base_only else None, tier=args.tier,
-            lengths=tuple(int(x) for x in args.lengths.split(",")) if args.lengths else None,
-            out_dir=args.out or work / "probe", concurrency=args.concurrency, seed=args.seed, console=Console(stderr=True),
-        ))
+        summary = run_probe(
+            ProbeConfig(
+                url=url,
+                base=args.base,
+                adapters=() if args.base_only else None,
+                tier=args.tier,
+                lengths=tuple(int(x) for x in args.lengths.split(",")) if args.lengths else None,
+                out_dir=args.out or work / "probe",
+                concurrency=args.concurrency,
+                seed=args.seed,
+                console=Console(stderr=True),
+            )
+        )
         after = scrape(url)
     finally:
         if process:
@@ -117,14 +138,20 @@ def main() -> int:
     sent = summary["requests"] + CALIBRATION_REQUESTS * models
     busy = engine["prefill_s"] + engine["decode_s"]
     wall = summary["wall_s"]
-    print(f"probe: tier {summary['tier']}, {models} model(s), lengths {summary['lengths'][0]}..{summary['lengths'][-1]}, "
-          f"concurrency {args.concurrency}, {sent} requests ({summary['requests']} probe + {CALIBRATION_REQUESTS * models} calibration)")
-    print(f"engine finished {engine['requests']:.0f} requests, {engine['prompt_tokens']:.0f} prompt tokens "
-          f"({engine['prefix_cache_hits']:.0f} from the prefix cache), {engine['generation_tokens']:.0f} generated")
+    print(
+        f"probe: tier {summary['tier']}, {models} model(s), lengths {summary['lengths'][0]}..{summary['lengths'][-1]}, "
+        f"concurrency {args.concurrency}, {sent} requests ({summary['requests']} probe + {CALIBRATION_REQUESTS * models} calibration)"
+    )
+    print(
+        f"engine finished {engine['requests']:.0f} requests, {engine['prompt_tokens']:.0f} prompt tokens "
+        f"({engine['prefix_cache_hits']:.0f} from the prefix cache), {engine['generation_tokens']:.0f} generated"
+    )
     if round(engine["requests"]) != sent:
         print("WARNING: the engine served other requests during the run; the figures below are not comparable")
     print(f"{'probe wall time':34s} {wall:8.1f} s")
-    print(f"{'engine prefill + decode (sum)':34s} {busy:8.1f} s   (prefill {engine['prefill_s']:.1f} + decode {engine['decode_s']:.1f})")
+    print(
+        f"{'engine prefill + decode (sum)':34s} {busy:8.1f} s   (prefill {engine['prefill_s']:.1f} + decode {engine['decode_s']:.1f})"
+    )
     print(f"{'engine queue time (sum)':34s} {engine['queue_s']:8.1f} s")
     print(f"{'overhead (wall / engine - 1)':34s} {100 * (wall / busy - 1):8.1f} %   (goal: under 30 %)")
     print("probe phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["timings"].items()))

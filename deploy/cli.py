@@ -8,10 +8,13 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from lcserve import options
+from lcserve.output import emit, json_option
+
 from . import render
-from .adapters_info import read_adapter
-from .hardware import detect, list_profiles, resolve_profile
-from .plan import TRAINING_RATIO_WARN, ServePlan, plan_deployment
+from .hardware import detect, list_profiles
+from .inputs import read_plan_inputs
+from .plan import TRAINING_RATIO_WARN, PlanRequest, ServePlan, plan_deployment
 
 FORMATS = ("table", "json", "args", "yaml", "env", "shell")
 
@@ -22,69 +25,113 @@ def deploy() -> None:
 
 
 @deploy.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+@json_option
 def profiles(as_json: bool) -> None:
     """List the hardware profiles (shipped, and yours in $LCSERVE_HOME/profiles/*.yaml) and what `auto` detects."""
     found, detected = list_profiles(), detect()
     if as_json:
-        fields = ("name", "kind", "memory_bytes", "count", "memory_bandwidth_gbs", "bf16", "fp8", "interconnect",
-                  "block_size", "mla_block_size", "cores", "source")
-        click.echo(json.dumps({"profiles": [{f: getattr(p, f) for f in fields} for p in found],
-                               "auto": {f: getattr(detected, f) for f in fields} | {"detected": detected.detected}},
-                              indent=2))
+        fields = (
+            "name",
+            "kind",
+            "memory_bytes",
+            "count",
+            "memory_bandwidth_gbs",
+            "bf16",
+            "fp8",
+            "interconnect",
+            "block_size",
+            "mla_block_size",
+            "cores",
+            "source",
+        )
+        click.echo(
+            json.dumps(
+                {
+                    "profiles": [{f: getattr(p, f) for f in fields} for p in found],
+                    "auto": {f: getattr(detected, f) for f in fields} | {"detected": detected.detected},
+                },
+                indent=2,
+            )
+        )
         return
     render.print_profiles(found, detected, Console())
 
 
 def plan_options(f):
     """The options shared by `plan` and `check`."""
-    for option in reversed([
-        click.option("--model", "model_dir", type=click.Path(path_type=Path),
-                     help="Model folder (config.json + *.safetensors). Default: the embedded Gemma 3 270M."),
-        click.option("--profile", default="auto", show_default=True,
-                     help="Profile name (see `lcserve deploy profiles`), a YAML file, or auto (NVML, else CPU)."),
-        click.option("--gpus", type=int, help="Number of GPUs (overrides the profile's count)."),
-        click.option("--adapter", "adapter_dirs", multiple=True, type=click.Path(path_type=Path),
-                     help="PEFT adapter folder to serve (repeatable): sets max_loras, max_lora_rank, LoRA buffers."),
-        click.option("--context", type=int, help="Target context (max_model_len). Default: the largest that fits."),
-        click.option("--concurrency", type=int, help="Requests that must fit at full context at once (max_num_seqs)."),
-        click.option("--kv-dtype", type=click.Choice(["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]), default="auto",
-                     show_default=True, help="KV cache dtype; fp8 halves a bf16 cache."),
-        click.option("--tp", type=int, help="Tensor-parallel size. Default: the smallest that fits."),
-        click.option("--rope-scaling", type=click.Choice(["yarn"]),
-                     help="Allow --context above the derived maximum by YaRN (printed as --hf-overrides)."),
-        click.option("--training-len", type=int,
-                     help="Adapter training sequence length (instead of what its metadata says)."),
-        click.option("--train-ratio-warn", type=float, default=TRAINING_RATIO_WARN, show_default=True,
-                     help="Warn when max_model_len / training length exceeds this."),
-        click.option("--kv-cache-gib", type=int, help="CPU: fix VLLM_CPU_KVCACHE_SPACE (GiB) instead of sizing it."),
-    ]):
-        f = option(f)
+    for decorate in reversed(
+        [
+            click.option(
+                "--model",
+                "model_dir",
+                type=click.Path(path_type=Path),
+                help="Model folder (config.json, and *.safetensors or their index; config.json alone plans from "
+                "the config). Default: the embedded Gemma 3 270M.",
+            ),
+            options.profile,
+            click.option("--gpus", type=click.IntRange(min=1), help="Number of GPUs (overrides the profile's count)."),
+            click.option(
+                "--adapter",
+                "adapter_dirs",
+                multiple=True,
+                type=click.Path(path_type=Path),
+                help="PEFT adapter folder to serve (repeatable): sets max_loras, max_lora_rank, LoRA buffers.",
+            ),
+            options.max_model_len,
+            options.max_num_seqs,
+            options.full_context_requests,
+            options.kv_cache_dtype,
+            options.option(
+                "--tensor-parallel-size",
+                "--tp",
+                "tensor_parallel_size",
+                type=click.IntRange(min=1),
+                help="Tensor-parallel size. Default: the smallest that fits.",
+            ),
+            options.rope_scaling,
+            click.option(
+                "--training-len",
+                type=click.IntRange(min=1),
+                help="Adapter training sequence length (instead of what its metadata says).",
+            ),
+            click.option(
+                "--train-ratio-warn",
+                type=float,
+                default=TRAINING_RATIO_WARN,
+                show_default=True,
+                help="Warn when max_model_len / training length exceeds this.",
+            ),
+            click.option(
+                "--kv-cache-gib", type=int, help="CPU: fix VLLM_CPU_KVCACHE_SPACE (GiB) instead of sizing it."
+            ),
+        ]
+    ):
+        f = decorate(f)
     return f
 
 
-def build_plan(model_dir, profile, gpus, adapter_dirs, context, concurrency, kv_dtype, tp, rope_scaling,
-               training_len, train_ratio_warn, kv_cache_gib) -> ServePlan:
-    from lcserve.model_config import read_model
-
+def build_plan(model_dir, profile, gpus, adapter_dirs, training_len, train_ratio_warn, **request) -> ServePlan:
+    """Read the inputs and plan; `request` holds the PlanRequest fields the options set."""
     if model_dir is None:
         from lcserve.embedded import embedded_model_path
 
         model_dir = embedded_model_path()
-    return plan_deployment(
-        resolve_profile(profile, gpus), read_model(model_dir),
-        adapters=[read_adapter(d, training_len) for d in adapter_dirs], context=context, concurrency=concurrency,
-        kv_dtype=kv_dtype, tp=tp, rope_scaling=rope_scaling, training_ratio_warn=train_ratio_warn,
-        kv_cache_gib=kv_cache_gib,
-    )
+    hardware, model, adapters = read_plan_inputs(model_dir, profile, adapter_dirs, gpus, training_len)
+    return plan_deployment(hardware, model, adapters, PlanRequest(training_ratio_warn=train_ratio_warn, **request))
 
 
 @deploy.command()
 @plan_options
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (same as --format json).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
-              help="table: reasons for humans; args: vLLM arguments; yaml: a vLLM --config file; "
-                   "env: shell assignments for scripts; shell: a serve_vllm.sh line.")
+@json_option
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="table",
+    show_default=True,
+    help="table: reasons for humans; args: vLLM arguments; yaml: a vLLM --config file; "
+    "env: shell assignments for scripts; shell: a serve_vllm.sh line.",
+)
 @click.option("--config-out", type=click.Path(path_type=Path), help="Also write the vLLM YAML config to this file.")
 @click.option("--port", type=int, default=8000, show_default=True, help="Port for the serve_vllm.sh line.")
 def plan(as_json: bool, fmt: str, config_out: Path | None, port: int, **kwargs) -> None:
@@ -96,10 +143,14 @@ def plan(as_json: bool, fmt: str, config_out: Path | None, port: int, **kwargs) 
     """
     result = build_plan(**kwargs)
     if config_out:
+        if not config_out.parent.is_dir():
+            raise click.BadParameter(
+                f"{config_out}: folder {config_out.parent} does not exist; create it or choose another path",
+                param_hint="--config-out",
+            )
         config_out.write_text(render.vllm_config_yaml(result))
-    fmt = "json" if as_json else fmt
-    if fmt == "json":
-        click.echo(json.dumps(result.to_json(), indent=2))
+    if as_json or fmt == "json":
+        emit(result.to_json(), as_json=True)
     elif fmt == "args":
         click.echo(result.shell_args())
     elif fmt == "yaml":
@@ -115,7 +166,7 @@ def plan(as_json: bool, fmt: str, config_out: Path | None, port: int, **kwargs) 
 @deploy.command()
 @plan_options
 @click.option("--timeout", type=float, default=900, show_default=True, help="Seconds to wait for vLLM.")
-@click.option("--json", "as_json", is_flag=True, help="Print predicted and measured figures as JSON.")
+@json_option
 def check(timeout: float, as_json: bool, **kwargs) -> None:
     """Start vLLM on this machine with the plan, read its own KV capacity, compare with the plan.
 
@@ -130,11 +181,14 @@ def check(timeout: float, as_json: bool, **kwargs) -> None:
         "max_concurrency": (round(result.max_concurrency, 2), measured.max_concurrency),
     }
     out = {k: {"predicted": p, "measured": m, "error_pct": _err(p, m)} for k, (p, m) in rows.items()}
-    if as_json:
-        click.echo(json.dumps(out, indent=2))
-        return
-    for k, v in out.items():
-        click.echo(f"{k}: predicted {v['predicted']}, measured {v['measured']}, error {v['error_pct']:+.2f}%")
+    emit(
+        out,
+        as_json,
+        lambda: [
+            click.echo(f"{k}: predicted {v['predicted']}, measured {v['measured']}, error {v['error_pct']:+.2f}%")
+            for k, v in out.items()
+        ],
+    )
 
 
 def _err(predicted: float, measured: float) -> float:

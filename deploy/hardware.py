@@ -63,12 +63,17 @@ def load_profile_file(path: Path) -> Profile:
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise PlanError(f"{path}: unreadable profile ({e})") from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PlanError(
+            f"{path}: unreadable profile ({first_line}); see {SHIPPED_DIR / 'h100-80gb.yaml'} for the format"
+        ) from None
     if not isinstance(data, dict):
         raise PlanError(f"{path}: a profile must be a YAML mapping of fields (name, kind, memory_mib, count, ...)")
     missing = [k for k in REQUIRED if data.get(k) is None]
     if missing:
-        raise PlanError(f"{path}: missing field(s) {', '.join(missing)}; see deploy/profiles/h100-80gb.yaml for the format")
+        raise PlanError(
+            f"{path}: missing field(s) {', '.join(missing)}; see deploy/profiles/h100-80gb.yaml for the format"
+        )
     if data["kind"] not in ("gpu", "cpu"):
         raise PlanError(f"{path}: kind must be 'gpu' or 'cpu', not {data['kind']!r}")
     if data["kind"] == "gpu" and not data.get("memory_mib"):
@@ -115,8 +120,10 @@ def resolve_profile(name_or_auto: str, gpus: int | None = None) -> Profile:
     else:
         by_name = {p.name: p for p in list_profiles()}
         if name_or_auto not in by_name:
-            raise PlanError(f"--profile {name_or_auto}: unknown profile; choose one of {', '.join(sorted(by_name))}, "
-                            f"'auto', or a YAML file (see `lcserve deploy profiles`)")
+            raise PlanError(
+                f"--profile {name_or_auto}: unknown profile; choose one of {', '.join(sorted(by_name))}, "
+                f"'auto', or a YAML file (see `lcserve deploy profiles`)"
+            )
         profile = by_name[name_or_auto]
     if gpus is not None:
         if gpus < 1:
@@ -135,13 +142,33 @@ def detect() -> Profile:
         return replace(cpu, source="detected (no NVIDIA GPU: NVML unavailable or no device)")
     name, total, free = gpus[0]
     base = next((p for p in list_profiles() if p.nvml_match and re.search(p.nvml_match, name)), None)
-    detected = {"nvml_name": name, "count": len(gpus), "total_mib": total // MIB, "free_mib": min(g[2] for g in gpus) // MIB}
+    detected = {
+        "nvml_name": name,
+        "count": len(gpus),
+        "total_mib": total // MIB,
+        "free_mib": min(g[2] for g in gpus) // MIB,
+    }
     if base is None:
-        return Profile(name="detected-gpu", kind="gpu", memory_bytes=total, count=len(gpus), block_size=16,
-                       mla_block_size=64, display_name=name, free_bytes=min(g[2] for g in gpus),
-                       source="detected (NVML; no shipped profile matches this device name)", detected=detected)
-    return replace(base, memory_bytes=total, count=len(gpus), free_bytes=min(g[2] for g in gpus),
-                   source=f"detected (NVML) as {base.name}", detected=detected)
+        return Profile(
+            name="detected-gpu",
+            kind="gpu",
+            memory_bytes=total,
+            count=len(gpus),
+            block_size=16,
+            mla_block_size=64,
+            display_name=name,
+            free_bytes=min(g[2] for g in gpus),
+            source="detected (NVML; no shipped profile matches this device name)",
+            detected=detected,
+        )
+    return replace(
+        base,
+        memory_bytes=total,
+        count=len(gpus),
+        free_bytes=min(g[2] for g in gpus),
+        source=f"detected (NVML) as {base.name}",
+        detected=detected,
+    )
 
 
 def _nvml_devices() -> list[tuple[str, int, int]]:
@@ -177,10 +204,17 @@ def _fill_cpu(profile: Profile, explicit: dict) -> Profile:
     bf16 = bool({"avx512_bf16", "amx_bf16"} & flags) if bf16 is None else bool(bf16)
     memory = profile.memory_bytes or _available_ram()
     detected = {"available_ram_mib": _available_ram() // MIB, "cores": len(os.sched_getaffinity(0))}
-    return replace(profile, memory_bytes=memory, cores=profile.cores or len(os.sched_getaffinity(0)), amx=amx,
-                   bf16=bf16, free_bytes=memory,
-                   # With AMX the CPU MLA kernel takes the default block size.
-                   mla_block_size=profile.block_size if amx else profile.mla_block_size, detected=detected)
+    return replace(
+        profile,
+        memory_bytes=memory,
+        cores=profile.cores or len(os.sched_getaffinity(0)),
+        amx=amx,
+        bf16=bf16,
+        free_bytes=memory,
+        # With AMX the CPU MLA kernel takes the default block size.
+        mla_block_size=profile.block_size if amx else profile.mla_block_size,
+        detected=detected,
+    )
 
 
 def _available_ram() -> int:

@@ -63,8 +63,10 @@ class KVLayout:
         for g in self.groups:
             label = f"sliding({g.window})" if g.kind == "sliding" else g.kind
             parts.setdefault(label, []).append(g.layers)
-        return ", ".join(f"{len(sizes)} x {label} group(s) of {'/'.join(map(str, sorted(set(sizes), reverse=True)))} layers"
-                         for label, sizes in parts.items())
+        return ", ".join(
+            f"{len(sizes)} x {label} group(s) of {'/'.join(map(str, sorted(set(sizes), reverse=True)))} layers"
+            for label, sizes in parts.items()
+        )
 
 
 @dataclass(frozen=True)
@@ -87,15 +89,19 @@ def kv_layout(model: ModelInfo, kv_dtype_bytes: int, block_size: int, tp: int) -
     """The KV groups and page size vLLM builds for `model` on one tensor-parallel rank."""
     unknown = sorted({layer.kind for layer in model.layers} - {"full", "sliding", "mla"})
     if unknown:
-        raise PlanError(f"{model.path}: layer kind(s) {', '.join(unknown)} (e.g. linear attention / Mamba state) are not "
-                        "modelled by the planner; it covers full, sliding-window and MLA attention")
+        raise PlanError(
+            f"{model.path}: layer kind(s) {', '.join(unknown)} (e.g. linear attention / Mamba state) are not "
+            "modelled by the planner; it covers full, sliding-window and MLA attention"
+        )
     kinds = {layer.kind for layer in model.layers}
     if "mla" in kinds:
         if kinds != {"mla"}:
             raise PlanError(f"{model.path}: MLA mixed with other attention kinds is not modelled by the planner")
         per_token = model.mla.latent_dim * kv_dtype_bytes
-        equation = (f"MLA: (kv_lora_rank {model.mla.kv_lora_rank} + qk_rope_head_dim {model.mla.qk_rope_head_dim})"
-                    f" x {kv_dtype_bytes} B = {per_token} B (one latent, no K/V pair, not split by TP)")
+        equation = (
+            f"MLA: (kv_lora_rank {model.mla.kv_lora_rank} + qk_rope_head_dim {model.mla.qk_rope_head_dim})"
+            f" x {kv_dtype_bytes} B = {per_token} B (one latent, no K/V pair, not split by TP)"
+        )
     else:
         local_heads = max(1, model.num_kv_heads // tp)
         per_token = 2 * local_heads * model.head_dim * kv_dtype_bytes
@@ -121,8 +127,12 @@ def kv_layout(model: ModelInfo, kv_dtype_bytes: int, block_size: int, tp: int) -
 
 
 def capacity(layout: KVLayout, kv_bytes: int, max_model_len: int, in_flight_tokens: int) -> Capacity:
-    return Capacity(kv_bytes, kv_bytes // layout.bytes_per_block,
-                    layout.blocks_per_request(max_model_len, in_flight_tokens), max_model_len)
+    return Capacity(
+        kv_bytes,
+        kv_bytes // layout.bytes_per_block,
+        layout.blocks_per_request(max_model_len, in_flight_tokens),
+        max_model_len,
+    )
 
 
 def fits(layout: KVLayout, kv_bytes: int, max_model_len: int, in_flight_tokens: int, requests: int = 1) -> bool:

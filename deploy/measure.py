@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lcserve.engine import EngineProcess, EngineSpec, free_port
 from lcserve.errors import EngineError
-from lcserve.serving.engine import free_port
 
 from .plan import ServePlan
 
-CAPACITY_RE = re.compile(r"(\w+) KV cache size: ([\d,]+) tokens, "
-                         r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
+CAPACITY_RE = re.compile(
+    r"(\w+) KV cache size: ([\d,]+) tokens, "
+    r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x"
+)
 FAILURE_RE = re.compile(r"(ValueError|RuntimeError|Error): (.+)")
 
 
@@ -42,44 +41,37 @@ def parse_capacity(log_text: str) -> Measured | None:
     return Measured(int(m.group(2).replace(",", "")), float(m.group(4)), int(m.group(3).replace(",", "")), 0.0)
 
 
-def measure_capacity(model_dir: Path, plan: ServePlan, timeout_s: float = 900, log_path: Path | None = None,
-                     python: str = sys.executable) -> Measured:
+def measure_capacity(
+    model_dir: Path, plan: ServePlan, timeout_s: float = 900, log_path: Path | None = None
+) -> Measured:
     """Start vLLM with `plan` on `model_dir`, return its logged KV capacity, stop it."""
     log_path = Path(log_path or tempfile.mkstemp(prefix="lcserve-measure-", suffix=".log")[1])
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--host", "127.0.0.1", "--port", str(free_port()), "--enforce-eager", "--skip-tokenizer-init",
-           *plan.vllm_args()]
     # Another engine on this machine may hold the cores vLLM would bind; binding only affects speed.
-    env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", **os.environ, **plan.env}
+    bind = {} if "VLLM_CPU_OMP_THREADS_BIND" in os.environ else {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    spec = EngineSpec(
+        model=str(model_dir),
+        served_model_name=Path(model_dir).name,
+        port=free_port(),
+        args=["--enforce-eager", "--skip-tokenizer-init", *plan.vllm_args()],
+        env={**bind, **plan.env},
+    )
+    engine = EngineProcess(spec, log_path)
     start = time.monotonic()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    engine.start()
     try:
         while time.monotonic() - start < timeout_s:
             text = log_path.read_text(errors="replace")
             found = parse_capacity(text)
             if found:
                 return Measured(found.kv_tokens, found.max_concurrency, found.max_model_len, time.monotonic() - start)
-            if proc.poll() is not None:
+            if not engine.alive():
                 errors = FAILURE_RE.findall(text)
                 lines = text.strip().splitlines()
                 detail = errors[-1][1] if errors else (lines[-1] if lines else "no output")
-                raise EngineError(f"vLLM exited ({proc.returncode}) before sizing the KV cache: {detail}; log: {log_path}")
+                raise EngineError(
+                    f"vLLM exited ({engine.returncode}) before sizing the KV cache: {detail}; log: {log_path}"
+                )
             time.sleep(0.5)
         raise EngineError(f"vLLM did not report its KV cache size within {timeout_s:.0f} s; log: {log_path}")
     finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, to the engine's whole process group (its workers included)."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        engine.stop(timeout_s=20)

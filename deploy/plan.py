@@ -7,21 +7,19 @@ estimated (see `estimates.py`) and labelled so in the reasons.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from dataclasses import dataclass, field
 
+from lcserve.adapters.reader import LoraAdapter
 from lcserve.errors import PlanError
 from lcserve.model_config import ModelInfo
+from lcserve.vllm_rules import ALLOWED_MAX_LORA_RANKS, KV_CACHE_DTYPES, lora_options, option_args, round_max_lora_rank
 
 from . import estimates as est
-from .adapters_info import AdapterInfo
 from .hardware import GIB, Profile
 from .kv import Capacity, KVLayout, capacity, fits, kv_layout, largest_fitting_len
 
-ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM config/lora.py MaxLoRARanks
-KV_DTYPES = {"auto": None, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "bfloat16": 2, "float16": 2}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 TRAINING_RATIO_WARN = 4.0
 # vLLM packs these projections into one wrapped layer (qkv_proj, gate_up_proj): targeting
@@ -66,6 +64,7 @@ class ServePlan:
     env: dict[str, str]
     hf_overrides: dict | None = None
     training_ratio: float | None = None
+    max_num_seqs_fit_len: int | None = None  # longest request length at which max_num_seqs sequences all fit
     warnings: list[str] = field(default_factory=list)
     reasons: list[Reason] = field(default_factory=list)
 
@@ -93,8 +92,8 @@ class ServePlan:
         if self.kv_cache_dtype != "auto":
             opts["kv-cache-dtype"] = self.kv_cache_dtype
         if self.lora:
-            opts.update({"enable-lora": True, "max-loras": self.lora.max_loras, "max-lora-rank": self.lora.max_lora_rank,
-                         "max-cpu-loras": self.lora.max_loras, "lora-target-modules": list(self.lora.target_modules)})
+            opts |= lora_options(self.lora.max_loras, self.lora.max_lora_rank)
+            opts["lora-target-modules"] = list(self.lora.target_modules)
         if self.hf_overrides:
             opts["hf-overrides"] = self.hf_overrides
         return opts
@@ -110,7 +109,11 @@ class ServePlan:
         return {
             "model": str(self.model.path),
             "profile": self.profile.name,
-            "device": {"kind": self.profile.kind, "count": self.profile.count, "memory_bytes": self.profile.memory_bytes},
+            "device": {
+                "kind": self.profile.kind,
+                "count": self.profile.count,
+                "memory_bytes": self.profile.memory_bytes,
+            },
             "max_model_len": self.max_model_len,
             "derived_max_len": self.model.derived_max_len,
             "gpu_memory_utilization": self.gpu_memory_utilization,
@@ -131,6 +134,7 @@ class ServePlan:
             "blocks_per_request": self.capacity.blocks_per_request,
             "kv_cache_tokens": self.kv_tokens,
             "max_concurrency": self.max_concurrency,
+            "max_num_seqs_fit_len": self.max_num_seqs_fit_len,
             "memory_per_device": self.memory,
             "training_ratio": self.training_ratio,
             "hf_overrides": self.hf_overrides,
@@ -141,215 +145,520 @@ class ServePlan:
         }
 
 
-def option_args(key: str, value) -> list[str]:
-    """One vLLM option as arguments, the way vLLM reads its YAML config (flags, lists, JSON)."""
-    if value is True:
-        return [f"--{key}"]
-    if isinstance(value, list):
-        return [f"--{key}", *map(str, value)]
-    if isinstance(value, dict):
-        return [f"--{key}", json.dumps(value, separators=(",", ":"))]
-    return [f"--{key}", str(value)]
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the user fixed, in vLLM's names; None leaves the choice to the planner."""
+
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None  # vLLM's cap on sequences in one batch, not a promise that they fit at full length
+    full_context_requests: int | None = None  # requests of max_model_len the KV cache must hold at once
+    gpu_memory_utilization: float | None = None
+    max_num_batched_tokens: int | None = None
+    block_size: int | None = None
+    kv_cache_dtype: str = "auto"
+    tensor_parallel_size: int | None = None
+    rope_scaling: str | None = None
+    kv_cache_gib: int | None = None  # CPU: fixes VLLM_CPU_KVCACHE_SPACE instead of sizing it
+    training_ratio_warn: float = TRAINING_RATIO_WARN
 
 
-def plan_deployment(
-    profile: Profile,
-    model: ModelInfo,
-    adapters: list[AdapterInfo] | tuple = (),
-    context: int | None = None,
-    concurrency: int | None = None,
-    kv_dtype: str | None = None,
-    tp: int | None = None,
-    rope_scaling: str | None = None,
-    training_ratio_warn: float = TRAINING_RATIO_WARN,
-    kv_cache_gib: int | None = None,
-) -> ServePlan:
-    """Plan a vLLM deployment; PlanError (with the largest feasible value) when impossible.
+@dataclass(frozen=True)
+class BatchSizes:
+    """vLLM's max_num_seqs and max_num_batched_tokens (which may depend on max_model_len)."""
 
-    `kv_cache_gib` (CPU only) fixes VLLM_CPU_KVCACHE_SPACE instead of sizing it for the
-    concurrency target.
-    """
-    reasons: list[Reason] = []
-    warnings: list[str] = []
+    max_num_seqs: int
+    default_batched: int
+    no_chunked_prefill: bool  # vLLM's CPU MLA kernel without AMX: batched tokens follow max_model_len
+    why_seqs: str
+    why_batched: str
+    requested_batched: int | None = None
 
-    def why(setting: str, value, text: str) -> None:
-        reasons.append(Reason(setting, str(value), text))
+    def batched(self, max_model_len: int) -> int:
+        if self.requested_batched:
+            return self.requested_batched
+        if self.no_chunked_prefill:
+            return max(max_model_len, 2048)
+        return max(self.default_batched, self.max_num_seqs)
 
-    if context is not None and context < 1:
-        raise PlanError(f"--context {context}: must be a positive number of tokens")
-    if concurrency is not None and concurrency < 1:
-        raise PlanError(f"--concurrency {concurrency}: must be at least 1")
 
-    limit, hf_overrides = _context_limit(model, context, rope_scaling, why, warnings)
-    derived = model.derived_max_len
+@dataclass(frozen=True)
+class Device:
+    """The facts every step of the plan shares: hardware, model, dtypes, LoRA, batch sizes."""
 
-    dtype = _serving_dtype(model, profile)
-    dtype_bytes = DTYPE_BYTES[dtype]
-    kv_key = kv_dtype or "auto"
-    if kv_key not in KV_DTYPES:
-        raise PlanError(f"--kv-dtype {kv_dtype}: choose one of {', '.join(KV_DTYPES)}")
-    kv_bytes_elem = KV_DTYPES[kv_key] or dtype_bytes
-    if kv_bytes_elem == 1 and not profile.fp8 and not profile.is_cpu:
-        warnings.append(f"{profile.name} has no fp8 tensor cores: the fp8 KV cache saves memory but is converted for compute")
-    block_size = profile.mla_block_size if model.mla else profile.block_size
-    in_flight_batches = 1 if profile.is_cpu else 2  # async scheduling keeps two batches in flight on GPUs
+    profile: Profile
+    model: ModelInfo
+    dtype_bytes: int
+    kv_element_bytes: int
+    block_size: int
+    lora: LoraPlan | None
+    batch: BatchSizes
+    gpu_memory_utilization: float | None  # GPU only: the fraction of the device vLLM may use
 
-    # Adapters -> LoRA buffers.
-    lora = _plan_lora(model, list(adapters), dtype_bytes) if adapters else None
+    @property
+    def in_flight_batches(self) -> int:
+        return 1 if self.profile.is_cpu else 2  # async scheduling keeps two batches in flight on GPUs
 
-    tp_size = _choose_tp(profile, model, tp)
-    if kv_cache_gib is not None and not profile.is_cpu:
-        raise PlanError("--kv-cache-gib sets VLLM_CPU_KVCACHE_SPACE for the CPU profile; on GPUs the KV cache is what "
-                        "gpu_memory_utilization leaves after weights and activations")
-    default_requests = 1 if kv_cache_gib or not profile.is_cpu else profile.default_concurrency
-    target_requests = concurrency or default_requests
-    seqs, batched, batch_why = _batch_sizes(profile, model, concurrency)
+    def in_flight_tokens(self, max_model_len: int) -> int:
+        return self.in_flight_batches * self.batch.batched(max_model_len)
 
-    def budget_for(t: int, max_len: int) -> tuple[int, dict[str, int]]:
-        """KV bytes left on one device at TP t, and the memory breakdown."""
-        lora_bytes = _lora_buffer_bytes(model, lora, t, dtype_bytes) if lora else 0
-        weights = _weight_bytes(model, dtype_bytes) // t
-        memory = {"weights": weights} | ({"lora_buffers": lora_bytes} if lora else {})
+    def layout(self, tp: int) -> KVLayout:
+        return kv_layout(self.model, self.kv_element_bytes, self.block_size, tp)
+
+    def kv_budget(self, tp: int, max_model_len: int) -> tuple[int, dict[str, int]]:
+        """KV bytes left on one device at tensor parallel size `tp`, and what takes the rest."""
+        profile, model, lora = self.profile, self.model, self.lora
+        memory = {"weights": _weight_bytes(model, self.dtype_bytes) // tp}
+        if lora:
+            memory["lora_buffers"] = _lora_buffer_bytes(model, lora, tp, self.dtype_bytes)
         if profile.is_cpu:
             memory["runtime_overhead_estimate"] = est.CPU_RUNTIME_OVERHEAD_BYTES
             usable = profile.memory_bytes - sum(memory.values())
             return (max(usable, 0) // GIB) * GIB, memory  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
-        act = est.activation_estimate_bytes(batched(max_len), seqs, model.hidden_size, model.intermediate_size,
-                                            model.vocab_size, t, dtype_bytes)
-        memory |= {"activation_estimate": act, "cuda_graph_estimate": est.CUDA_GRAPH_ESTIMATE_BYTES,
-                   "non_torch_estimate": est.NON_TORCH_ESTIMATE_BYTES + (est.NCCL_ESTIMATE_BYTES if t > 1 else 0)}
-        return int(_gpu_util(profile) * profile.memory_bytes) - sum(memory.values()), memory
+        act = est.activation_estimate_bytes(
+            self.batch.batched(max_model_len),
+            self.batch.max_num_seqs,
+            model.hidden_size,
+            model.intermediate_size,
+            model.vocab_size,
+            tp,
+            self.dtype_bytes,
+        )
+        memory |= {
+            "activation_estimate": act,
+            "cuda_graph_estimate": est.CUDA_GRAPH_ESTIMATE_BYTES,
+            "non_torch_estimate": est.NON_TORCH_ESTIMATE_BYTES + (est.NCCL_ESTIMATE_BYTES if tp > 1 else 0),
+        }
+        return int(self.gpu_memory_utilization * profile.memory_bytes) - sum(memory.values()), memory
 
-    def layout_for(t: int) -> KVLayout:
-        return kv_layout(model, kv_bytes_elem, block_size, t)
 
-    if tp is None and not profile.is_cpu:
-        tp_size = _auto_tp(profile, model, context or limit, target_requests, layout_for, budget_for, batched,
-                           in_flight_batches)
-    layout = layout_for(tp_size)
-    kv_budget, memory = budget_for(tp_size, context or limit)
+def plan_deployment(
+    profile: Profile, model: ModelInfo, adapters: list[LoraAdapter] | tuple = (), request: PlanRequest = PlanRequest()
+) -> ServePlan:
+    """Plan a vLLM deployment, one named step at a time; PlanError (with the largest feasible
+    value, naming the setting) when impossible."""
+    reasons: list[Reason] = []
+    warnings: list[str] = []
+    check_request(request, profile)
+    limit, hf_overrides = context_limit(model, request, reasons, warnings)
+    device = device_facts(profile, model, list(adapters), request, warnings)
+    full_context_target = request.full_context_requests or 1
+    tp = choose_tensor_parallel(device, request, limit, full_context_target)
+    layout = device.layout(tp)
+    kv_bytes, memory = device.kv_budget(tp, request.max_model_len or limit)
+    if kv_bytes < 2 * layout.bytes_per_block:
+        raise does_not_fit(device, tp, request.max_model_len or limit)
+    if request.kv_cache_gib is not None:
+        kv_bytes = fixed_cpu_kv_cache(request.kv_cache_gib, kv_bytes, profile)
+    max_len = choose_max_model_len(device, layout, kv_bytes, request, limit, full_context_target, tp, reasons)
+    kv_bytes, env, util = size_kv_cache(device, layout, kv_bytes, max_len, request, memory, reasons)
+    memory["kv_cache"] = kv_bytes
+    cap = capacity(layout, kv_bytes, max_len, device.in_flight_tokens(max_len))
+    explain_choices(device, layout, cap, request, tp, max_len, list(adapters), memory, reasons)
+    fit_len = max_num_seqs_fit_len(device, layout, cap, max_len, request, reasons, warnings)
+    ratio = _training_ratio(list(adapters), max_len, request.training_ratio_warn, reasons, warnings)
+    return ServePlan(
+        model=model,
+        profile=profile,
+        max_model_len=max_len,
+        max_num_seqs=device.batch.max_num_seqs,
+        max_num_batched_tokens=device.batch.batched(max_len),
+        tensor_parallel_size=tp,
+        block_size=device.block_size,
+        dtype=_serving_dtype(model, profile),
+        kv_cache_dtype=request.kv_cache_dtype,
+        gpu_memory_utilization=util,
+        kv_bytes=kv_bytes,
+        layout=layout,
+        capacity=cap,
+        lora=device.lora,
+        memory=memory,
+        env=env,
+        hf_overrides=hf_overrides,
+        training_ratio=ratio,
+        warnings=warnings,
+        reasons=reasons,
+        max_num_seqs_fit_len=fit_len,
+    )
 
-    def does_not_fit() -> PlanError:
-        """The model fits at no context: say what takes the memory and the smallest TP that would do."""
-        enough = [t for t in (1, 2, 4, 8, 16, 32) if t > tp_size and _heads_ok(model, t)
-                  and budget_for(t, context or limit)[0] >= 2 * layout_for(t).bytes_per_block]
-        return PlanError(_does_not_fit(profile, model, tp_size, memory, kv_budget, enough[0] if enough else None))
 
-    if kv_budget < 2 * layout.bytes_per_block:
-        raise does_not_fit()
-    if kv_cache_gib is not None:
-        if kv_cache_gib < 1 or kv_cache_gib * GIB > kv_budget:
-            raise PlanError(f"--kv-cache-gib {kv_cache_gib}: must be from 1 to what RAM allows; largest feasible: "
-                            f"{kv_budget // GIB} (available {_gib(profile.memory_bytes)} - weights - runtime overhead)")
-        kv_budget = kv_cache_gib * GIB
+# --- the steps, in the order plan_deployment takes them ----------------------------------------
 
-    def in_flight(max_len: int) -> int:
-        return in_flight_batches * batched(max_len)
 
-    if context is not None:
-        max_len = context
-        if not fits(layout, kv_budget, max_len, in_flight(max_len), target_requests):
-            best_len = largest_fitting_len(layout, kv_budget, limit, in_flight(limit), target_requests)
-            best_n = (kv_budget // layout.bytes_per_block - 1) // layout.blocks_per_request(max_len, in_flight(max_len))
-            raise PlanError(f"--context {context} x {target_requests} request(s) needs "
-                            f"{target_requests * layout.blocks_per_request(max_len, in_flight(max_len)) + 1} KV blocks of "
-                            f"{layout.bytes_per_block / 1024**2:.2f} MiB, the budget holds {kv_budget // layout.bytes_per_block} "
-                            f"({_gib(kv_budget)}); largest feasible: --context {best_len} at {target_requests} request(s), "
-                            f"or {best_n} request(s) at --context {context}")
-        why("max_model_len", max_len, f"requested --context {context} (derived maximum {derived}: "
-            f"{model.derived_max_len_reason})")
+def check_request(request: PlanRequest, profile: Profile) -> None:
+    """Values no plan can take, whatever the model."""
+    if request.max_model_len is not None and request.max_model_len < 1:
+        raise PlanError(
+            f"{{max_model_len}} {request.max_model_len}: must be a positive number of tokens", "max_model_len"
+        )
+    for setting in ("max_num_seqs", "full_context_requests", "max_num_batched_tokens", "block_size"):
+        if getattr(request, setting) is not None and getattr(request, setting) < 1:
+            raise PlanError(f"{{{setting}}} {getattr(request, setting)}: must be at least 1", setting)
+    if request.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise PlanError(
+            f"{{kv_cache_dtype}} {request.kv_cache_dtype}: choose one of {', '.join(KV_CACHE_DTYPES)}", "kv_cache_dtype"
+        )
+    if request.kv_cache_gib is not None and not profile.is_cpu:
+        raise PlanError(
+            "{kv_cache_gib} sets VLLM_CPU_KVCACHE_SPACE for the CPU profile; on GPUs the KV cache is what "
+            "gpu_memory_utilization leaves after weights and activations",
+            "kv_cache_gib",
+        )
+
+
+def device_facts(
+    profile: Profile, model: ModelInfo, adapters: list[LoraAdapter], request: PlanRequest, warnings: list[str]
+) -> Device:
+    """Dtypes, block size, LoRA buffers and batch sizes: what the later steps share."""
+    dtype_bytes = DTYPE_BYTES[_serving_dtype(model, profile)]
+    kv_element_bytes = KV_CACHE_DTYPES[request.kv_cache_dtype] or dtype_bytes
+    if kv_element_bytes == 1 and not profile.fp8 and not profile.is_cpu:
+        warnings.append(
+            f"{profile.name} has no fp8 tensor cores: the fp8 KV cache saves memory but is converted for compute"
+        )
+    return Device(
+        profile=profile,
+        model=model,
+        dtype_bytes=dtype_bytes,
+        kv_element_bytes=kv_element_bytes,
+        block_size=request.block_size or (profile.mla_block_size if model.mla else profile.block_size),
+        lora=_plan_lora(model, adapters, dtype_bytes) if adapters else None,
+        batch=batch_sizes(profile, model, request.max_num_seqs, request.max_num_batched_tokens),
+        gpu_memory_utilization=None if profile.is_cpu else request.gpu_memory_utilization or _gpu_util(profile),
+    )
+
+
+def has_room(device: Device, tp: int, max_model_len: int) -> bool:
+    """Whether the KV budget at `tp` holds at least one block beside vLLM's null block."""
+    return device.kv_budget(tp, max_model_len)[0] >= 2 * device.layout(tp).bytes_per_block
+
+
+def choose_tensor_parallel(device: Device, request: PlanRequest, limit: int, full_context_target: int) -> int:
+    """The requested size (checked), 1 on the CPU, else the smallest power of two whose KV budget
+    fits the target at full length, else the smallest that fits anything, else the largest."""
+    profile, model = device.profile, device.model
+    if request.tensor_parallel_size is not None:
+        return _checked_tp(profile, model, request.tensor_parallel_size)
+    if profile.is_cpu:
+        return 1
+    target_len = request.max_model_len or limit
+    candidates = [t for t in (1, 2, 4, 8, 16, 32) if t <= profile.count and _heads_ok(model, t)]
+    for t in candidates:
+        kv_bytes = device.kv_budget(t, target_len)[0]
+        if has_room(device, t, target_len) and fits(
+            device.layout(t), kv_bytes, target_len, device.in_flight_tokens(target_len), full_context_target
+        ):
+            return t
+    return next((t for t in candidates if has_room(device, t, target_len)), candidates[-1])
+
+
+def does_not_fit(device: Device, tp: int, max_model_len: int) -> PlanError:
+    """The model fits at no context: say what takes the memory and the smallest TP that would do."""
+    enough = [
+        t for t in (1, 2, 4, 8, 16, 32) if t > tp and _heads_ok(device.model, t) and has_room(device, t, max_model_len)
+    ]
+    kv_bytes, memory = device.kv_budget(tp, max_model_len)
+    return PlanError(_does_not_fit(device, tp, memory, kv_bytes, enough[0] if enough else None))
+
+
+def fixed_cpu_kv_cache(kv_cache_gib: int, kv_bytes: int, profile: Profile) -> int:
+    """--kv-cache-gib, checked against what RAM leaves."""
+    if kv_cache_gib < 1 or kv_cache_gib * GIB > kv_bytes:
+        raise PlanError(
+            f"{{kv_cache_gib}} {kv_cache_gib}: must be from 1 to what RAM allows; largest feasible: "
+            f"{kv_bytes // GIB} (available {_gib(profile.memory_bytes)} - weights - runtime overhead)",
+            "kv_cache_gib",
+        )
+    return kv_cache_gib * GIB
+
+
+def choose_max_model_len(
+    device: Device,
+    layout: KVLayout,
+    kv_bytes: int,
+    request: PlanRequest,
+    limit: int,
+    full_context_target: int,
+    tp: int,
+    reasons: list[Reason],
+) -> int:
+    """The requested length when the target fits it, else the derived maximum, else the largest that fits."""
+    model, in_flight = device.model, device.in_flight_tokens
+    derived, n = model.derived_max_len, full_context_target
+    wanted = request.max_model_len
+    if wanted is not None:
+        if not fits(layout, kv_bytes, wanted, in_flight(wanted), n):
+            per_request = layout.blocks_per_request(wanted, in_flight(wanted))
+            best_len = largest_fitting_len(layout, kv_bytes, limit, in_flight(limit), n)
+            best_n = (kv_bytes // layout.bytes_per_block - 1) // per_request
+            target = f" ({{full_context_requests}} {n})" if request.full_context_requests else ""
+            raise PlanError(
+                f"{{max_model_len}} {wanted} x {n} request(s) at full length{target} needs "
+                f"{n * per_request + 1} KV blocks of {layout.bytes_per_block / 1024**2:.2f} MiB, the budget "
+                f"holds {kv_bytes // layout.bytes_per_block} ({_gib(kv_bytes)}); largest feasible: "
+                f"{{max_model_len}} {best_len}"
+                + (f" at {n} request(s), or {best_n} request(s) at {{max_model_len}} {wanted}" if n > 1 else ""),
+                "max_model_len",
+            )
+        reasons.append(
+            Reason(
+                "max_model_len",
+                str(wanted),
+                f"requested {wanted} (derived maximum {derived}: {model.derived_max_len_reason})",
+            )
+        )
+        return wanted
+    if fits(layout, kv_bytes, limit, in_flight(limit), n):
+        reasons.append(Reason("max_model_len", str(limit), f"the derived maximum ({model.derived_max_len_reason})"))
+        return limit
+    best = largest_fitting_len(layout, kv_bytes, limit, in_flight(limit), n)
+    if best < 1:
+        raise does_not_fit(device, tp, limit)
+    reasons.append(
+        Reason(
+            "max_model_len",
+            str(best),
+            f"largest length at which {n} request(s) fit the KV budget "
+            f"{_gib(kv_bytes)} (bisection, as vLLM's --max-model-len auto); derived maximum {derived} "
+            "does not fit",
+        )
+    )
+    return best
+
+
+def size_kv_cache(
+    device: Device,
+    layout: KVLayout,
+    kv_bytes: int,
+    max_len: int,
+    request: PlanRequest,
+    memory: dict[str, int],
+    reasons: list[Reason],
+) -> tuple[int, dict[str, str], float | None]:
+    """(KV cache bytes, environment, gpu_memory_utilization). The CPU build takes the size in
+    whole GiB (VLLM_CPU_KVCACHE_SPACE); a GPU takes a memory fraction and keeps what is left."""
+    profile = device.profile
+    if profile.is_cpu and request.kv_cache_gib:
+        reasons.append(Reason("VLLM_CPU_KVCACHE_SPACE", str(request.kv_cache_gib), "--kv-cache-gib"))
+        return kv_bytes, {"VLLM_CPU_KVCACHE_SPACE": str(request.kv_cache_gib)}, None
+    if profile.is_cpu:
+        n = request.full_context_requests or profile.default_concurrency
+        per_request = layout.blocks_per_request(max_len, device.in_flight_tokens(max_len))
+        need = -(-((n * per_request + 1) * layout.bytes_per_block) // GIB)
+        gib = max(1, min(need, kv_bytes // GIB))
+        source = "--full-context-requests" if request.full_context_requests else "profile default_concurrency"
+        capped = "" if gib == max(1, need) else f", capped at what RAM allows ({gib} GiB)"
+        reasons.append(
+            Reason(
+                "VLLM_CPU_KVCACHE_SPACE",
+                str(gib),
+                f"ceil(({n} request(s) x {per_request} blocks + 1 null block) x {layout.bytes_per_block} B "
+                f"/ 1 GiB) = {max(1, need)} GiB ({source} {n}){capped}; at most {kv_bytes // GIB} GiB = "
+                f"floor(available RAM {_gib(profile.memory_bytes)} - {_memory_terms(memory)})",
+            )
+        )
+        return gib * GIB, {"VLLM_CPU_KVCACHE_SPACE": str(gib)}, None
+    util = device.gpu_memory_utilization
+    reasons.append(
+        Reason(
+            "gpu_memory_utilization",
+            str(util),
+            f"requested {util}" if request.gpu_memory_utilization else _util_reason(profile, util),
+        )
+    )
+    reasons.append(
+        Reason(
+            "KV cache memory",
+            _gib(kv_bytes),
+            f"{util} x {_gib(profile.memory_bytes)} - {_memory_terms(memory)} = {_gib(kv_bytes)} per GPU",
+        )
+    )
+    return kv_bytes, {}, util
+
+
+def max_num_seqs_fit_len(
+    device: Device,
+    layout: KVLayout,
+    cap: Capacity,
+    max_len: int,
+    request: PlanRequest,
+    reasons: list[Reason],
+    warnings: list[str],
+) -> int:
+    """The longest request length at which all max_num_seqs sequences fit in the KV cache at once.
+
+    vLLM admits up to max_num_seqs sequences whatever their length; when the cache runs out,
+    it preempts and later recomputes some. Past this length, sequences queue instead of running.
+    """
+    seqs = device.batch.max_num_seqs
+    in_flight = device.in_flight_tokens(max_len)
+    fit_len = largest_fitting_len(layout, cap.kv_bytes, max_len, in_flight, seqs)
+    if fit_len >= max_len:
+        text = f"all {seqs} sequences fit at once even at max_model_len {max_len}"
     else:
-        max_len = limit
-        if not fits(layout, kv_budget, max_len, in_flight(max_len), target_requests):
-            max_len = largest_fitting_len(layout, kv_budget, limit, in_flight(limit), target_requests)
-            if max_len < 1:
-                raise does_not_fit()
-            why("max_model_len", max_len, f"largest length at which {target_requests} request(s) fit the KV budget "
-                f"{_gib(kv_budget)} (bisection, as vLLM's --max-model-len auto); derived maximum {derived} does not fit")
-        else:
-            why("max_model_len", max_len, f"the derived maximum ({model.derived_max_len_reason})")
+        text = (
+            f"{cap.max_concurrency:.2f} requests fit at full length (max_model_len {max_len}); {seqs} sequences "
+            f"fit at once up to about {fit_len:,} tokens each (bisection over the KV blocks)"
+        )
+        if request.max_num_seqs:
+            warnings.append(
+                f"max_num_seqs {seqs} is vLLM's cap, not a guarantee: the KV cache holds "
+                f"{cap.max_concurrency:.2f} requests of {max_len} tokens, and {seqs} only up to about "
+                f"{fit_len:,} tokens each; longer requests wait in the queue or are preempted"
+            )
+    reasons.append(Reason("max_num_seqs at once", f"up to {min(fit_len, max_len):,} tokens", text))
+    return min(fit_len, max_len)
 
-    batched_tokens = batched(max_len)
-    kv_mem, env, util = kv_budget, {}, None
-    per_request = layout.blocks_per_request(max_len, in_flight(max_len))
-    if profile.is_cpu and kv_cache_gib:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
-        why("VLLM_CPU_KVCACHE_SPACE", kv_cache_gib, "--kv-cache-gib")
-    elif profile.is_cpu:
-        need = (target_requests * per_request + 1) * layout.bytes_per_block
-        gib = max(1, -(-need // GIB))
-        kv_mem = gib * GIB
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
-        why("VLLM_CPU_KVCACHE_SPACE", gib, f"ceil(({target_requests} request(s) x {per_request} blocks + 1 null block) x "
-            f"{layout.bytes_per_block} B / 1 GiB) = {gib} GiB "
-            f"({'--concurrency' if concurrency else 'profile default_concurrency'} {target_requests}); "
-            f"at most {kv_budget // GIB} GiB = floor(available RAM {_gib(profile.memory_bytes)} - "
-            + " - ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in memory.items()) + ")")
-    else:
-        util = _gpu_util(profile)
-        why("gpu_memory_utilization", util, _util_reason(profile, util))
-        parts = " - ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in memory.items())
-        why("KV cache memory", _gib(kv_mem), f"{util} x {_gib(profile.memory_bytes)} - {parts} = {_gib(kv_mem)} per GPU")
-    memory["kv_cache"] = kv_mem
-    cap = capacity(layout, kv_mem, max_len, in_flight(max_len))
 
-    why("dtype", dtype, f"config dtype {model.dtype}"
-        + ("" if dtype == model.dtype else f", served as {dtype} (vLLM's choice on {profile.name})"))
-    why("tensor_parallel_size", tp_size, _tp_reason(profile, model, tp_size, tp))
-    why("block_size", block_size, ("MLA block size of the profile" if model.mla else "profile block size")
-        + f" ({profile.name}); passed explicitly so vLLM uses the plan's arithmetic")
-    _explain_kv(why, model, layout, cap, kv_key, in_flight(max_len), in_flight_batches, batched_tokens)
-    why("max_num_seqs", seqs, batch_why["seqs"])
-    why("max_num_batched_tokens", batched_tokens, batch_why["batched"])
-    if lora:
-        why("max_lora_rank", lora.max_lora_rank, f"largest adapter rank {max(a.rank for a in adapters)} rounded up to a "
-            f"rank vLLM allows {ALLOWED_LORA_RANKS}")
-        why("LoRA buffers", _gib(memory["lora_buffers"]), f"max_loras {lora.max_loras} x max_lora_rank {lora.max_lora_rank} x "
-            f"sum(in + out) over wrapped modules ({', '.join(lora.target_modules)}) x {dtype_bytes} B, per device")
+def explain_choices(
+    device: Device,
+    layout: KVLayout,
+    cap: Capacity,
+    request: PlanRequest,
+    tp: int,
+    max_len: int,
+    adapters: list[LoraAdapter],
+    memory: dict[str, int],
+    reasons: list[Reason],
+) -> None:
+    """The reasons for the settings that follow from the steps above."""
+    model, profile = device.model, device.profile
+    dtype = _serving_dtype(model, profile)
 
-    ratio = _training_ratio(list(adapters), max_len, training_ratio_warn, reasons, warnings)
-    return ServePlan(model=model, profile=profile, max_model_len=max_len, max_num_seqs=seqs,
-                     max_num_batched_tokens=batched_tokens, tensor_parallel_size=tp_size, block_size=block_size,
-                     dtype=dtype, kv_cache_dtype=kv_key, gpu_memory_utilization=util, kv_bytes=kv_mem, layout=layout,
-                     capacity=cap, lora=lora, memory=memory, env=env, hf_overrides=hf_overrides, training_ratio=ratio,
-                     warnings=warnings, reasons=reasons)
+    def why(setting: str, value, text: str) -> None:
+        reasons.append(Reason(setting, str(value), text))
+
+    why(
+        "dtype",
+        dtype,
+        f"config dtype {model.dtype}"
+        + ("" if dtype == model.dtype else f", served as {dtype} (vLLM's choice on {profile.name})"),
+    )
+    why(
+        "weights",
+        _gib(memory["weights"]),
+        f"per device: {model.param_count:,} parameters / TP {tp}; "
+        f"{model.weights_source} ({model.weights_source_reason})",
+    )
+    why("tensor_parallel_size", tp, _tp_reason(profile, model, tp, request.tensor_parallel_size))
+    why(
+        "block_size",
+        device.block_size,
+        f"requested {request.block_size}"
+        if request.block_size
+        else ("MLA block size of the profile" if model.mla else "profile block size")
+        + f" ({profile.name}); passed explicitly so vLLM uses the plan's arithmetic",
+    )
+    _explain_kv(
+        why,
+        model,
+        layout,
+        cap,
+        request.kv_cache_dtype,
+        device.in_flight_tokens(max_len),
+        device.in_flight_batches,
+        device.batch.batched(max_len),
+    )
+    why("max_num_seqs", device.batch.max_num_seqs, device.batch.why_seqs)
+    why("max_num_batched_tokens", device.batch.batched(max_len), device.batch.why_batched)
+    if device.lora:
+        lora = device.lora
+        why(
+            "max_lora_rank",
+            lora.max_lora_rank,
+            f"largest adapter rank {max(a.max_rank for a in adapters)} rounded up to a "
+            f"rank vLLM allows {ALLOWED_MAX_LORA_RANKS}",
+        )
+        why(
+            "LoRA buffers",
+            _gib(memory["lora_buffers"]),
+            f"max_loras {lora.max_loras} x max_lora_rank "
+            f"{lora.max_lora_rank} x sum(in + out) over wrapped modules ({', '.join(lora.target_modules)}) x "
+            f"{device.dtype_bytes} B, per device",
+        )
 
 
 # --- pieces -------------------------------------------------------------------------------
 
-def _context_limit(model: ModelInfo, context: int | None, rope_scaling: str | None, why, warnings: list[str]):
-    """The largest max_model_len allowed: the derived maximum, or past it only with YaRN."""
-    derived = model.derived_max_len
-    if context is None or context <= derived:
+
+def context_limit(
+    model: ModelInfo, request: PlanRequest, reasons: list[Reason], warnings: list[str]
+) -> tuple[int, dict | None]:
+    """(largest max_model_len allowed, hf_overrides): the derived maximum, or past it only with YaRN."""
+    derived, wanted = model.derived_max_len, request.max_model_len
+    if wanted is None or wanted <= derived:
         return derived, None
-    if rope_scaling is None:
-        raise PlanError(f"--context {context} is above the derived maximum {derived} ({model.derived_max_len_reason}); "
-                        f"largest feasible: {derived}. To go further, scale RoPE explicitly with --rope-scaling yarn")
-    if rope_scaling != "yarn":
-        raise PlanError(f"--rope-scaling {rope_scaling}: only 'yarn' is supported")
-    why("hf_overrides", "YaRN", f"context {context} > derived {derived}: RoPE scaled by YaRN factor "
-        f"{_yarn_factor(model, context):g} = {context} / original {_original_len(model)} on full-attention layers")
-    warnings.append(f"max_model_len {context} is past the model's trained range ({derived}); YaRN is set through "
-                    f"--hf-overrides; measure quality with `lcserve probe` before relying on it")
-    return context, yarn_overrides(model, context)
+    if request.rope_scaling is None:
+        raise PlanError(
+            f"{{max_model_len}} {wanted} is above the derived maximum {derived} "
+            f"({model.derived_max_len_reason}); largest feasible: {{max_model_len}} {derived}. To go "
+            "further, scale RoPE explicitly with {rope_scaling} yarn",
+            "max_model_len",
+        )
+    if request.rope_scaling != "yarn":
+        raise PlanError(f"{{rope_scaling}} {request.rope_scaling}: only 'yarn' is supported", "rope_scaling")
+    reasons.append(
+        Reason(
+            "hf_overrides",
+            "YaRN",
+            f"context {wanted} > derived {derived}: RoPE scaled by YaRN factor "
+            f"{_yarn_factor(model, wanted):g} = {wanted} / original {_original_len(model)} on "
+            "full-attention layers",
+        )
+    )
+    warnings.append(
+        f"max_model_len {wanted} is past the model's trained range ({derived}); YaRN is set through "
+        f"--hf-overrides; measure quality with `lcserve probe` before relying on it"
+    )
+    return wanted, yarn_overrides(model, wanted)
 
 
-def _explain_kv(why, model: ModelInfo, layout: KVLayout, cap: Capacity, kv_key: str, in_flight: int,
-                in_flight_batches: int, batched: int) -> None:
+def _explain_kv(
+    why,
+    model: ModelInfo,
+    layout: KVLayout,
+    cap: Capacity,
+    kv_key: str,
+    in_flight: int,
+    in_flight_batches: int,
+    batched: int,
+) -> None:
     """The reasons behind the KV figures, as vLLM computes them."""
-    why("KV bytes per token per layer", layout.bytes_per_token_layer,
-        layout.equation + (f" ({kv_key} KV cache)" if kv_key != "auto" else ""))
-    why("KV groups", layout.describe_groups(), f"{model.attention_summary}; " + (
-        "one group holds all layers" if len(layout.groups) == 1 else
-        f"vLLM's hybrid manager: groups of {layout.group_size} layers per kind, the last one padded"))
-    why("bytes per block", layout.bytes_per_block,
-        f"{max(g.layers for g in layout.groups)} layers x block {layout.block_size} tokens x {layout.bytes_per_token_layer} B")
+    why(
+        "KV bytes per token per layer",
+        layout.bytes_per_token_layer,
+        layout.equation + (f" ({kv_key} KV cache)" if kv_key != "auto" else ""),
+    )
+    why(
+        "KV groups",
+        layout.describe_groups(),
+        f"{model.attention_summary}; "
+        + (
+            "one group holds all layers"
+            if len(layout.groups) == 1
+            else f"vLLM's hybrid manager: groups of {layout.group_size} layers per kind, the last one padded"
+        ),
+    )
+    why(
+        "bytes per block",
+        layout.bytes_per_block,
+        f"{max(g.layers for g in layout.groups)} layers x block {layout.block_size} tokens x {layout.bytes_per_token_layer} B",
+    )
     why("num_blocks", cap.num_blocks, f"floor({cap.kv_bytes} B KV cache / {layout.bytes_per_block} B per block)")
-    why("blocks per request", cap.blocks_per_request,
-        _per_request_reason(layout, cap.max_model_len, in_flight, in_flight_batches, batched))
-    why("max concurrency at full context", f"{cap.max_concurrency:.2f}",
-        f"{cap.num_blocks} blocks / {cap.blocks_per_request} blocks per request at {cap.max_model_len} tokens")
-    why("KV cache capacity (tokens)", cap.kv_tokens, f"int({cap.max_concurrency:.4f} x max_model_len {cap.max_model_len})")
+    why(
+        "blocks per request",
+        cap.blocks_per_request,
+        _per_request_reason(layout, cap.max_model_len, in_flight, in_flight_batches, batched),
+    )
+    why(
+        "max concurrency at full context",
+        f"{cap.max_concurrency:.2f}",
+        f"{cap.num_blocks} blocks / {cap.blocks_per_request} blocks per request at {cap.max_model_len} tokens",
+    )
+    why(
+        "KV cache capacity (tokens)",
+        cap.kv_tokens,
+        f"int({cap.max_concurrency:.4f} x max_model_len {cap.max_model_len})",
+    )
 
 
 def _serving_dtype(model: ModelInfo, profile: Profile) -> str:
@@ -372,22 +681,28 @@ def _gpu_util(profile: Profile) -> float:
     if profile.free_bytes is not None and not profile.is_cpu:
         util = min(util, int(100 * (profile.free_bytes - est.GPU_FREE_MARGIN_BYTES) / profile.memory_bytes) / 100)
         if util <= 0:
-            raise PlanError(f"{profile.name}: only {_gib(profile.free_bytes)} free of {_gib(profile.memory_bytes)}; "
-                            "free the GPU (other processes hold it) and plan again")
+            raise PlanError(
+                f"{profile.name}: only {_gib(profile.free_bytes)} free of {_gib(profile.memory_bytes)}; "
+                "free the GPU (other processes hold it) and plan again"
+            )
     return util
 
 
 def _util_reason(profile: Profile, util: float) -> str:
     text = "vLLM default 0.92 minus 0.02 for the error of the estimates"
     if profile.free_bytes is not None and util < est.GPU_MEMORY_UTILIZATION:
-        text = (f"detected free memory {_gib(profile.free_bytes)} - {_gib(est.GPU_FREE_MARGIN_BYTES)} margin, "
-                f"as a fraction of {_gib(profile.memory_bytes)} (other processes use the GPU)")
+        text = (
+            f"detected free memory {_gib(profile.free_bytes)} - {_gib(est.GPU_FREE_MARGIN_BYTES)} margin, "
+            f"as a fraction of {_gib(profile.memory_bytes)} (other processes use the GPU)"
+        )
     return text
 
 
-def _batch_sizes(profile: Profile, model: ModelInfo, concurrency: int | None):
-    """max_num_seqs and max_num_batched_tokens (a function of max_model_len), mirroring
-    vLLM's API-server defaults (engine/arg_utils.py get_batch_defaults) unless --concurrency."""
+def batch_sizes(
+    profile: Profile, model: ModelInfo, max_num_seqs: int | None, max_num_batched_tokens: int | None = None
+) -> BatchSizes:
+    """max_num_seqs and max_num_batched_tokens: the requested values, else vLLM's API-server
+    defaults (engine/arg_utils.py get_batch_defaults)."""
     if profile.is_cpu:
         default_batched, default_seqs, source = 2048, 128, "vLLM CPU default"
     elif profile.memory_bytes >= 160 * GIB:
@@ -396,20 +711,25 @@ def _batch_sizes(profile: Profile, model: ModelInfo, concurrency: int | None):
         default_batched, default_seqs, source = 8192, 1024, "vLLM default for >= 70 GiB GPUs (not A100)"
     else:
         default_batched, default_seqs, source = 2048, 256, "vLLM default"
-    seqs = concurrency or default_seqs
     no_chunked = profile.is_cpu and model.mla is not None and not profile.amx
-
-    def batched(max_len: int) -> int:
-        if no_chunked:  # vLLM's CPU MLA kernel disables chunked prefill and forces this
-            return max(max_len, 2048)
-        return max(default_batched, seqs)
-
-    why = {
-        "seqs": f"--concurrency {concurrency}" if concurrency else f"{source} ({default_seqs}); requests beyond KV capacity wait",
-        "batched": ("CPU MLA without AMX: vLLM disables chunked prefill and sets max(max_model_len, 2048)" if no_chunked
-                    else f"{source} ({default_batched}), at least max_num_seqs; chunked prefill splits longer prompts"),
-    }
-    return seqs, batched, why
+    return BatchSizes(
+        max_num_seqs=max_num_seqs or default_seqs,
+        default_batched=default_batched,
+        no_chunked_prefill=no_chunked,
+        why_seqs=(
+            f"requested {max_num_seqs}: vLLM's cap on sequences in one batch"
+            if max_num_seqs
+            else f"{source} ({default_seqs}); requests beyond KV capacity wait"
+        ),
+        why_batched=(
+            f"requested {max_num_batched_tokens}"
+            if max_num_batched_tokens
+            else "CPU MLA without AMX: vLLM disables chunked prefill and sets max(max_model_len, 2048)"
+            if no_chunked
+            else f"{source} ({default_batched}), at least max_num_seqs; chunked prefill splits longer prompts"
+        ),
+        requested_batched=max_num_batched_tokens,
+    )
 
 
 def _heads_ok(model: ModelInfo, t: int) -> bool:
@@ -421,43 +741,30 @@ def _heads_ok(model: ModelInfo, t: int) -> bool:
     return kv % t == 0 or t % kv == 0
 
 
-def _choose_tp(profile: Profile, model: ModelInfo, tp: int | None) -> int:
-    if tp is None:
-        return 1
+def _checked_tp(profile: Profile, model: ModelInfo, tp: int) -> int:
     if profile.is_cpu and tp != 1:
-        raise PlanError(f"--tp {tp}: the CPU profile plans one engine (tensor parallel size 1)")
+        raise PlanError(
+            f"{{tensor_parallel_size}} {tp}: the CPU profile plans one engine (tensor parallel size 1)",
+            "tensor_parallel_size",
+        )
     feasible = [t for t in range(1, profile.count + 1) if _heads_ok(model, t)]
     if tp > profile.count or not _heads_ok(model, tp):
-        problem = (f"the profile has {profile.count} GPU(s)" if tp > profile.count else
-                   f"{model.num_attention_heads} attention heads / {model.num_kv_heads} KV heads are not divisible by it")
-        raise PlanError(f"--tp {tp}: {problem}; largest feasible: --tp {max(feasible)}")
+        problem = (
+            f"the profile has {profile.count} GPU(s)"
+            if tp > profile.count
+            else f"{model.num_attention_heads} attention heads / {model.num_kv_heads} KV heads are not divisible by it"
+        )
+        raise PlanError(
+            f"{{tensor_parallel_size}} {tp}: {problem}; largest feasible: {{tensor_parallel_size}} {max(feasible)}",
+            "tensor_parallel_size",
+        )
     return tp
-
-
-def _auto_tp(profile, model, target_len, requests, layout_for, budget_for, batched, in_flight_batches) -> int:
-    """Smallest power-of-two TP whose KV budget fits `requests` at `target_len`, else the
-    smallest that fits anything (the context is then reduced), else the largest."""
-    candidates = [t for t in (1, 2, 4, 8, 16, 32) if t <= profile.count and _heads_ok(model, t)]
-
-    def room(t: int) -> tuple[KVLayout, int]:
-        return layout_for(t), budget_for(t, target_len)[0]
-
-    for t in candidates:
-        layout, kv_budget = room(t)
-        if kv_budget >= 2 * layout.bytes_per_block and fits(
-                layout, kv_budget, target_len, in_flight_batches * batched(target_len), requests):
-            return t
-    for t in candidates:
-        layout, kv_budget = room(t)
-        if kv_budget >= 2 * layout.bytes_per_block:
-            return t
-    return candidates[-1]
 
 
 def _tp_reason(profile: Profile, model: ModelInfo, t: int, requested: int | None) -> str:
     heads = f"{model.num_attention_heads} heads, {model.num_kv_heads} KV heads divisible"
     if requested:
-        return f"--tp {requested} ({heads})"
+        return f"requested {requested} ({heads})"
     if profile.is_cpu:
         return "CPU engine: one process"
     return f"smallest power of two <= {profile.count} GPU(s) whose KV budget fits the target ({heads})"
@@ -480,43 +787,60 @@ def _per_request_reason(layout: KVLayout, max_len: int, in_flight: int, batches:
     return text
 
 
-def _does_not_fit(profile: Profile, model: ModelInfo, t: int, memory: dict[str, int], kv_budget: int,
-                  enough_tp: int | None) -> str:
+def _does_not_fit(device: Device, t: int, memory: dict[str, int], kv_budget: int, enough_tp: int | None) -> str:
+    profile, model = device.profile, device.model
     used = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in memory.items())
     if profile.is_cpu:
-        return (f"{model.path.name} does not fit {profile.name} at any context: {used} leave {_gib(max(kv_budget, 0))} "
-                f"of {_gib(profile.memory_bytes)} available RAM for the KV cache (need >= 1 GiB); largest feasible: none "
-                "on this machine - free RAM or use a smaller/quantized model")
-    hint = (f"largest feasible on {profile.count} GPU(s): none; it fits from --gpus {enough_tp} --tp {enough_tp}"
-            if enough_tp else "largest feasible: none up to TP 32; use a quantized model")
-    return (f"{model.path.name} does not fit {profile.count} x {profile.name} at any context with TP {t}: per GPU {used} "
-            f"leave {_gib(kv_budget)} of {_gpu_util(profile)} x {_gib(profile.memory_bytes)} for the KV cache; {hint}")
+        return (
+            f"{model.path.name} does not fit {profile.name} at any context: {used} leave {_gib(max(kv_budget, 0))} "
+            f"of {_gib(profile.memory_bytes)} available RAM for the KV cache (need >= 1 GiB); largest feasible: none "
+            "on this machine - free RAM or use a smaller/quantized model"
+        )
+    hint = (
+        f"largest feasible on {profile.count} GPU(s): none; it fits from --gpus {enough_tp} {{tensor_parallel_size}} {enough_tp}"
+        if enough_tp
+        else "largest feasible: none up to TP 32; use a quantized model"
+    )
+    return (
+        f"{model.path.name} does not fit {profile.count} x {profile.name} at any context with TP {t}: per GPU {used} "
+        f"leave {_gib(kv_budget)} of {device.gpu_memory_utilization} x {_gib(profile.memory_bytes)} for the KV "
+        f"cache; {hint}"
+    )
 
 
-def _plan_lora(model: ModelInfo, adapters: list[AdapterInfo], dtype_bytes: int) -> LoraPlan:
-    rank = max(a.rank for a in adapters)
-    allowed = [r for r in ALLOWED_LORA_RANKS if r >= rank]
-    if not allowed:
-        raise PlanError(f"adapter rank {rank} is above vLLM's largest max_lora_rank {ALLOWED_LORA_RANKS[-1]}; "
-                        f"largest feasible: {ALLOWED_LORA_RANKS[-1]} (merge this adapter into the base instead)")
+def _plan_lora(model: ModelInfo, adapters: list[LoraAdapter], dtype_bytes: int) -> LoraPlan:
+    rank = max(a.max_rank for a in adapters)
+    max_lora_rank = round_max_lora_rank(rank)
+    if max_lora_rank is None:
+        raise PlanError(
+            f"adapter rank {rank} is above vLLM's largest max_lora_rank {ALLOWED_MAX_LORA_RANKS[-1]}; "
+            f"largest feasible: {ALLOWED_MAX_LORA_RANKS[-1]} (merge this adapter into the base instead)"
+        )
     modules = _wrapped_modules(model, adapters)
     if not modules:
-        raise PlanError(f"no module of {model.path} matches the adapters' target_modules "
-                        f"({', '.join(str(a.target_modules) for a in adapters)}); is the adapter for this base?")
+        raise PlanError(
+            f"no module of {model.path} matches the adapters' target_modules "
+            f"({', '.join(str(a.target_modules) for a in adapters)}); is the adapter for this base?"
+        )
     names = tuple(sorted({m.rsplit(".", 1)[-1] for m in modules}))
-    plan = LoraPlan(max_loras=len(adapters), max_lora_rank=allowed[0], target_modules=names, buffer_bytes=0)
+    plan = LoraPlan(max_loras=len(adapters), max_lora_rank=max_lora_rank, target_modules=names, buffer_bytes=0)
     return LoraPlan(plan.max_loras, plan.max_lora_rank, names, _lora_buffer_bytes(model, plan, 1, dtype_bytes))
 
 
-def _wrapped_modules(model: ModelInfo, adapters: list[AdapterInfo]) -> set[str]:
+def _wrapped_modules(model: ModelInfo, adapters: list[LoraAdapter]) -> set[str]:
     """Full module names vLLM wraps for these adapters (packed siblings included)."""
     layer_modules = [m for m in model.linear_shapes if ".layers." in m or ".h." in m]
     matched: set[str] = set()
     for a in adapters:
         t = a.target_modules
+        if t is None:  # target_parameters only: no linear module is wrapped
+            continue
         for m in layer_modules:
-            if t == "all-linear" or (isinstance(t, str) and re.fullmatch(t, m)) or (
-                    not isinstance(t, str) and any(m == x or m.endswith("." + x) for x in t)):
+            if (
+                t == "all-linear"
+                or (isinstance(t, str) and re.fullmatch(t, m))
+                or (not isinstance(t, str) and any(m == x or m.endswith("." + x) for x in t))
+            ):
                 matched.add(m)
     for m in list(matched):
         parent, short = m.rsplit(".", 1)
@@ -543,22 +867,36 @@ def _lora_buffer_bytes(model: ModelInfo, lora: LoraPlan, t: int, dtype_bytes: in
     return lora.max_loras * lora.max_lora_rank * total * dtype_bytes
 
 
-def _training_ratio(adapters: list[AdapterInfo], max_len: int, threshold: float,
-                    reasons: list[Reason], warnings: list[str]) -> float | None:
+def _training_ratio(
+    adapters: list[LoraAdapter], max_len: int, threshold: float, reasons: list[Reason], warnings: list[str]
+) -> float | None:
     known = [a for a in adapters if a.training_seq_len]
     if not known:
         if adapters:
-            reasons.append(Reason("training length", "unknown", "no lcserve_adapter.json / axolotl sequence_len / "
-                                  "training_args beside the adapter; pass --training-len to check serving vs training length"))
+            reasons.append(
+                Reason(
+                    "training length",
+                    "unknown",
+                    "no lcserve_adapter.json / axolotl sequence_len / "
+                    "training_args beside the adapter; pass --training-len to check serving vs training length",
+                )
+            )
         return None
     shortest = min(known, key=lambda a: a.training_seq_len)
     ratio = max_len / shortest.training_seq_len
-    reasons.append(Reason("max_model_len / training length", f"{ratio:.1f}x",
-                          f"{max_len} / {shortest.training_seq_len} ({shortest.path.name}); warning above {threshold:g}x"))
+    reasons.append(
+        Reason(
+            "max_model_len / training length",
+            f"{ratio:.1f}x",
+            f"{max_len} / {shortest.training_seq_len} ({shortest.path.name}); warning above {threshold:g}x",
+        )
+    )
     if ratio > threshold:
-        warnings.append(f"max_model_len {max_len} is {ratio:.0f}x the training length {shortest.training_seq_len} of "
-                        f"adapter {shortest.path.name}: quality past {shortest.training_seq_len} tokens is unmeasured; "
-                        f"run the long-context probes (`lcserve probe`) before serving long prompts, or lower --context")
+        warnings.append(
+            f"max_model_len {max_len} is {ratio:.0f}x the training length {shortest.training_seq_len} of "
+            f"adapter {shortest.path.name}: quality past {shortest.training_seq_len} tokens is unmeasured; "
+            f"run the long-context probes (`lcserve probe`) before serving long prompts, or lower max_model_len"
+        )
     return ratio
 
 
@@ -581,13 +919,21 @@ def yarn_overrides(model: ModelInfo, context: int) -> dict:
     With per-layer-type RoPE (Gemma 3) only full-attention layers are scaled: sliding
     layers never see distances beyond their window.
     """
-    yarn = {"rope_type": "yarn", "factor": _yarn_factor(model, context), "original_max_position_embeddings": _original_len(model)}
+    yarn = {
+        "rope_type": "yarn",
+        "factor": _yarn_factor(model, context),
+        "original_max_position_embeddings": _original_len(model),
+    }
     params = model.rope_parameters
     if set(params) == {"default"}:
         rope = {**params["default"], **yarn}
     else:
         rope = {k: ({**v, **yarn} if k == "full_attention" else dict(v)) for k, v in params.items()}
     return {"max_position_embeddings": context, "model_max_length": context, "rope_parameters": rope}
+
+
+def _memory_terms(memory: dict[str, int]) -> str:
+    return " - ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in memory.items())
 
 
 def _gib(n: int | float) -> str:

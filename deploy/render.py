@@ -10,8 +10,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from lcserve.vllm_rules import option_args
+
 from .hardware import GIB, SHIPPED_DIR, Profile
-from .plan import ServePlan, option_args
+from .plan import ServePlan
 
 
 def vllm_config_yaml(plan: ServePlan) -> str:
@@ -21,9 +23,12 @@ def vllm_config_yaml(plan: ServePlan) -> str:
 
 def env_lines(plan: ServePlan) -> str:
     """Shell assignments for scripts: `eval "$(lcserve deploy plan ... --format env)"`."""
-    lines = [f"MAX_MODEL_LEN={plan.max_model_len}", f"MAX_NUM_SEQS={plan.max_num_seqs}",
-             f"GPU_MEM_UTIL={plan.gpu_memory_utilization if plan.gpu_memory_utilization is not None else 'auto'}",
-             f"VLLM_PLAN_ARGS={shlex.quote(plan.shell_args())}"]
+    lines = [
+        f"MAX_MODEL_LEN={plan.max_model_len}",
+        f"MAX_NUM_SEQS={plan.max_num_seqs}",
+        f"GPU_MEM_UTIL={plan.gpu_memory_utilization if plan.gpu_memory_utilization is not None else 'auto'}",
+        f"VLLM_PLAN_ARGS={shlex.quote(plan.shell_args())}",
+    ]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in plan.env.items()]
     return "\n".join(lines)
 
@@ -38,18 +43,33 @@ def serve_line(plan: ServePlan, port: int = 8000) -> str:
         if key in positional:
             continue
         rest += option_args(key, value)
-    line = (f"./serve_vllm.sh {shlex.quote(str(plan.model.path))} {port} {plan.max_num_seqs} {plan.max_model_len} {util}"
-            + (" -- " + " ".join(shlex.quote(a) for a in rest) if rest else ""))
+    line = (
+        f"./serve_vllm.sh {shlex.quote(str(plan.model.path))} {port} {plan.max_num_seqs} {plan.max_model_len} {util}"
+        + (" -- " + " ".join(shlex.quote(a) for a in rest) if rest else "")
+    )
     return f"{env} {line}" if env else line
 
 
 def print_plan(plan: ServePlan, console: Console, port: int = 8000) -> None:
     m, p = plan.model, plan.profile
-    console.print(Text.assemble(("Plan ", "bold"), f"{m.path.name} ({m.architecture}, {m.param_count / 1e6:.0f}M params, "
-                                f"{m.attention_summary}) on {p.count} x {p.display_name or p.name} ", (f"[{p.source}]", "dim")))
-    console.print(Text.assemble("  max_model_len ", (str(plan.max_model_len), "bold"), ", KV capacity ",
-                                (f"{plan.kv_tokens:,}", "bold"), " tokens, max concurrency at full context ",
-                                (f"{plan.max_concurrency:.2f}x", "bold")))
+    console.print(
+        Text.assemble(
+            ("Plan ", "bold"),
+            f"{m.path.name} ({m.architecture}, {m.param_count / 1e6:.0f}M params, "
+            f"{m.attention_summary}) on {p.count} x {p.display_name or p.name} ",
+            (f"[{p.source}]", "dim"),
+        )
+    )
+    console.print(
+        Text.assemble(
+            "  max_model_len ",
+            (str(plan.max_model_len), "bold"),
+            ", KV capacity ",
+            (f"{plan.kv_tokens:,}", "bold"),
+            " tokens, max concurrency at full context ",
+            (f"{plan.max_concurrency:.2f}x", "bold"),
+        )
+    )
     for r in plan.reasons:
         console.print(Text.assemble("  ", (r.setting, "bold cyan"), " = ", (r.value, "bold")))
         console.print(Text("      " + r.why, style="dim"))
@@ -62,7 +82,9 @@ def print_plan(plan: ServePlan, console: Console, port: int = 8000) -> None:
     for w in plan.warnings:
         console.print(Text.assemble(("warning: ", "yellow"), w))
     env = " ".join(f"{k}={v}" for k, v in plan.env.items())
-    console.print(Text.assemble(("vLLM arguments: ", "bold"), (env + " " if env else "") + plan.shell_args()), soft_wrap=True)
+    console.print(
+        Text.assemble(("vLLM arguments: ", "bold"), (env + " " if env else "") + plan.shell_args()), soft_wrap=True
+    )
     console.print(Text.assemble(("serve_vllm.sh: ", "bold"), serve_line(plan, port)), soft_wrap=True)
 
 
@@ -72,12 +94,28 @@ def print_profiles(profiles: list[Profile], detected: Profile, console: Console)
         table.add_column(col)
     for p in profiles:
         source = "shipped" if Path(p.source).parent == SHIPPED_DIR else p.source
-        table.add_row(p.name, p.kind, f"{p.memory_gib:.1f}", str(p.count),
-                      str(p.memory_bandwidth_gbs or "-"), _yn(p.bf16), _yn(p.fp8), p.interconnect or "-", source)
+        table.add_row(
+            p.name,
+            p.kind,
+            f"{p.memory_gib:.1f}",
+            str(p.count),
+            str(p.memory_bandwidth_gbs or "-"),
+            _yn(p.bf16),
+            _yn(p.fp8),
+            p.interconnect or "-",
+            source,
+        )
     console.print(table)
-    console.print(Text.assemble("auto -> ", (detected.name, "bold"), f": {detected.count} x {detected.display_name}, "
-                                f"{detected.memory_gib:.1f} GiB" + (f", {detected.cores} cores" if detected.cores else "")
-                                + f" ({detected.source})"))
+    console.print(
+        Text.assemble(
+            "auto -> ",
+            (detected.name, "bold"),
+            f": {detected.count} x {detected.display_name}, "
+            f"{detected.memory_gib:.1f} GiB"
+            + (f", {detected.cores} cores" if detected.cores else "")
+            + f" ({detected.source})",
+        )
+    )
 
 
 def _yn(flag: bool) -> str:

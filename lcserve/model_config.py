@@ -2,7 +2,9 @@
 
 Never loads weights. The planner needs the KV layout per layer (full, sliding window,
 MLA), the derived maximum length (with vLLM's RoPE rules), and the weight bytes; the
-adapters code needs the linear shapes. The attention-layout rules follow the
+adapters code needs the linear shapes. A folder without the weights (planned before a
+download) gets them from model.safetensors.index.json or from config.json arithmetic
+(config_weights.py), and says which source it used. The attention-layout rules follow the
 transformers config classes (which write `layer_types`) and vLLM's reading of them
 (`engine/arg_utils.py`: a model without `layer_types` applies `sliding_window` to every
 layer), so old and new config.json files give the same answer vLLM does.
@@ -15,15 +17,30 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import config_weights as cw
 from .errors import ModelError
-from .safetensors_header import read_model_tensors
+from .safetensors_header import DTYPE_BYTES, index_total_size, read_model_tensors, safetensors_files
 
 # vLLM `derive_max_model_len_and_key`: the smallest of these keys is the derived maximum.
-MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
-                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+MAX_LEN_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
 # RoPE types whose max_position_embeddings is already the scaled length (vLLM does not multiply).
 PRESCALED_ROPE_TYPES = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
 DEFAULT_MAX_LEN = 2048  # vLLM's assumption when config.json states no length at all
+# Where ModelInfo's weight figures come from, best first.
+WEIGHTS_FROM_HEADERS = "safetensors headers"
+WEIGHTS_FROM_INDEX = "model.safetensors.index.json"
+WEIGHTS_FROM_CONFIG = "config.json arithmetic"
+MIXED_DTYPES = "mixed"  # bytes key of a quantized model sized by its index total (no split by dtype)
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,17 @@ class MLADims:
 
 
 @dataclass(frozen=True)
+class Weights:
+    """Weight figures of a model and where they come from."""
+
+    bytes_by_dtype: dict[str, int]
+    param_count: int
+    linear_shapes: dict[str, tuple[int, int]]
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     path: Path
     architecture: str
@@ -74,10 +102,17 @@ class ModelInfo:
     quantization: dict | None
     tie_word_embeddings: bool
     linear_shapes: dict[str, tuple[int, int]]
+    weights_source: str = WEIGHTS_FROM_HEADERS  # one of WEIGHTS_FROM_*
+    weights_source_reason: str = ""  # for people: why this source, and what it read
 
     @property
     def weight_bytes(self) -> int:
         return sum(self.param_bytes_by_dtype.values())
+
+    @property
+    def has_weights(self) -> bool:
+        """The safetensors files are in the folder (serving needs them; planning does not)."""
+        return self.weights_source == WEIGHTS_FROM_HEADERS
 
     @property
     def attention_summary(self) -> dict[str, int]:
@@ -104,7 +139,7 @@ def read_model(model_dir: str | Path) -> ModelInfo:
     if not config_path.exists():
         raise ModelError(f"{config_path}: missing; pass a Hugging Face model folder (config.json + *.safetensors)")
     config = _read_json(config_path)
-    text = {**config, **config["text_config"]} if isinstance(config.get("text_config"), dict) else config
+    text = cw.text_config(config)
 
     def need(key: str, *alternatives: str) -> int:
         for k in (key, *alternatives):
@@ -121,16 +156,7 @@ def read_model(model_dir: str | Path) -> ModelInfo:
     if text.get("kv_lora_rank") is not None:
         mla = MLADims(int(text["kv_lora_rank"]), int(text.get("qk_rope_head_dim") or 0))
 
-    tensors = read_model_tensors(model_dir)
-    by_dtype: Counter[str] = Counter()
-    count = 0
-    linear_shapes: dict[str, tuple[int, int]] = {}
-    for name, t in tensors.items():
-        by_dtype[t.dtype] += t.nbytes
-        count += t.numel
-        if len(t.shape) == 2 and name.endswith(".weight"):
-            linear_shapes[name[: -len(".weight")]] = (t.shape[0], t.shape[1])
-
+    weights = model_weights(model_dir, config)
     rope = _rope_parameters(text)
     derived, reason = derived_max_len(text, rope, _tokenizer_max_len(model_dir))
     quant = config.get("quantization_config")
@@ -138,7 +164,13 @@ def read_model(model_dir: str | Path) -> ModelInfo:
         path=model_dir,
         architecture=(config.get("architectures") or [config.get("model_type", "unknown")])[0],
         model_type=str(text.get("model_type") or config.get("model_type") or "unknown"),
-        dtype=str(text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype") or "bfloat16"),
+        dtype=str(
+            text.get("dtype")
+            or text.get("torch_dtype")
+            or config.get("dtype")
+            or config.get("torch_dtype")
+            or "bfloat16"
+        ),
         num_layers=num_layers,
         hidden_size=hidden,
         intermediate_size=int(text.get("intermediate_size") or 4 * hidden),
@@ -152,13 +184,114 @@ def read_model(model_dir: str | Path) -> ModelInfo:
         rope_parameters=rope,
         derived_max_len=derived,
         derived_max_len_reason=reason,
-        param_bytes_by_dtype=dict(by_dtype),
-        param_count=count,
-        quantization=({"method": quant.get("quant_method"), "bits": quant.get("bits") or quant.get("w_bit")}
-                      if isinstance(quant, dict) else None),
-        tie_word_embeddings=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
-        linear_shapes=linear_shapes,
+        param_bytes_by_dtype=weights.bytes_by_dtype,
+        param_count=weights.param_count,
+        quantization=(
+            {"method": quant.get("quant_method"), "bits": quant.get("bits") or quant.get("w_bit")}
+            if isinstance(quant, dict)
+            else None
+        ),
+        tie_word_embeddings=cw.tied_embeddings(text),
+        linear_shapes=weights.linear_shapes,
+        weights_source=weights.source,
+        weights_source_reason=weights.reason,
     )
+
+
+def require_weights(model: ModelInfo) -> None:
+    """Serving loads the weights: refuse a model planned from its index or config.json alone."""
+    if not model.has_weights:
+        raise ModelError(
+            f"{model.path}: no *.safetensors weights (sized from {model.weights_source} only); "
+            "download the weights into the folder before serving (lcserve reads safetensors only)"
+        )
+
+
+def model_weights(model_dir: Path, config: dict) -> Weights:
+    """Weight figures from the best source in the folder: the safetensors headers; else the
+    index's total_size (count and shapes from config.json); else config.json arithmetic."""
+    files = safetensors_files(model_dir)
+    if any(f.exists() for f in files):  # a partial download fails on the missing shard, naming it
+        tensors = read_model_tensors(model_dir)
+        return Weights(
+            cw.bytes_by_dtype(tensors),
+            cw.param_count(tensors),
+            cw.linear_shapes(tensors),
+            WEIGHTS_FROM_HEADERS,
+            f"read from the headers of {len(files)} safetensors file(s)",
+        )
+    total = index_total_size(model_dir)
+    try:
+        if total is not None and not config.get("quantization_config"):
+            return _weights_from_index(total, config)
+        stored, shapes = cw.checkpoint_tensors(config), cw.linear_shapes(cw.unquantized_tensors(config))
+    except ModelError as e:
+        raise ModelError(f"{model_dir}: no *.safetensors weights; {e}") from None
+    if total is None:
+        missing = (
+            "no *.safetensors, and no metadata.total_size in the index"
+            if (model_dir / "model.safetensors.index.json").exists()
+            else "no *.safetensors or model.safetensors.index.json in the folder"
+        )
+        return Weights(
+            cw.bytes_by_dtype(stored),
+            cw.param_count(stored),
+            shapes,
+            WEIGHTS_FROM_CONFIG,
+            f"{missing}; computed from config.json ({_config_summary(config)})",
+        )
+    return Weights(
+        {MIXED_DTYPES: total},
+        cw.param_count(stored),
+        shapes,
+        WEIGHTS_FROM_INDEX,
+        f"no *.safetensors in the folder; metadata.total_size of the index ({total:,} bytes); "
+        "parameter count from config.json",
+    )
+
+
+def _weights_from_index(total: int, config: dict) -> Weights:
+    """An unquantized model's figures from its index: bytes = total_size, count = total / dtype
+    bytes; linear shapes from config.json when its architecture is known."""
+    dtype = cw.checkpoint_dtype(cw.text_config(config))
+    reason = (
+        f"no *.safetensors in the folder; metadata.total_size of the index ({total:,} bytes); "
+        f"parameter count = total / {DTYPE_BYTES[dtype]} bytes ({dtype})"
+    )
+    try:
+        shapes = cw.linear_shapes(cw.unquantized_tensors(config))
+    except ModelError as e:
+        shapes, reason = {}, f"{reason}; no linear shapes for LoRA sizing ({e})"
+    return Weights({dtype: total}, total // DTYPE_BYTES[dtype], shapes, WEIGHTS_FROM_INDEX, reason)
+
+
+def _config_summary(config: dict) -> str:
+    """What the config arithmetic assumed, in a few words."""
+    text = cw.text_config(config)
+    parts = [str(text.get("model_type")), cw.checkpoint_dtype(text)]
+    quant = config.get("quantization_config")
+    if quant:
+        parts.append(f"{quant.get('quant_method')} quantized")
+    if cw.tied_embeddings(text):
+        parts.append("tied embeddings")
+    if text.get("num_nextn_predict_layers"):
+        parts.append("MTP layers not counted: vLLM loads them only for speculative decoding")
+    return ", ".join(parts)
+
+
+def base_training_len(model_dir: Path) -> int | None:
+    """A base model's training length: `max_position_embeddings` of its config.json (text_config
+    for multimodal configs); None when the folder has no readable config. Never raises: the
+    gateway asks this of every served model's folder."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    value = text.get("max_position_embeddings") or config.get("max_position_embeddings")
+    return value if isinstance(value, int) else None
 
 
 def layer_attention(text: dict, num_layers: int, is_mla: bool) -> tuple[LayerAttention, ...]:
@@ -261,5 +394,7 @@ def _read_json(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise ModelError(f"{path}: unreadable JSON ({e}); re-create or re-download the model folder") from None
     if not isinstance(data, dict):
-        raise ModelError(f"{path}: expected a JSON object")
+        raise ModelError(
+            f"{path}: expected a JSON object; pass a Hugging Face model folder (config.json + *.safetensors)"
+        )
     return data

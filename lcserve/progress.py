@@ -16,8 +16,15 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 def progress_bar(console: Console, *columns):
     if console.is_terminal:
-        return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), *columns,
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        return Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            *columns,
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
     return LineProgress(console)
 
 
@@ -54,8 +61,16 @@ class LineProgress:
     def advance(self, task_id: int, advance: float = 1) -> None:
         self.update(task_id, advance=advance)
 
-    def update(self, task_id: int, *, advance: float | None = None, completed: float | None = None,
-               description: str | None = None, total: float | None = None, **fields) -> None:
+    def update(
+        self,
+        task_id: int,
+        *,
+        advance: float | None = None,
+        completed: float | None = None,
+        description: str | None = None,
+        total: float | None = None,
+        **fields,
+    ) -> None:
         task = self.tasks[task_id]
         if total is not None:
             task.total = total
@@ -80,7 +95,9 @@ class LineProgress:
         if task.total:
             share = task.completed / task.total
             # counts only for whole-number totals (steps, requests); bytes and seconds read better as a share
-            counts = f"{task.completed:g}/{task.total:g} " if float(task.total).is_integer() and task.total < 1e5 else ""
+            counts = (
+                f"{task.completed:g}/{task.total:g} " if float(task.total).is_integer() and task.total < 1e5 else ""
+            )
             left = f", about {elapsed / share - elapsed:.0f} s left" if 0 < share < 1 else ""
             done = f"{counts}({share:.0%}){left}"
         self.console.print(f"{task.description}: {done}, {elapsed:.0f} s", highlight=False, soft_wrap=True)

@@ -14,8 +14,22 @@ from pathlib import Path
 from .errors import ModelError
 
 DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -25,7 +39,7 @@ class TensorInfo:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    file: Path
+    file: Path | None = None  # None: a tensor computed from config.json, not read from a file
 
     @property
     def numel(self) -> int:
@@ -50,7 +64,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 raise ModelError(f"{path}: not a safetensors file (shorter than 8 bytes); re-create or re-download it")
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > min(MAX_HEADER_BYTES, size - 8):
-                raise ModelError(f"{path}: corrupt safetensors header (length {header_len} > file size {size}); re-create or re-download it")
+                raise ModelError(
+                    f"{path}: corrupt safetensors header (length {header_len} > file size {size}); re-create or re-download it"
+                )
             header = json.loads(f.read(header_len))
     except FileNotFoundError:
         raise ModelError(f"{path}: file not found") from None
@@ -83,11 +99,30 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
+def index_total_size(model_dir: Path) -> int | None:
+    """`metadata.total_size` of model.safetensors.index.json (the bytes of all shards' tensors):
+    the weight size of a model whose shards are not downloaded. None without an index or the field."""
+    index = Path(model_dir) / "model.safetensors.index.json"
+    if not index.exists():
+        return None
+    try:
+        total = (json.loads(index.read_text()).get("metadata") or {}).get("total_size")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ModelError(f"{index}: unreadable index ({e}); re-create or re-download it") from None
+    if total is None:
+        return None
+    if not isinstance(total, (int, float)) or total <= 0:
+        raise ModelError(f"{index}: metadata.total_size is {total!r}, not a byte count; re-download the index")
+    return int(total)
+
+
 def read_model_tensors(model_dir: Path) -> dict[str, TensorInfo]:
     """All tensors of a model folder, from headers only."""
     files = safetensors_files(model_dir)
     if not files:
-        raise ModelError(f"{model_dir}: no *.safetensors weights; lcserve reads safetensors only (convert the model first)")
+        raise ModelError(
+            f"{model_dir}: no *.safetensors weights; lcserve reads safetensors only (convert the model first)"
+        )
     out: dict[str, TensorInfo] = {}
     for f in files:
         out.update(read_header(f)[0])

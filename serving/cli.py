@@ -1,4 +1,8 @@
-"""`lcserve serve`: the main job. Resolve the model, plan vLLM's settings, launch and wait."""
+"""The serving group's commands: `lcserve serve` (the main job), `lcserve probe`, `lcserve gateway`.
+
+Each is a thin layer: `serve` reads the inputs, asks `launch.describe_launch` (pure) what to
+start, and starts it; `probe` and `gateway` wrap one library call each.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +11,45 @@ import logging
 import os
 import signal
 import time
+from datetime import datetime
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.progress import TextColumn
 
 from lcserve import embedded as emb
-from lcserve.adapters.inspection import AdapterReport, inspect_adapter
+from lcserve import options
+from lcserve.adapters.inspection import inspect_adapter
 from lcserve.adapters.merge import PROVENANCE, merge_adapter
-from lcserve.adapters.mount import MODES, decide_mode, parse_adapter_spec, vllm_lora_args
-from lcserve.adapters.reader import adapter_sha256
-from lcserve.deploy.adapters_info import read_adapter
-from lcserve.deploy.hardware import resolve_profile
-from lcserve.deploy.plan import ServePlan, plan_deployment
-from lcserve.errors import ModelError, PlanError
-from lcserve.model_config import read_model
+from lcserve.adapters.mount import MODES, parse_adapter_spec
+from lcserve.adapters.reader import LoraAdapter, adapter_sha256
+from lcserve.deploy.inputs import read_plan_inputs
+from lcserve.engine import EngineProcess, free_port, vllm_build
+from lcserve.errors import LcserveError, ModelError, PlanError, ProbeError
+from lcserve.model_config import require_weights
+from lcserve.output import emit, json_option
 from lcserve.paths import demo_adapter_dir, lcserve_home
 from lcserve.progress import progress_bar
 
-from .cpu_lora import ENV_VAR as CPU_LORA_ENV
-from .cpu_lora import SEGMENTED
-from .engine import EngineProcess, EngineSpec, free_port, vllm_build, vllm_command
+from .launch import Launch, ServeInputs, ServeOptions, describe_launch
 from .probe_schedule import ProbeSchedule
-from .probes.runner import ProbeConfig
+from .probes.plan import TIERS, parse_lengths
+from .probes.report import rich_tables
+from .probes.runner import DEFAULT_BASE, DEFAULT_REFERENCE, ProbeConfig, run_probe
+from .security import allowed_dirs, exposure_warning, read_api_key
 from .stack import run_stack
+
+# How `lcserve serve` names the planner's settings in its errors, by who called it.
+ARGUMENT_NAMES = {
+    "options": {},
+    "positional": {
+        "max_model_len": "MAX_MODEL_LEN",
+        "max_num_seqs": "MAX_NUM_SEQS",
+        "gpu_memory_utilization": "GPU_MEM_UTIL",
+    },
+}
 
 
 def resolve_model(model: str | None, console: Console) -> tuple[str, str, Path | None]:
@@ -47,45 +65,30 @@ def resolve_model(model: str | None, console: Console) -> tuple[str, str, Path |
         return model, model, None
     path = Path(model).expanduser().resolve()
     if not path.is_dir():
-        raise ModelError(f"model folder {model} not found; pass a folder with config.json and *.safetensors, "
-                         "or omit MODEL to serve the embedded default")
+        raise ModelError(
+            f"model folder {model} not found; pass a folder with config.json and *.safetensors, "
+            "or omit MODEL to serve the embedded default"
+        )
     return str(path), path.name, path
 
 
-def plan_for(model_dir: Path, profile: str, adapter_dirs: list[Path], max_model_len: int | None,
-             max_num_seqs: int | None, kv_dtype: str, rope_scaling: str | None = None) -> ServePlan:
-    """The planner's choice for this model on this hardware; explicit values become its targets."""
-    prof = resolve_profile(profile)
-    kv_env = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    kv_cache_gib = int(kv_env) if prof.is_cpu and kv_env and kv_env.isdigit() else None
-    return plan_deployment(prof, read_model(model_dir), adapters=[read_adapter(d) for d in adapter_dirs],
-                           context=max_model_len, concurrency=max_num_seqs, kv_dtype=kv_dtype,
-                           rope_scaling=rope_scaling, kv_cache_gib=kv_cache_gib)
+def merged_dir(name: str, adapter: LoraAdapter, base_dir: Path) -> Path:
+    """Where the merge of this adapter into this base is cached, named by both identities."""
+    return lcserve_home() / "merged" / f"{name}-{adapter_sha256(adapter.path)[:12]}-{base_dir.name}"
 
 
-def override_option(args: list[str], option: str, value: str) -> list[str]:
-    """`args` with `option`'s value replaced (or appended)."""
-    if option in args:
-        i = args.index(option)
-        return args[:i + 1] + [value] + args[i + 2:]
-    return args + [option, value]
-
-
-def merged_model(name: str, report: AdapterReport, base_dir: Path, console: Console, dry_run: bool) -> Path:
-    """A merged copy of base + adapter, cached by both identities (merging again is wasted work)."""
-    adapter_dir = Path(report.adapter_dir)
-    digest = adapter_sha256(adapter_dir)
-    out_dir = lcserve_home() / "merged" / f"{name}-{digest[:12]}-{base_dir.name}"
-    if dry_run:
-        return out_dir
+def ensure_merged(adapter: LoraAdapter, base_dir: Path, out_dir: Path, console: Console) -> None:
+    """Merge unless `out_dir` already holds this adapter's merge into this base (merging again is wasted
+    work; a folder whose provenance names other adapter bytes or another base is merged again)."""
     try:
         provenance = json.loads((out_dir / PROVENANCE).read_text())
     except (OSError, json.JSONDecodeError):
         provenance = {}
-    if provenance.get("adapter_sha256") != digest or provenance.get("base_dir") != str(base_dir.resolve()):
-        console.print(f"merging {adapter_dir} into {base_dir} -> {out_dir}")
-        merge_adapter(adapter_dir, base_dir, out_dir, force=True)
-    return out_dir
+    if provenance.get("adapter_sha256") != adapter_sha256(adapter.path) or provenance.get("base_dir") != str(
+        base_dir.resolve()
+    ):
+        console.print(f"merging {adapter.path} into {base_dir} -> {out_dir}")
+        merge_adapter(adapter, base_dir, out_dir, force=True)
 
 
 def demo_adapter(console: Console, dry_run: bool) -> list[str]:
@@ -101,58 +104,158 @@ def demo_adapter(console: Console, dry_run: bool) -> list[str]:
     return [f"writer={demo_adapter_dir()}"]
 
 
-def plan_summary(plan: ServePlan) -> list[str]:
-    lines = [f"plan ({plan.profile.name}): max_model_len {plan.max_model_len}, max_num_seqs {plan.max_num_seqs}, "
-             f"KV cache {plan.kv_tokens:,} tokens = {plan.max_concurrency:.2f} requests at full context "
-             "(`lcserve deploy plan` explains every number)"]
-    lines += [f"{k}={v}: {r.why}" for k, v in plan.env.items() for r in plan.reasons
-              if r.setting == k and k not in os.environ]
-    return lines + [f"warning: {w}" for w in plan.warnings]
+def read_inputs(options: ServeOptions, console: Console) -> ServeInputs:
+    """Read what the launch depends on: the model folder, the adapters, the hardware, the environment."""
+    model_arg, default_name, model_dir = resolve_model(options.model, console)
+    if options.adapters and model_dir is None:
+        raise ModelError(f"{model_arg} is not a local folder; adapters need the base's folder to be checked against")
+    profile, model, adapters = (
+        read_plan_inputs(model_dir, options.profile, [path for _, path in options.adapters])
+        if model_dir
+        else (None, None, [])
+    )
+    if model is not None:
+        require_weights(model)  # a folder with config.json alone plans (`deploy plan`), but vLLM needs weights
+    reports = tuple(inspect_adapter(adapter, base_dir=model_dir) for adapter in adapters)
+    return ServeInputs(
+        model_arg=model_arg,
+        default_name=default_name,
+        model=model,
+        build=vllm_build(),
+        profile=profile,
+        environ=dict(os.environ),
+        engine_port=free_port() if options.gateway else options.port,
+        reports=reports,
+        merged_dir=merged_dir(options.adapters[0][0], adapters[0], model_dir) if adapters else None,
+    )
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "help_option_names": ["-h", "--help"]})
 @click.argument("model", required=False)
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to serve on.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise).")
-@click.option("--adapter", "adapter_specs", multiple=True, metavar="NAME=DIR",
-              help="LoRA adapter (PEFT folder) to serve beside the base as NAME (repeatable).")
-@click.option("--mode", type=click.Choice(MODES), default="auto", show_default=True,
-              help="Mount adapters in vLLM, merge them into the base, or auto (merge when vLLM cannot mount it "
-                   "or with --adapter-only).")
-@click.option("--adapter-only", is_flag=True,
-              help="One adapter serves all traffic (nobody needs the plain base): auto mode merges it.")
-@click.option("--base-only", is_flag=True,
-              help="Embedded default only: serve the base without the demo adapter `writer`.")
-@click.option("--gateway/--no-gateway", default=True, show_default=True,
-              help="Put lcserve's gateway (/metrics, context checks, 503 while restarting) on PORT, vLLM behind it.")
-@click.option("--api-key", envvar="LCSERVE_API_KEY",
-              help="Bearer token the gateway requires (env LCSERVE_API_KEY); enables adapter load/unload routes.")
-@click.option("--probe-on-start", is_flag=True,
-              help="Run the quick long-context probe (base vs adapters) once vLLM is ready; results become the "
-                   "gateway's lcserve_probe_* gauges and files under $LCSERVE_HOME/probes.")
-@click.option("--probe-every", type=click.FloatRange(min=1), metavar="MINUTES",
-              help="Run the quick probe every MINUTES (it shares the engine with your traffic).")
-@click.option("--profile", default="auto", show_default=True,
-              help="Hardware profile for the planner (`lcserve deploy profiles`), or auto (NVML, else CPU).")
-@click.option("--max-model-len", type=click.IntRange(min=16),
-              help="Context window (default: the planner's, the model's maximum when it fits).")
-@click.option("--max-num-seqs", type=click.IntRange(min=1),
-              help="Requests that must fit at full context at once (default: the planner's).")
-@click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True),
-              help="Override the planner's fraction of GPU memory, in (0, 1] (GPU build only).")
-@click.option("--kv-dtype", type=click.Choice(["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]), default="auto",
-              show_default=True, help="KV cache dtype; fp8 halves a bf16 cache.")
-@click.option("--rope-scaling", type=click.Choice(["yarn"]),
-              help="Allow --max-model-len above the model's maximum by YaRN (passed as --hf-overrides).")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise)."
+)
+@click.option(
+    "--adapter",
+    "adapter_specs",
+    multiple=True,
+    metavar="NAME=DIR",
+    help="LoRA adapter (PEFT folder) to serve beside the base as NAME (repeatable).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="auto",
+    show_default=True,
+    help="Mount adapters in vLLM, merge them into the base, or auto (merge when vLLM cannot mount it "
+    "or with --adapter-only).",
+)
+@click.option(
+    "--adapter-only",
+    is_flag=True,
+    help="One adapter serves all traffic (nobody needs the plain base): auto mode merges it.",
+)
+@click.option(
+    "--base-only", is_flag=True, help="Embedded default only: serve the base without the demo adapter `writer`."
+)
+@click.option(
+    "--gateway/--no-gateway",
+    default=True,
+    show_default=True,
+    help="Put lcserve's gateway (/metrics, context checks, 503 while restarting) on PORT, vLLM behind it.",
+)
+@click.option(
+    "--api-key",
+    envvar="LCSERVE_API_KEY",
+    help="Bearer token the gateway requires; prefer the env LCSERVE_API_KEY or --api-key-file (argv shows "
+    "in `ps`). Enables adapter load/unload, with --allow-adapter-dir.",
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File whose first line is the gateway's API key.",
+)
+@click.option(
+    "--allow-adapter-dir",
+    "allow_adapter_dirs",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    metavar="DIR",
+    help="Folder that runtime adapter loads (/v1/load_lora_adapter, with the API key) may "
+    "read from (repeatable); without one, runtime loading is off.",
+)
+@click.option(
+    "--probe-on-start",
+    is_flag=True,
+    help="Run the quick long-context probe (base vs adapters) once vLLM is ready; results become the "
+    "gateway's lcserve_probe_* gauges and files under $LCSERVE_HOME/probes.",
+)
+@click.option(
+    "--probe-every",
+    type=click.FloatRange(min=1),
+    metavar="MINUTES",
+    help="Run the quick probe every MINUTES (it shares the engine with your traffic).",
+)
+@options.profile
+@options.max_model_len
+@options.max_num_seqs
+@options.full_context_requests
+@click.option(
+    "--gpu-memory-utilization",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Override the planner's fraction of GPU memory, in (0, 1] (GPU build only).",
+)
+@options.kv_cache_dtype
+@options.rope_scaling
 @click.option("--served-model-name", help="Name clients use (default: the folder name).")
-@click.option("--ready-timeout", type=click.IntRange(min=1), default=900, show_default=True,
-              help="Seconds to wait for vLLM to become ready.")
-@click.option("--log-file", type=click.Path(path_type=Path), help="vLLM's log (default: $LCSERVE_HOME/logs/vllm-PORT.log).")
+@click.option(
+    "--ready-timeout",
+    type=click.IntRange(min=1),
+    default=900,
+    show_default=True,
+    help="Seconds to wait for vLLM to become ready.",
+)
+@click.option(
+    "--log-file", type=click.Path(path_type=Path), help="vLLM's log (default: $LCSERVE_HOME/logs/vllm-PORT.log)."
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan, vLLM command and environment as JSON; start nothing.")
+@click.option(
+    "--argument-names",
+    type=click.Choice(list(ARGUMENT_NAMES)),
+    default="options",
+    hidden=True,
+    help="How errors name the settings: as these options, or as serve_vllm.sh's positional arguments.",
+)
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
-def serve(model, port, host, adapter_specs, mode, adapter_only, base_only, gateway, api_key, probe_on_start,
-          probe_every, profile, max_model_len, max_num_seqs, gpu_memory_utilization, kv_dtype,
-          rope_scaling, served_model_name, ready_timeout, log_file, dry_run, vllm_args) -> None:
+def serve(
+    model,
+    port,
+    host,
+    adapter_specs,
+    mode,
+    adapter_only,
+    base_only,
+    gateway,
+    api_key,
+    api_key_file,
+    allow_adapter_dirs,
+    probe_on_start,
+    probe_every,
+    profile,
+    max_model_len,
+    max_num_seqs,
+    full_context_requests,
+    gpu_memory_utilization,
+    kv_cache_dtype,
+    rope_scaling,
+    served_model_name,
+    ready_timeout,
+    log_file,
+    dry_run,
+    argument_names,
+    vllm_args,
+) -> None:
     """Serve MODEL (a model folder; default: the embedded Gemma 3 270M with its demo adapter `writer`
     mounted) with vLLM until Ctrl-C.
 
@@ -166,105 +269,125 @@ def serve(model, port, host, adapter_specs, mode, adapter_only, base_only, gatew
         model, vllm_args = None, (model, *vllm_args)
     if (probe_on_start or probe_every) and not gateway:
         raise click.UsageError("--probe-on-start/--probe-every publish through the gateway; drop --no-gateway")
-    model_arg, default_name, model_dir = resolve_model(model, console)
-    build = vllm_build()
+    api_key, allowed = gateway_access(api_key, api_key_file, allow_adapter_dirs, console.print)
     if model in (None, "embedded") and not adapter_specs and not base_only:
         adapter_specs = demo_adapter(console, dry_run)
-    args: list[str] = []
-    env: dict[str, str] = {}
-    notes: list[str] = []
-    plan = None
-    adapters = [parse_adapter_spec(a) for a in adapter_specs]
-    if adapters and model_dir is None:
-        raise ModelError(f"{model_arg} is not a local folder; adapters need the base's folder to be checked against")
-    served_name = served_model_name or default_name
-    mounted: list[tuple[str, Path]] = []
-    training_lengths: dict[str, int] = {}
-    if adapters:
-        reports = [inspect_adapter(path, base_dir=model_dir) for _, path in adapters]
-        decision = decide_mode(reports, mode, all_traffic=adapter_only)
-        notes.append(f"adapters: {decision.mode} ({'; '.join(decision.reasons)})")
-        for (name, _), report in zip(adapters, reports):
-            if report.training_seq_len:
-                training_lengths[name] = report.training_seq_len
-        if decision.mode == "merge":
-            name = adapters[0][0]
-            merged_dir = merged_model(name, reports[0], model_dir, console, dry_run)
-            notes.append(f"serving the merge of {adapters[0][1]} into {model_dir}: {merged_dir}")
-            if not dry_run:  # a dry run plans on the base: same architecture, nothing written
-                model_dir = merged_dir
-            model_arg, served_name = str(merged_dir), served_model_name or name
-        else:
-            mounted = adapters
-    if model_dir is not None:
-        plan = plan_for(model_dir, profile, [path for _, path in mounted], max_model_len, max_num_seqs, kv_dtype,
-                        rope_scaling)
-        if build == "cpu" and not plan.profile.is_cpu:
-            raise PlanError(f"--profile {profile} is a GPU profile but this machine runs vLLM's CPU build; serve with "
-                            "--profile auto (or cpu), and plan for other hardware with `lcserve deploy plan --profile`")
-        args = plan.vllm_args()
-        if mounted:  # the plan sizes LoRA capacity; the adapters themselves are named here
-            lora = vllm_lora_args(mounted, served_name, reports)
-            args += lora[lora.index("--lora-modules"):lora.index("--max-lora-rank")]
-        env = {k: v for k, v in plan.env.items() if k not in os.environ}
-        if mounted and build == "cpu" and CPU_LORA_ENV not in os.environ:
-            env[CPU_LORA_ENV] = SEGMENTED
-            notes.append(f"{CPU_LORA_ENV}={SEGMENTED}: one matrix product per run of tokens instead of vLLM's "
-                         "per-token weight copies (LoRA prefill about 5x faster on the CPU build; =stock restores vLLM's)")
-        notes += plan_summary(plan)
-    else:
-        notes.append(f"{model_arg} is not a local folder: no plan (lcserve reads config.json to plan); "
-                     "your explicit settings go to vLLM as they are")
-        for option, value in (("--max-model-len", max_model_len), ("--max-num-seqs", max_num_seqs)):
-            if value is not None:
-                args += [option, str(value)]
-    for key in ("VLLM_CPU_KVCACHE_SPACE",):
-        if key in os.environ and build == "cpu":
-            notes.append(f"{key}={os.environ[key]} GiB (from the environment)")
-    if gpu_memory_utilization is not None:
-        if build == "cpu":
-            notes.append("--gpu-memory-utilization is ignored on the CPU build: the KV cache is sized by "
-                         "VLLM_CPU_KVCACHE_SPACE")
-        else:
-            args = override_option(args, "--gpu-memory-utilization", str(gpu_memory_utilization))
-    passthrough = list(vllm_args)
-    if build == "cpu" and "--enforce-eager" not in passthrough and "-O" not in " ".join(passthrough):
-        args.append("--enforce-eager")
-        notes.append("CPU build: --enforce-eager (torch.compile warm-up takes minutes on small CPUs)")
-    engine_port = free_port() if gateway else port
-    spec = EngineSpec(model=model_arg, served_model_name=served_name, host="127.0.0.1" if gateway else host,
-                      port=engine_port, extra_args=args + passthrough, env=env)
+    options = ServeOptions(
+        model=model,
+        port=port,
+        host=host,
+        adapters=tuple(parse_adapter_spec(a) for a in adapter_specs),
+        mode=mode,
+        adapter_only=adapter_only,
+        gateway=gateway,
+        profile=profile,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        full_context_requests=full_context_requests,
+        gpu_memory_utilization=gpu_memory_utilization,
+        kv_cache_dtype=kv_cache_dtype,
+        rope_scaling=rope_scaling,
+        served_model_name=served_model_name,
+        vllm_args=tuple(vllm_args),
+        dry_run=dry_run,
+    )
+    try:
+        launch = describe_launch(options, read_inputs(options, console))
+    except PlanError as e:  # name the setting as the user typed it
+        raise LcserveError(e.worded(ARGUMENT_NAMES[argument_names])) from None
     if dry_run:
-        click.echo(json.dumps({"command": vllm_command(spec), "env": env, "notes": notes, "build": build,
-                               "gateway": f"http://{host}:{port}" if gateway else None,
-                               "training_lengths": training_lengths,
-                               "plan": plan.to_json() if plan else None}, indent=2))
+        emit(launch.to_json(), as_json=True)
         return
-    for note in notes:
+    for note in launch.notes:
         console.print(f"[dim]{note}[/dim]")
-    log_path = log_file or lcserve_home() / "logs" / f"vllm-{port}.log"
-    context = plan.max_model_len if plan else max_model_len
-    if not gateway:
-        _run_until_signal(EngineProcess(spec, log_path), context, ready_timeout, console)
+    if launch.merge:
+        ensure_merged(*launch.merge, console)
+    run(
+        launch,
+        api_key,
+        probe_on_start,
+        probe_every,
+        ready_timeout,
+        log_file or lcserve_home() / "logs" / f"vllm-{port}.log",
+        console,
+        allowed,
+    )
+
+
+def gateway_access(
+    api_key: str | None, api_key_file: Path | None, allow_adapter_dirs: tuple[Path, ...], say
+) -> tuple[str | None, tuple[Path, ...]]:
+    """The API key (from --api-key, LCSERVE_API_KEY or --api-key-file) and the allowed adapter folders,
+    checked before any slow work; `say` prints the warnings."""
+    key = read_api_key(api_key, api_key_file)
+    if api_key and click.get_current_context().get_parameter_source("api_key") == ParameterSource.COMMANDLINE:
+        say(
+            "note: --api-key on the command line is visible to every user of this machine (`ps`); "
+            "prefer LCSERVE_API_KEY or --api-key-file"
+        )
+    allowed = allowed_dirs(allow_adapter_dirs)
+    if allowed and not key:
+        raise LcserveError(
+            "--allow-adapter-dir needs an API key (LCSERVE_API_KEY, --api-key-file or --api-key): "
+            "without one the gateway does not expose adapter loading"
+        )
+    return key, allowed
+
+
+def run(
+    launch: Launch,
+    api_key: str | None,
+    probe_on_start: bool,
+    probe_every: float | None,
+    ready_timeout: int,
+    log_path: Path,
+    console: Console,
+    allowed_adapter_dirs: tuple[Path, ...] = (),
+) -> None:
+    """Start the described engine (behind the gateway unless --no-gateway) and serve until a signal."""
+    spec = launch.spec
+    if launch.gateway_url is None:
+        warning = exposure_warning(spec.host, False, "vLLM (--no-gateway: no lcserve key guards it)")
+        if warning:
+            console.print(f"[bold red]{warning}[/bold red]")
+        _run_until_signal(EngineProcess(spec, log_path), launch.max_model_len, ready_timeout, console)
         return
-    if api_key:  # the gateway's adapter load/unload routes need vLLM's runtime LoRA API, behind the key
+    if api_key and allowed_adapter_dirs:  # the gateway's adapter loading needs vLLM's runtime LoRA API
         spec.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
-    console.print(f"starting vLLM for {served_name} on internal port {engine_port} (log: {log_path}); "
-                  f"gateway on {host}:{port}")
-    names = [served_name, *(name for name, _ in mounted)]
+    host, port = launch.gateway_url.removeprefix("http://").rsplit(":", 1)
+    warning = exposure_warning(host, bool(api_key))
+    if warning:
+        console.print(f"[bold red]{warning}[/bold red]")
+    console.print(
+        f"starting vLLM for {spec.served_model_name} on internal port {spec.port} (log: {log_path}); "
+        f"gateway on {host}:{port}"
+    )
     probe = None
     if probe_on_start or probe_every:
-        probe = ProbeSchedule(ProbeConfig(base=served_name, adapters=tuple(name for name, _ in mounted)),
-                              lcserve_home() / "probes", on_start=probe_on_start,
-                              every_s=probe_every * 60 if probe_every else None)
-    run_stack(spec, gateway_host=host, gateway_port=port, api_key=api_key, training_lengths=training_lengths,
-              log_path=log_path, ready_timeout_s=ready_timeout, probe=probe,
-              on_ready=lambda stack: console.print(
-                  f"[green]ready[/green] in {time.monotonic() - started:.0f} s: {stack.url}/v1 serves "
-                  f"{', '.join(repr(n) for n in names)} (max_model_len {context}; metrics at {stack.url}/metrics); "
-                  "Ctrl-C stops"))
+        probe = ProbeSchedule(
+            ProbeConfig(base=spec.served_model_name, adapters=tuple(launch.served_names[1:])),
+            lcserve_home() / "probes",
+            on_start=probe_on_start,
+            every_s=probe_every * 60 if probe_every else None,
+        )
+    run_stack(
+        spec,
+        gateway_host=host,
+        gateway_port=int(port),
+        api_key=api_key,
+        training_lengths=launch.training_lengths,
+        log_path=log_path,
+        ready_timeout_s=ready_timeout,
+        probe=probe,
+        allowed_adapter_dirs=allowed_adapter_dirs,
+        on_ready=lambda stack: console.print(
+            f"[green]ready[/green] in {time.monotonic() - started:.0f} s: {stack.url}/v1 serves "
+            f"{', '.join(repr(n) for n in launch.served_names)} (max_model_len {launch.max_model_len}; "
+            f"metrics at {stack.url}/metrics); Ctrl-C stops"
+        ),
+    )
     console.print("stopped")
 
 
@@ -283,13 +406,198 @@ def _run_until_signal(engine: EngineProcess, max_model_len: int | None, ready_ti
     try:
         with console.status("waiting for vLLM to become ready..."):
             engine.wait_ready(ready_timeout)
-        console.print(f"[green]ready[/green] in {time.monotonic() - started:.0f} s: {engine.url}/v1 serves "
-                      f"'{engine.spec.served_model_name}' (max_model_len {max_model_len}); Ctrl-C stops")
+        console.print(
+            f"[green]ready[/green] in {time.monotonic() - started:.0f} s: {engine.url}/v1 serves "
+            f"'{engine.spec.served_model_name}' (max_model_len {max_model_len}); Ctrl-C stops"
+        )
         while not stop["requested"] and engine.alive():
             time.sleep(0.5)
         if not engine.alive() and not stop["requested"]:
-            console.print(f"[red]vLLM exited with code {engine.returncode}[/red]; last log lines:\n{engine.log_tail(20)}")
+            console.print(
+                f"[red]vLLM exited with code {engine.returncode}[/red]; last log lines:\n{engine.log_tail(20)}"
+            )
             raise SystemExit(1)
     finally:
         console.print("stopping vLLM...")
         engine.stop()
+
+
+@click.command("probe")
+@click.option(
+    "--url",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help="OpenAI-compatible vLLM endpoint (vLLM itself or the lcserve gateway).",
+)
+@click.option("--base", default=DEFAULT_BASE, show_default=True, help="Served name of the base model.")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    help="Served name of an adapter (repeatable). Default: every adapter the server mounts on the base.",
+)
+@click.option("--base-only", is_flag=True, help="Probe the base alone, even if adapters are mounted.")
+@click.option(
+    "--lengths",
+    help="Context lengths to probe, e.g. 128,1k,8k. Default: the adapter's training length x 0.5, 1, 2, 4, ... up to max_model_len (the quick tier stops at 8192).",
+)
+@click.option(
+    "--tier",
+    type=click.Choice(list(TIERS)),
+    default="quick",
+    show_default=True,
+    help="quick: lengths up to 8192, 2 passkey + 3 needle depths, loss over 4k tokens, a 1k-token continuation, trimmed to a 9-minute budget. full: up to max_model_len, 3 + 5 depths, loss over up to 32k tokens, a 4k-token continuation, no budget.",
+)
+@click.option(
+    "--budget-minutes",
+    type=float,
+    help="Time budget of the whole run: the plan is trimmed to fit (fewer depths first, then shorter generation and loss, then the top lengths) and says what it dropped. Default: 9 for the quick tier, none for full.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    help="Folder for records.jsonl, summary.json, report.md and PNG plots. Default: ./probe-<time>.",
+)
+@click.option(
+    "--training-length",
+    type=click.IntRange(min=1),
+    help=f"Training length of the adapters, when their folder has no metadata (base only: the ladder reference, default {DEFAULT_REFERENCE}).",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    default=0.8,
+    show_default=True,
+    help="Accuracy an effective length must reach at every rung.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of needles, keys and the bootstrap.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Requests in flight at once. On a CPU engine prefill takes all cores, so more rarely helps.",
+)
+@json_option
+def probe(
+    url,
+    base,
+    adapters,
+    base_only,
+    lengths,
+    tier,
+    budget_minutes,
+    out_dir,
+    training_length,
+    threshold,
+    seed,
+    concurrency,
+    as_json,
+):
+    """Tell whether short-trained adapters hold at long context, against their base.
+
+    Passkey and needle retrieval (RULER-style, with distractors) on a length ladder, a
+    no-context control, loss by token position on a long public-domain text (vLLM
+    prompt_logprobs) and repetition of a long continuation. Prompts are sized exactly with
+    the server's /tokenize; adapters and base answer the same prompts, so differences come
+    with a paired bootstrap interval.
+    """
+    if budget_minutes is not None and budget_minutes <= 0:
+        raise ProbeError("--budget-minutes must be positive")
+    if base_only and adapters:
+        raise ProbeError("--base-only and --adapter exclude each other; pass one of them")
+    out_dir = out_dir or Path(f"probe-{datetime.now():%Y%m%d-%H%M%S}")
+    console = Console(stderr=True)
+    summary = run_probe(
+        ProbeConfig(
+            url=url,
+            base=base,
+            adapters=() if base_only else (tuple(adapters) or None),
+            tier=tier,
+            lengths=parse_lengths(lengths) if lengths else None,
+            budget_minutes=budget_minutes,
+            out_dir=out_dir,
+            training_length=training_length,
+            threshold=threshold,
+            seed=seed,
+            concurrency=concurrency,
+            console=console,
+        )
+    )
+    emit(summary, as_json, lambda: print_probe_summary(summary, base, out_dir))
+
+
+def print_probe_summary(summary: dict, base: str, out_dir: Path) -> None:
+    out = Console()
+    for table in rich_tables(summary):
+        out.print(table)
+    for name, comp in summary["comparisons"].items():
+        out.print(f"[bold]{name} vs {base}[/bold]")
+        for line in comp["verdict"]:
+            out.print(f"  - {line}", highlight=False)
+    if summary["dropped"]:
+        out.print(f"dropped to fit the budget: {'; '.join(summary['dropped'])}", highlight=False)
+    out.print(f"{summary['requests']} requests in {summary['wall_s']:.0f} s; files in {out_dir}/", highlight=False)
+
+
+def _parse_training_lengths(_ctx, _param, pairs: tuple[str, ...]) -> dict[str, int]:
+    lengths = {}
+    for pair in pairs:
+        name, _, value = pair.rpartition("=")
+        if not name or not value.isdigit() or int(value) <= 0:
+            raise click.BadParameter(f"{pair!r}: write MODEL=TOKENS, e.g. writer=256")
+        lengths[name] = int(value)
+    return lengths
+
+
+@click.command("gateway", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--upstream", required=True, help="URL of a running vLLM OpenAI server, e.g. http://127.0.0.1:8000.")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise)."
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to serve on.")
+@click.option(
+    "--api-key",
+    envvar="LCSERVE_API_KEY",
+    help="Bearer token clients must send; prefer the env LCSERVE_API_KEY or --api-key-file (argv shows in "
+    "`ps`). Enables adapter load/unload, with --allow-adapter-dir.",
+)
+@click.option(
+    "--api-key-file", type=click.Path(path_type=Path, dir_okay=False), help="File whose first line is the API key."
+)
+@click.option(
+    "--allow-adapter-dir",
+    "allow_adapter_dirs",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    metavar="DIR",
+    help="Folder that runtime adapter loads may read from (repeatable; as vLLM sees it); "
+    "without one, runtime loading is off.",
+)
+@click.option(
+    "--training-length",
+    "training_lengths",
+    multiple=True,
+    metavar="MODEL=TOKENS",
+    callback=_parse_training_lengths,
+    help="Training length of a served model when its folder has no metadata (repeatable).",
+)
+def gateway(upstream, host, port, api_key, api_key_file, allow_adapter_dirs, training_lengths) -> None:
+    """Serve the OpenAI-compatible gateway (with /metrics) in front of a vLLM started elsewhere."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    api_key, allowed = gateway_access(
+        api_key, api_key_file, allow_adapter_dirs, lambda line: click.echo(line, err=True)
+    )
+    warning = exposure_warning(host, bool(api_key))
+    if warning:
+        click.secho(warning, err=True, fg="red", bold=True)
+    run_stack(
+        upstream_url=upstream,
+        gateway_host=host,
+        gateway_port=port,
+        api_key=api_key,
+        training_lengths=training_lengths,
+        allowed_adapter_dirs=allowed,
+        on_ready=lambda stack: click.echo(f"gateway ready: {stack.url} -> {upstream}", err=True),
+    )

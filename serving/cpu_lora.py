@@ -27,8 +27,21 @@ import torch
 
 ENV_VAR = "LCSERVE_CPU_LORA_OPS"
 SEGMENTED = "segmented"
+INSTALLED = "lcserve: segment-wise CPU LoRA ops installed"
+FIRST_USE = "lcserve: segment-wise CPU LoRA ops ran"
 
-log = logging.getLogger(__name__)
+# A child of vLLM's "vllm" logger, so these lines reach the engine's log beside vLLM's own: in
+# vLLM's processes only that logger has a handler, and a plain module logger's INFO lines vanish.
+log = logging.getLogger(f"vllm.{__name__}")
+_used = False
+
+
+def _announce_first_use() -> None:
+    """One log line per process the first time the segmented ops run (what shows they are live)."""
+    global _used
+    if not _used:
+        _used = True
+        log.info("%s (first LoRA batch in this process, pid %d)", FIRST_USE, os.getpid())
 
 
 def _runs(seq_starts: torch.Tensor, seq_lens: torch.Tensor, slots: torch.Tensor):
@@ -45,8 +58,19 @@ def _product(inputs: torch.Tensor, weights: torch.Tensor, slot: int, dtype: torc
     return inputs.to(dtype) @ weight.to(dtype).T
 
 
-def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-                lora_indices_tensor, batches, max_seq_length, token_nums, scaling):
+def sgmv_shrink(
+    inputs,
+    lora_a_weights,
+    output_tensor,
+    b_seq_start_loc,
+    seq_len_tensor,
+    lora_indices_tensor,
+    batches,
+    max_seq_length,
+    token_nums,
+    scaling,
+):
+    _announce_first_use()
     rank = lora_a_weights.shape[-2]
     for rows, slot in _runs(b_seq_start_loc, seq_len_tensor, lora_indices_tensor):
         if slot < 0:
@@ -55,8 +79,18 @@ def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_
             output_tensor[rows, :rank] = scaling * _product(inputs[rows], lora_a_weights, slot, output_tensor.dtype)
 
 
-def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-                lora_indices_tensor, batches, max_seq_length, token_nums, add_inputs=False):
+def sgmv_expand(
+    inputs,
+    lora_b_weights,
+    output_tensor,
+    b_seq_start_loc,
+    seq_len_tensor,
+    lora_indices_tensor,
+    batches,
+    max_seq_length,
+    token_nums,
+    add_inputs=False,
+):
     # The adapter and the model may pad their output widths differently.
     width = min(lora_b_weights.shape[-2], output_tensor.shape[1])
     for rows, slot in _runs(b_seq_start_loc, seq_len_tensor, lora_indices_tensor):
@@ -71,9 +105,20 @@ def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_
             output_tensor[rows, :width] = product
 
 
-def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-                      lora_indices_tensor, batches, max_seq_length, token_nums, slice_offset, slice_size,
-                      add_inputs=False):
+def sgmv_expand_slice(
+    inputs,
+    lora_b_weights,
+    output_tensor,
+    b_seq_start_loc,
+    seq_len_tensor,
+    lora_indices_tensor,
+    batches,
+    max_seq_length,
+    token_nums,
+    slice_offset,
+    slice_size,
+    add_inputs=False,
+):
     columns = slice(slice_offset, slice_offset + slice_size)
     for rows, slot in _runs(b_seq_start_loc, seq_len_tensor, lora_indices_tensor):
         if slot < 0:
@@ -96,4 +141,4 @@ def register() -> None:
     punica_cpu.sgmv_shrink = sgmv_shrink
     punica_cpu.sgmv_expand = sgmv_expand
     punica_cpu.sgmv_expand_slice = sgmv_expand_slice
-    log.info("lcserve: segment-wise CPU LoRA ops installed (%s=%s)", ENV_VAR, SEGMENTED)
+    log.info("%s (%s=%s, pid %d)", INSTALLED, ENV_VAR, SEGMENTED, os.getpid())

@@ -1,9 +1,10 @@
 """The gateway's Prometheus exporter: every series is named `lcserve_*`.
 
 Three sources meet here:
-- the engine's own `/metrics` (KV-cache use, queue, preemptions), read by the gateway at most
-  once a second and summarised by `parse_engine_metrics`; its `vllm:*` families are also passed
-  through unchanged, so that the gateway is the one scrape target (the engine port is internal);
+- the engine's own `/metrics` (KV-cache use and capacity, running and queued sequences,
+  preemptions), read by the gateway at most once a second and summarised by
+  `parse_engine_metrics`; its `vllm:*` families are also passed through unchanged, so that the
+  gateway is the one scrape target (the engine port is internal);
 - what the gateway sees per request (prompt tokens against the model's training length);
 - the supervisor (engine up, restarts), NVML (GPU memory) and the long-context probes.
 """
@@ -24,11 +25,19 @@ RATIO_BUCKETS = (0.125, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0, 8.0, 16.0, 32
 
 # vLLM families the summary reads. The KV usage gauge was `vllm:gpu_cache_usage_perc` before
 # the v1 engine renamed it `vllm:kv_cache_usage_perc` (vllm/v1/metrics/loggers.py); both are read.
+# The preemption counter is `vllm:num_preemptions` in 0.32 and was `vllm:num_preemptions_total`
+# before; prometheus-client exposes both as the sample `vllm:num_preemptions_total`.
 KV_USAGE_NAMES = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
-_SUMMARY_FAMILIES = frozenset({
-    *KV_USAGE_NAMES, "vllm:num_requests_running", "vllm:num_requests_waiting",
-    "vllm:num_preemptions", "vllm:num_preemptions_total", "vllm:cache_config_info",
-})
+_SUMMARY_FAMILIES = frozenset(
+    {
+        *KV_USAGE_NAMES,
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:num_preemptions",
+        "vllm:num_preemptions_total",
+        "vllm:cache_config_info",
+    }
+)
 
 PROBE_ACCURACY = "lcserve_probe_accuracy"
 PROBE_EFFECTIVE_LENGTH = "lcserve_probe_effective_length"
@@ -41,6 +50,7 @@ class EngineSnapshot:
 
     kv_usage: float | None
     kv_capacity_tokens: int | None
+    kv_cache_max_concurrency: float | None  # requests of max_model_len tokens the KV cache holds at once
     running: float | None
     waiting: float | None
     preemptions: float | None
@@ -67,12 +77,16 @@ def parse_engine_metrics(text: str) -> EngineSnapshot:
     wanted = "\n".join(line for line in lines if _family_of(line) in _SUMMARY_FAMILIES) + "\n"
     values: dict[str, list[float]] = {}
     capacity: list[int] = []
+    concurrency: list[float] = []
     for family in text_string_to_metric_families(wanted):
         for sample in family.samples:
             if sample.name == "vllm:cache_config_info":
                 tokens = _cache_tokens(sample.labels)
                 if tokens is not None:
                     capacity.append(tokens)
+                requests = _label_float(sample.labels, "kv_cache_max_concurrency")
+                if requests is not None:
+                    concurrency.append(requests)
             else:
                 values.setdefault(sample.name, []).append(sample.value)
     usage = next((values[name] for name in KV_USAGE_NAMES if name in values), None)
@@ -80,6 +94,7 @@ def parse_engine_metrics(text: str) -> EngineSnapshot:
     return EngineSnapshot(
         kv_usage=sum(usage) / len(usage) if usage else None,
         kv_capacity_tokens=sum(capacity) if capacity else None,
+        kv_cache_max_concurrency=sum(concurrency) if concurrency else None,
         running=_total(values, "vllm:num_requests_running"),
         waiting=_total(values, "vllm:num_requests_waiting"),
         preemptions=_total(values, "vllm:num_preemptions_total"),
@@ -100,14 +115,37 @@ def _cache_tokens(labels: dict[str, str]) -> int | None:
         return None
 
 
+def _label_float(labels: dict[str, str], name: str) -> float | None:
+    """A number from an info gauge's label; vLLM writes `str(value)`, so an unset field reads "None"."""
+    try:
+        return float(labels[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def full_context_requests(snapshot: EngineSnapshot, max_model_len: int | None) -> float | None:
+    """How many requests of max_model_len tokens the KV cache holds at once. vLLM's own figure
+    (`kv_cache_max_concurrency` in `vllm:cache_config_info`, per engine core, summed) where it
+    publishes one: it counts blocks per KV-cache group, right for hybrid sliding-window models.
+    Before that label existed, the capacity in tokens / max_model_len, as vLLM computed it then."""
+    if snapshot.kv_cache_max_concurrency is not None:
+        return snapshot.kv_cache_max_concurrency
+    if snapshot.kv_capacity_tokens is None or not max_model_len:
+        return None
+    return snapshot.kv_capacity_tokens / max_model_len
+
+
 def _total(values: dict[str, list[float]], name: str) -> float | None:
     return sum(values[name]) if name in values else None
 
 
 class EngineStatus(Protocol):
+    """What the supervisor (or ExternalEngine) tells the gateway about the engine."""
+
     url: str
     up: bool
     restarts: int
+    generation: int  # +1 each time an engine becomes ready: the served models may have changed
 
 
 @dataclass(frozen=True)
@@ -127,34 +165,63 @@ class GatewayMetrics:
         self.snapshot: EngineSnapshot | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
-        self.requests = Counter("lcserve_requests", "Requests forwarded to the engine, by model.", ["model"], registry=r)
-        self.prompt_tokens = Counter("lcserve_prompt_tokens", "Prompt tokens of completed requests (vLLM's usage), by model.",
-                                     ["model"], registry=r)
-        self.prompt_ratio = Histogram("lcserve_prompt_training_length_ratio",
-                                      "Prompt tokens / the model's training sequence length, per completed request.",
-                                      ["model"], buckets=RATIO_BUCKETS, registry=r)
-        self.beyond = Counter("lcserve_requests_beyond_training_length",
-                              "Completed requests whose context (prompt + generated tokens) exceeded the model's "
-                              "training sequence length.", ["model"], registry=r)
-        self.longest = Gauge("lcserve_longest_context_tokens",
-                             "Longest context (prompt + generated tokens) of a completed request, by model.",
-                             ["model"], registry=r)
-        self.training_len = Gauge("lcserve_model_training_length_tokens",
-                                  "Training sequence length of the model (adapter metadata, or the base's "
-                                  "max_position_embeddings).", ["model"], registry=r)
-        self.max_model_len = Gauge("lcserve_model_max_model_len_tokens", "The engine's max_model_len for the model.",
-                                   ["model"], registry=r)
-        self.errors = Counter("lcserve_gateway_errors",
-                              "Requests the gateway answered with an error of its own: context_overflow (400), "
-                              "engine_unavailable (503), engine_lost (the engine failed mid-request).",
-                              ["reason"], registry=r)
+        self.requests = Counter(
+            "lcserve_requests", "Requests forwarded to the engine, by model.", ["model"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "lcserve_prompt_tokens",
+            "Prompt tokens of completed requests (vLLM's usage), by model.",
+            ["model"],
+            registry=r,
+        )
+        self.prompt_ratio = Histogram(
+            "lcserve_prompt_training_length_ratio",
+            "Prompt tokens / the model's training sequence length, per completed request.",
+            ["model"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.beyond = Counter(
+            "lcserve_requests_beyond_training_length",
+            "Completed requests whose context (prompt + generated tokens) exceeded the model's "
+            "training sequence length.",
+            ["model"],
+            registry=r,
+        )
+        self.longest = Gauge(
+            "lcserve_longest_context_tokens",
+            "Longest context (prompt + generated tokens) of a completed request, by model.",
+            ["model"],
+            registry=r,
+        )
+        self.training_len = Gauge(
+            "lcserve_model_training_length_tokens",
+            "Training sequence length of the model (adapter metadata, or the base's max_position_embeddings).",
+            ["model"],
+            registry=r,
+        )
+        self.max_model_len = Gauge(
+            "lcserve_model_max_model_len_tokens", "The engine's max_model_len for the model.", ["model"], registry=r
+        )
+        self.errors = Counter(
+            "lcserve_gateway_errors",
+            "Requests the gateway answered with an error of its own: context_overflow (400), "
+            "engine_unavailable (503), engine_lost (the engine failed mid-request).",
+            ["reason"],
+            registry=r,
+        )
         for reason in ("context_overflow", "engine_unavailable", "engine_lost"):
             self.errors.labels(reason)
         self._longest: dict[str, int] = {}
+        self.engine_max_model_len: int | None = None  # the same for every model of one engine
         self._lock = threading.Lock()
         r.register(_LiveCollector(self))
 
     def set_models(self, models: list[ModelLimits]) -> None:
+        """The served models' limits, and their per-model series at 0 before their first request."""
+        self.engine_max_model_len = next(
+            (m.max_model_len for m in models if m.max_model_len), self.engine_max_model_len
+        )
         for m in models:
             if m.training_len is not None:
                 self.training_len.labels(m.name).set(m.training_len)
@@ -175,6 +242,13 @@ class GatewayMetrics:
                 self._longest[model.name] = context_tokens
                 self.longest.labels(model.name).set(context_tokens)
 
+    def record_usage(self, model: ModelLimits, usage: dict | None) -> None:
+        """Account one completed request from vLLM's `usage` object; nothing when it has none."""
+        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+            prompt = usage["prompt_tokens"]
+            total = usage.get("total_tokens")
+            self.record(model, prompt, total if isinstance(total, int) else prompt)
+
     def render(self) -> bytes:
         """The exposition text: the gateway's series, the probe gauges, then the engine's `vllm:*`."""
         snapshot = self.snapshot if self.engine.up else None
@@ -190,26 +264,52 @@ class _LiveCollector:
 
     def collect(self):
         engine = self.metrics.engine
-        yield GaugeMetricFamily("lcserve_engine_up", "1 when the engine answers, 0 while it is down or restarting.",
-                                value=1.0 if engine.up else 0.0)
-        yield CounterMetricFamily("lcserve_engine_restarts", "Times the supervisor restarted the engine after it died.",
-                                  value=engine.restarts)
+        yield GaugeMetricFamily(
+            "lcserve_engine_up",
+            "1 when the engine answers, 0 while it is down or restarting.",
+            value=1.0 if engine.up else 0.0,
+        )
+        yield CounterMetricFamily(
+            "lcserve_engine_restarts", "Times the supervisor restarted the engine after it died.", value=engine.restarts
+        )
         snap = self.metrics.snapshot if engine.up else None
         if snap is not None:
             gauges = (
                 ("lcserve_kv_cache_usage_ratio", "Fraction of the KV cache in use (0..1), from vLLM.", snap.kv_usage),
-                ("lcserve_kv_cache_capacity_tokens", "KV-cache capacity in tokens (vLLM's cache_config_info).",
-                 snap.kv_capacity_tokens),
+                (
+                    "lcserve_kv_cache_capacity_tokens",
+                    "KV-cache capacity in tokens (vLLM's cache_config_info).",
+                    snap.kv_capacity_tokens,
+                ),
                 ("lcserve_kv_cache_free_tokens", "KV-cache tokens free: capacity x (1 - usage).", snap.kv_free_tokens),
-                ("lcserve_requests_running", "Requests in the engine's running batch.", snap.running),
-                ("lcserve_requests_waiting", "Requests queued in the engine.", snap.waiting),
+                (
+                    "lcserve_kv_cache_full_context_requests",
+                    "Requests of max_model_len tokens the KV cache holds at once (vLLM's kv_cache_max_concurrency). "
+                    "More running sequences than this fit only while they are shorter; past it, vLLM preempts.",
+                    full_context_requests(snap, self.metrics.engine_max_model_len),
+                ),
+                (
+                    "lcserve_requests_running",
+                    "Sequences in the engine's running batch (vLLM's num_requests_running, at most max_num_seqs).",
+                    snap.running,
+                ),
+                (
+                    "lcserve_requests_waiting",
+                    "Requests queued in the engine (vLLM's num_requests_waiting).",
+                    snap.waiting,
+                ),
             )
             for name, doc, value in gauges:
                 if value is not None:
                     yield GaugeMetricFamily(name, doc, value=value)
             if snap.preemptions is not None:
-                yield CounterMetricFamily("lcserve_preemptions", "Preemptions by the engine (KV cache full); "
-                                          "resets when the engine restarts.", value=snap.preemptions)
+                yield CounterMetricFamily(
+                    "lcserve_preemptions",
+                    "Sequences the engine preempted because the KV "
+                    "cache ran out (vLLM's num_preemptions): each is recomputed later. "
+                    "Resets when the engine restarts.",
+                    value=snap.preemptions,
+                )
         gpus = _NVML.memory()
         if gpus:
             used = GaugeMetricFamily("lcserve_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["gpu"])
@@ -266,12 +366,16 @@ class _ProbeCollector:
 
     def collect(self):
         families = {
-            PROBE_ACCURACY: GaugeMetricFamily(PROBE_ACCURACY, "Probe accuracy (0..1) by model, task and context "
-                                              "length in tokens (length 0: the no-context control).",
-                                              labels=list(_PROBE_LABELS[PROBE_ACCURACY])),
-            PROBE_EFFECTIVE_LENGTH: GaugeMetricFamily(PROBE_EFFECTIVE_LENGTH, "Longest probed length at which the "
-                                                      "model's needle accuracy held the threshold (tokens).",
-                                                      labels=list(_PROBE_LABELS[PROBE_EFFECTIVE_LENGTH])),
+            PROBE_ACCURACY: GaugeMetricFamily(
+                PROBE_ACCURACY,
+                "Probe accuracy (0..1) by model, task and context length in tokens (length 0: the no-context control).",
+                labels=list(_PROBE_LABELS[PROBE_ACCURACY]),
+            ),
+            PROBE_EFFECTIVE_LENGTH: GaugeMetricFamily(
+                PROBE_EFFECTIVE_LENGTH,
+                "Longest probed length at which the model's needle accuracy held the threshold (tokens).",
+                labels=list(_PROBE_LABELS[PROBE_EFFECTIVE_LENGTH]),
+            ),
         }
         with self.lock:
             for (name, labels), value in sorted(self.samples.items()):

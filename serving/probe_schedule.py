@@ -66,9 +66,16 @@ class ProbeSchedule:
             summary = run_probe(dataclasses.replace(self.config, url=url, out_dir=out_dir, console=None))
             set_probe_results(gauge_samples(summary))
             self.last_summary, self.last_error = summary, None
-            log.info("probe run %d done in %.0f s: %s", self.runs + 1, time.monotonic() - started,
-                     "; ".join(f"{model} effective length {entry['tasks']['needle']['effective_length']}"
-                               for model, entry in summary["models"].items() if "needle" in entry["tasks"]))
+            log.info(
+                "probe run %d done in %.0f s: %s",
+                self.runs + 1,
+                time.monotonic() - started,
+                "; ".join(
+                    f"{model} effective length {entry['tasks']['needle']['effective_length']}"
+                    for model, entry in summary["models"].items()
+                    if "needle" in entry["tasks"]
+                ),
+            )
             return summary
         except (LcserveError, OSError) as e:
             self.last_error = str(e)

@@ -1,24 +1,23 @@
 """The served stack: a supervised vLLM on an internal loopback port, the gateway on the public one.
 
-`run_stack` is what `lcserve serve` calls (blocks until SIGINT/SIGTERM); `Stack` is the same as
-start/stop objects for tests and embedding. `python -m lcserve.serving.stack --upstream URL`
-(the `gateway` command) puts a gateway in front of a vLLM that is managed elsewhere.
+`run_stack` is what `lcserve serve` and `lcserve gateway` call (blocks until SIGINT/SIGTERM);
+`Stack` is the same as start/stop objects for tests and embedding. With `upstream_url` the
+gateway fronts a vLLM that is managed elsewhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import resource
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
-import click
-
-from lcserve.errors import EngineError, LcserveError
+from lcserve.engine import EngineSpec, free_port
+from lcserve.errors import EngineError
 from lcserve.paths import lcserve_home
 
-from .engine import EngineSpec, free_port
 from .gateway import Gateway
 from .probe_schedule import ProbeSchedule
 from .supervisor import ExternalEngine, Supervisor
@@ -31,23 +30,37 @@ class Stack:
     `spec.port`, or a free port when it is 0: only the gateway is reachable from outside, so its
     API key guards everything), or `upstream_url` to front an engine that is already running."""
 
-    def __init__(self, spec: EngineSpec | None = None, *, upstream_url: str | None = None,
-                 gateway_host: str = "127.0.0.1", gateway_port: int = 8080, api_key: str | None = None,
-                 training_lengths: dict[str, int] | None = None, log_path: Path | None = None,
-                 ready_timeout_s: float = 900.0, probe: ProbeSchedule | None = None):
+    def __init__(
+        self,
+        spec: EngineSpec | None = None,
+        *,
+        upstream_url: str | None = None,
+        gateway_host: str = "127.0.0.1",
+        gateway_port: int = 8080,
+        api_key: str | None = None,
+        training_lengths: dict[str, int] | None = None,
+        log_path: Path | None = None,
+        ready_timeout_s: float = 900.0,
+        probe: ProbeSchedule | None = None,
+        allowed_adapter_dirs: tuple[str | Path, ...] = (),
+    ):
         if (spec is None) == (upstream_url is None):
             raise ValueError("give exactly one of spec (launch vLLM) and upstream_url (front a running vLLM)")
         if spec is not None:
             if spec.port and spec.port == gateway_port:
-                raise EngineError(f"the engine's internal port and the gateway port are both {gateway_port}; "
-                                   "give the engine another port")
+                raise EngineError(
+                    f"the engine's internal port and the gateway port are both {gateway_port}; "
+                    "give the engine another port"
+                )
             spec = dataclasses.replace(spec, host="127.0.0.1", port=spec.port or free_port())
             self.engine: Supervisor | ExternalEngine = Supervisor(
-                spec, log_path or lcserve_home() / "logs" / f"vllm-{spec.port}.log",
-                ready_timeout_s=ready_timeout_s)
+                spec, log_path or lcserve_home() / "logs" / f"vllm-{spec.port}.log", ready_timeout_s=ready_timeout_s
+            )
         else:
             self.engine = ExternalEngine(upstream_url)
-        self.gateway = Gateway(self.engine, api_key=api_key, training_lengths=training_lengths)
+        self.gateway = Gateway(
+            self.engine, api_key=api_key, training_lengths=training_lengths, allowed_adapter_dirs=allowed_adapter_dirs
+        )
         self.gateway_host = gateway_host
         self.gateway_port = gateway_port
         self.probe = probe
@@ -83,21 +96,54 @@ class Stack:
         self.stop()
 
 
+def raise_open_files_limit() -> None:
+    """Each client stream holds two sockets in the gateway (client and engine): lift the soft
+    open-files limit (often 1024) to the hard one, as vLLM does for itself, so a burst of
+    connections is queued by the engine instead of refused by accept()."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            log.warning("cannot raise the open-files limit from %d; a large burst of connections may be refused", soft)
+
+
 class _ShutdownRequested(Exception):
     pass
 
 
-def run_stack(spec: EngineSpec | None = None, gateway_host: str = "127.0.0.1", gateway_port: int = 8080, *,
-              upstream_url: str | None = None, api_key: str | None = None,
-              training_lengths: dict[str, int] | None = None, log_path: Path | None = None,
-              ready_timeout_s: float = 900.0, on_ready: Callable[[Stack], None] | None = None,
-              probe: ProbeSchedule | None = None) -> None:
+def run_stack(
+    spec: EngineSpec | None = None,
+    gateway_host: str = "127.0.0.1",
+    gateway_port: int = 8080,
+    *,
+    upstream_url: str | None = None,
+    api_key: str | None = None,
+    training_lengths: dict[str, int] | None = None,
+    log_path: Path | None = None,
+    ready_timeout_s: float = 900.0,
+    on_ready: Callable[[Stack], None] | None = None,
+    probe: ProbeSchedule | None = None,
+    allowed_adapter_dirs: tuple[str | Path, ...] = (),
+) -> None:
     """Run the stack until SIGINT/SIGTERM, then stop the gateway and the engine's whole process
     group (no orphans, both ports released). A signal while vLLM is still starting stops it too.
-    EngineError when vLLM does not become ready, or when the supervisor gives up restarting it."""
-    stack = Stack(spec, upstream_url=upstream_url, gateway_host=gateway_host, gateway_port=gateway_port,
-                  api_key=api_key, training_lengths=training_lengths, log_path=log_path,
-                  ready_timeout_s=ready_timeout_s, probe=probe)
+    EngineError when vLLM does not become ready, or when the supervisor gives up restarting it.
+    (If lcserve itself is killed, the engine's watchdog stops vLLM: see lcserve/watchdog.py.)"""
+    raise_open_files_limit()
+    stack = Stack(
+        spec,
+        upstream_url=upstream_url,
+        gateway_host=gateway_host,
+        gateway_port=gateway_port,
+        api_key=api_key,
+        training_lengths=training_lengths,
+        log_path=log_path,
+        ready_timeout_s=ready_timeout_s,
+        probe=probe,
+        allowed_adapter_dirs=allowed_adapter_dirs,
+    )
 
     def on_signal(signum, _frame):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # one shutdown; a second Ctrl-C must not interrupt it
@@ -117,38 +163,3 @@ def run_stack(spec: EngineSpec | None = None, gateway_host: str = "127.0.0.1", g
         stack.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _parse_training_lengths(_ctx, _param, pairs: tuple[str, ...]) -> dict[str, int]:
-    lengths = {}
-    for pair in pairs:
-        name, _, value = pair.rpartition("=")
-        if not name or not value.isdigit() or int(value) <= 0:
-            raise click.BadParameter(f"{pair!r}: write MODEL=TOKENS, e.g. writer=256")
-        lengths[name] = int(value)
-    return lengths
-
-
-@click.command("gateway", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--upstream", required=True, help="URL of a running vLLM OpenAI server, e.g. http://127.0.0.1:8000.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to serve on.")
-@click.option("--api-key", envvar="LCSERVE_API_KEY",
-              help="Bearer token clients must send (env LCSERVE_API_KEY); also enables adapter load/unload.")
-@click.option("--training-length", "training_lengths", multiple=True, metavar="MODEL=TOKENS",
-              callback=_parse_training_lengths,
-              help="Training length of a served model when its folder has no metadata (repeatable).")
-def gateway_command(upstream, host, port, api_key, training_lengths) -> None:
-    """Serve the OpenAI-compatible gateway (with /metrics) in front of a vLLM started elsewhere."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        run_stack(upstream_url=upstream, gateway_host=host, gateway_port=port, api_key=api_key,
-                  training_lengths=training_lengths,
-                  on_ready=lambda stack: click.echo(f"gateway ready: {stack.url} -> {upstream}", err=True))
-    except LcserveError as e:  # one line, exit 2, as the `lcserve` command prints it
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    gateway_command()

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import httpx
 
+from lcserve.engine import EngineProcess, EngineSpec, check_vllm_version
 from lcserve.errors import EngineError
-
-from .engine import EngineProcess, EngineSpec
 
 log = logging.getLogger("lcserve.serving")
 
@@ -45,10 +44,18 @@ class Supervisor:
     holds the EngineError to report.
     """
 
-    def __init__(self, spec: EngineSpec, log_path: Path, *, ready_timeout_s: float = 900.0,
-                 backoff: Backoff = Backoff(), max_failures: int = 5, stable_after_s: float = 60.0,
-                 poll_s: float = 0.25,
-                 process_factory: Callable[[EngineSpec, Path], EngineProcess] = EngineProcess):
+    def __init__(
+        self,
+        spec: EngineSpec,
+        log_path: Path,
+        *,
+        ready_timeout_s: float = 900.0,
+        backoff: Backoff = Backoff(),
+        max_failures: int = 5,
+        stable_after_s: float = 60.0,
+        poll_s: float = 0.25,
+        process_factory: Callable[[EngineSpec, Path], EngineProcess] = EngineProcess,
+    ):
         self.spec = spec
         self.log_path = Path(log_path)
         self.ready_timeout_s = ready_timeout_s
@@ -127,13 +134,19 @@ class Supervisor:
             if failures > self.max_failures:
                 self.failure = EngineError(
                     f"vLLM died {failures} times in a row (last exit code {code}); giving up. "
-                    f"Log: {self.log_path}\nLast log lines:\n{process.log_tail(25)}")
+                    f"Log: {self.log_path}\nLast log lines:\n{process.log_tail(25)}"
+                )
                 log.error("%s", self.failure)
                 self.failed.set()
                 return
             delay = self.backoff.delay(failures)
-            log.warning("vLLM exited with code %s; restarting in %.0f s (restart %d, log %s)",
-                        code, delay, self.restarts + 1, self.log_path)
+            log.warning(
+                "vLLM exited with code %s; restarting in %.0f s (restart %d, log %s)",
+                code,
+                delay,
+                self.restarts + 1,
+                self.log_path,
+            )
             if self._stopping.wait(delay):
                 return
             self.restarts += 1
@@ -160,11 +173,15 @@ class ExternalEngine:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """EngineError when nothing healthy answers at the URL now."""
+        """EngineError when nothing healthy answers at the URL now, or when the vLLM there is not a
+        release the kit is tested with (its /version)."""
         with httpx.Client(timeout=5.0) as client:
             self._check(client)
             if not self.up:
                 raise EngineError(f"no healthy vLLM answers at {self.url}/health; start it first or fix the URL")
+            version = self._version(client)
+            if version is not None:
+                check_vllm_version(version, f"at {self.url}")
         self._thread = threading.Thread(target=self._watch, name="lcserve-engine-watch", daemon=True)
         self._thread.start()
 
@@ -172,6 +189,14 @@ class ExternalEngine:
         self._stopping.set()
         if self._thread is not None:
             self._thread.join()
+
+    def _version(self, client: httpx.Client) -> str | None:
+        """vLLM's GET /version, None when the server does not say."""
+        try:
+            version = client.get(f"{self.url}/version").json().get("version")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return version if isinstance(version, str) else None
 
     def _check(self, client: httpx.Client) -> None:
         try:

@@ -27,7 +27,10 @@ class ProbeClient:
 
     def __init__(self, url: str, timeout_s: float = 1800.0):
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0))
+        try:
+            self._http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0))
+        except httpx.InvalidURL as e:
+            raise ProbeError(f"--url {url} is not a valid URL ({e}); check --url") from None
 
     def close(self) -> None:
         self._http.close()
@@ -56,14 +59,18 @@ class ProbeClient:
     def metrics(self) -> str:
         response = self._send("GET", "/metrics")
         if response.status_code != 200:
-            raise ProbeError(f"{self.url}/metrics answered HTTP {response.status_code}; the engine's own timings need vLLM's /metrics")
+            raise ProbeError(
+                f"{self.url}/metrics answered HTTP {response.status_code}; the engine's own timings need vLLM's /metrics"
+            )
         return response.text
 
     def _send(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
         try:
             return self._http.request(method, path, json=body)
         except httpx.ConnectError as e:
-            raise ProbeError(f"cannot reach {self.url} ({_reason(e)}); check --url and that vLLM or the lcserve gateway is running there") from None
+            raise ProbeError(
+                f"cannot reach {self.url} ({_reason(e)}); check --url and that vLLM or the lcserve gateway is running there"
+            ) from None
         except httpx.TimeoutException:
             raise ProbeError(f"{self.url}{path} did not answer in time; the server is overloaded or stuck") from None
         except httpx.HTTPError as e:
@@ -72,13 +79,17 @@ class ProbeClient:
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
         response = self._send(method, path, body)
         if response.status_code == 404 and path == "/tokenize":
-            raise ProbeError(f"{self.url} has no /tokenize endpoint, which exact prompt sizing needs; point --url at vLLM or the lcserve gateway")
+            raise ProbeError(
+                f"{self.url} has no /tokenize endpoint, which exact prompt sizing needs; point --url at vLLM or the lcserve gateway"
+            )
         if response.status_code != 200:
             raise ProbeError(f"{self.url}{path} answered HTTP {response.status_code}: {_server_message(response)}")
         try:
             return response.json()
         except ValueError:
-            raise ProbeError(f"{self.url}{path} did not answer JSON; is --url an OpenAI-compatible vLLM endpoint?") from None
+            raise ProbeError(
+                f"{self.url}{path} did not answer JSON; is --url an OpenAI-compatible vLLM endpoint?"
+            ) from None
 
 
 def _reason(error: Exception) -> str:

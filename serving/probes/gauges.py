@@ -16,7 +16,9 @@ def gauge_samples(summary: dict) -> list[tuple[str, dict[str, str], float]]:
         for task in ("passkey", "needle"):
             for length, row in tasks.get(task, {}).get("by_length", {}).items():
                 if row["accuracy"] is not None:
-                    samples.append((ACCURACY, {"model": model, "task": task, "length": str(length)}, float(row["accuracy"])))
+                    samples.append(
+                        (ACCURACY, {"model": model, "task": task, "length": str(length)}, float(row["accuracy"]))
+                    )
         control = tasks.get("control")
         if control and control["accuracy"] is not None:
             samples.append((ACCURACY, {"model": model, "task": "control", "length": "0"}, float(control["accuracy"])))

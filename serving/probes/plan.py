@@ -81,7 +81,9 @@ def ladder(reference: int, top: int) -> list[int]:
     there broke the answer format, not long context.
     """
     if reference // 2 > top:
-        raise ProbeError(f"the ladder starts at {reference // 2} tokens (half the training length {reference}), above the server's max_model_len {top}")
+        raise ProbeError(
+            f"the ladder starts at {reference // 2} tokens (half the training length {reference}), above the server's max_model_len {top}"
+        )
     lengths = []
     length = max(reference // 2, 1)
     while length <= top:
@@ -141,17 +143,23 @@ def _reductions(plan: Plan, keep_lengths: bool):
         return replace(plan, passkey_depths=kept), f"passkey depths {_depths(gone)}"
     if plan.generation_tokens > 2 * REPETITION_WINDOW:  # keep two windows: a first and a later one
         shorter = max(2 * REPETITION_WINDOW, plan.generation_tokens // 2)
-        return replace(plan, generation_tokens=shorter), f"repetition continuation {plan.generation_tokens} -> {shorter} tokens"
+        return replace(
+            plan, generation_tokens=shorter
+        ), f"repetition continuation {plan.generation_tokens} -> {shorter} tokens"
     floor = 2 * plan.reference_length  # keep positions beyond the training length in the loss curve
     if plan.loss_tokens > floor:
         shorter = max(floor, plan.loss_tokens // 2)
         return replace(plan, loss_tokens=shorter), f"loss document {plan.loss_tokens} -> {shorter} tokens"
     if not keep_lengths and len(plan.lengths) > 3:
-        return replace(plan, lengths=plan.lengths[:-1], loss_tokens=min(plan.loss_tokens, plan.lengths[-2])), f"length {plan.lengths[-1]}"
+        return replace(
+            plan, lengths=plan.lengths[:-1], loss_tokens=min(plan.loss_tokens, plan.lengths[-2])
+        ), f"length {plan.lengths[-1]}"
     return None
 
 
-def trim(plan: Plan, rates: dict[str, Rates], budget_s: float, keep_lengths: bool = False) -> tuple[Plan, list[str], bool]:
+def trim(
+    plan: Plan, rates: dict[str, Rates], budget_s: float, keep_lengths: bool = False
+) -> tuple[Plan, list[str], bool]:
     """Shrink the plan until its estimate fits the budget. Returns the plan, what was dropped
     (in order) and whether it now fits; `keep_lengths` never drops a rung of the ladder."""
     dropped: list[str] = []
@@ -162,3 +170,18 @@ def trim(plan: Plan, rates: dict[str, Rates], budget_s: float, keep_lengths: boo
         plan, message = step
         dropped.append(message)
     return plan, dropped, True
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """'128,1k,8k' -> (128, 1024, 8192)."""
+    lengths = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            value = int(part[:-1]) * 1024 if part.endswith("k") else int(part)
+        except ValueError:
+            raise ProbeError(f"--lengths: '{part}' is not a token count; write e.g. 128,1k,8k") from None
+        if value <= 0:
+            raise ProbeError(f"--lengths: {value} must be positive")
+        lengths.append(value)
+    return tuple(lengths)

@@ -35,7 +35,15 @@ def _heatmap(ax, lengths, depths, values, title, cmap, vmin, vmax, first=False):
         for j in range(values.shape[1]):
             if not np.isnan(values[i, j]):
                 dark = image.norm(values[i, j]) < 0.5 if cmap == "viridis" else abs(values[i, j]) > 0.5
-                ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{values[i, j]:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if dark else "black",
+                )
     return image
 
 
@@ -46,7 +54,9 @@ def heatmaps(summary: dict, task: str, path: Path) -> Path | None:
         return None
     base = next(m for m, e in summary["models"].items() if e["role"] == "base")
     adapters = [m for m in models if m != base and base in models]
-    fig, axes = plt.subplots(1, len(models) + len(adapters), figsize=(4.5 * (len(models) + len(adapters)), 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(models) + len(adapters), figsize=(4.5 * (len(models) + len(adapters)), 4), squeeze=False
+    )
     panels = iter(axes[0])
     for i, model in enumerate(models):
         lengths, depths, values = _grid(summary["models"][model], task)
@@ -75,7 +85,15 @@ def loss_by_position(summary: dict, path: Path) -> Path | None:
     for model, entry in models.items():
         if entry["role"] == "adapter":
             ax.axvline(entry["training_length"], linestyle="--", color="grey")
-            ax.annotate(f"{model} trained at {entry['training_length']}", (entry["training_length"], 0.98), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=8)
+            ax.annotate(
+                f"{model} trained at {entry['training_length']}",
+                (entry["training_length"], 0.98),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=8,
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("token position (bucket middle)")
     ax.set_ylabel("mean NLL (nats/token)")

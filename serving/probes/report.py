@@ -21,7 +21,14 @@ def accuracy_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     and passkey difference to the base (Δ) with its 95% interval ("!" = significant regression)."""
     models = summary["models"]
     comparisons = summary["comparisons"]
-    lengths = sorted({int(k) for m in models.values() for t in ("passkey", "needle") for k in m["tasks"].get(t, {}).get("by_length", {})})
+    lengths = sorted(
+        {
+            int(k)
+            for m in models.values()
+            for t in ("passkey", "needle")
+            for k in m["tasks"].get(t, {}).get("by_length", {})
+        }
+    )
     header = ["length"]
     for name in models:
         header += [f"{name} passkey", f"{name} needle"]
@@ -50,8 +57,12 @@ def model_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
         "effective length, needle": lambda e: str(e["tasks"].get("needle", {}).get("effective_length") or "none"),
         "effective length, passkey": lambda e: str(e["tasks"].get("passkey", {}).get("effective_length") or "none"),
         "no-context control": lambda e: _pct(e["tasks"].get("control", {}).get("accuracy")),
-        "empty answers": lambda e: str(sum(r["empty"] for t in ("passkey", "needle") for r in e["tasks"].get(t, {}).get("by_length", {}).values())),
-        "distractor answers": lambda e: str(sum(r["distractor"] for r in e["tasks"].get("needle", {}).get("by_length", {}).values())),
+        "empty answers": lambda e: str(
+            sum(r["empty"] for t in ("passkey", "needle") for r in e["tasks"].get(t, {}).get("by_length", {}).values())
+        ),
+        "distractor answers": lambda e: str(
+            sum(r["distractor"] for r in e["tasks"].get("needle", {}).get("by_length", {}).values())
+        ),
         "NLL before T (nats/token)": lambda e: _num(e.get("loss", {}).get("within"), 3),
         "NLL from T on": lambda e: _num(e.get("loss", {}).get("beyond"), 3),
         "rep-2 (mean of windows)": lambda e: _num(e.get("repetition", {}).get("mean_rep2"), 2),
@@ -61,8 +72,18 @@ def model_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     rates = summary.get("rates", {})
     if rates:
         # what one prompt token costs the engine: a mounted LoRA on a CPU build costs several times the base
-        rows.append(["prefill ms/token (calibrated)", *(_num(1000 * rates[m]["prefill"], 2) if m in rates else "-" for m in models)])
-        rows.append(["decode ms/token (calibrated)", *(_num(1000 * rates[m]["decode"], 1) if m in rates else "-" for m in models)])
+        rows.append(
+            [
+                "prefill ms/token (calibrated)",
+                *(_num(1000 * rates[m]["prefill"], 2) if m in rates else "-" for m in models),
+            ]
+        )
+        rows.append(
+            [
+                "decode ms/token (calibrated)",
+                *(_num(1000 * rates[m]["decode"], 1) if m in rates else "-" for m in models),
+            ]
+        )
     return header, rows
 
 
@@ -83,7 +104,12 @@ def rich_tables(summary: dict) -> list[Table]:
 
 
 def markdown(summary: dict) -> str:
-    parts = [f"# lcserve probe: {summary['url']}", "", f"tier {summary['tier']}, threshold {summary['threshold']:.0%}, wall time {summary['wall_s']:.0f} s", ""]
+    parts = [
+        f"# lcserve probe: {summary['url']}",
+        "",
+        f"tier {summary['tier']}, threshold {summary['threshold']:.0%}, wall time {summary['wall_s']:.0f} s",
+        "",
+    ]
     for header, rows in (accuracy_rows(summary), model_rows(summary)):
         parts.append("| " + " | ".join(header) + " |")
         parts.append("|" + "---|" * len(header))

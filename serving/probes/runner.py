@@ -1,6 +1,10 @@
 """Run a probe against a served endpoint: resolve the models, plan, calibrate, size the
 prompts, send the requests (progress bar with time left), and write records.jsonl,
 summary.json, report.md and the plots. `run_probe(config)` is also what the gateway calls.
+
+The output folder appears whole or not at all: it is built in a hidden temporary sibling
+(records.jsonl grows there as answers land) and renamed when summary.json is written, so a
+stopped or killed run never leaves a folder that reads as a finished report.
 """
 
 from __future__ import annotations
@@ -8,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,14 +26,37 @@ from rich.progress import Progress, TextColumn
 
 from lcserve.embedded import SERVED_NAME
 from lcserve.errors import ProbeError
+from lcserve.paths import atomic_dir
 from lcserve.progress import progress_bar
 
 from . import plots, report
 from .client import ProbeClient, ServedModel
-from .plan import REPETITION_PROMPT_TOKENS, REPETITION_SAMPLING, REPETITION_WINDOW, TIERS, Plan, Rates, estimate_s, ladder, make_plan, trim
+from .plan import (
+    REPETITION_PROMPT_TOKENS,
+    REPETITION_SAMPLING,
+    REPETITION_WINDOW,
+    TIERS,
+    Plan,
+    Rates,
+    estimate_s,
+    ladder,
+    make_plan,
+    trim,
+)
 from .scoring import rep_by_window, score_needle, score_passkey
 from .sizing import Filler, repeated
-from .tasks import ANSWER_TOKENS, Cell, Prompt, control_cells, control_prompts, document_prefix, load_document, needle_cells, passkey_cells, size_cells
+from .tasks import (
+    ANSWER_TOKENS,
+    Cell,
+    Prompt,
+    control_cells,
+    control_prompts,
+    document_prefix,
+    load_document,
+    needle_cells,
+    passkey_cells,
+    size_cells,
+)
 from .verdicts import summarize
 
 DEFAULT_BASE = SERVED_NAME  # the embedded default (Gemma 3 270M)
@@ -68,6 +95,8 @@ class Job:
 
 def run_probe(config: ProbeConfig) -> dict:
     """Probe base and adapters; returns the summary (also written to config.out_dir)."""
+    if config.out_dir:
+        check_out_dir(Path(config.out_dir))
     client = ProbeClient(config.url)
     try:
         return _run(client, config)
@@ -75,18 +104,41 @@ def run_probe(config: ProbeConfig) -> dict:
         client.close()
 
 
-def resolve_models(served: dict[str, ServedModel], url: str, base: str, adapters: tuple[str, ...] | None, training_length: int | None) -> dict[str, int]:
+OUT_FILES = ("records.jsonl", "summary.json", "report.md")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse, before any request, an --out the finished run could not replace whole: a file, or a
+    folder holding anything but an earlier probe's files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ProbeError(f"--out {out_dir}: exists and is not a folder; pass a new folder")
+    if out_dir.is_dir():
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in OUT_FILES and p.suffix != ".png")
+        if others:
+            raise ProbeError(
+                f"--out {out_dir}: holds files that are not a probe's ({', '.join(others[:3])}); "
+                "the probe replaces the whole folder, so pass a new or empty one"
+            )
+
+
+def resolve_models(
+    served: dict[str, ServedModel], url: str, base: str, adapters: tuple[str, ...] | None, training_length: int | None
+) -> dict[str, int]:
     """The adapters to probe and the training length of each; ProbeError for a name not served
     or a training length that cannot be found."""
     names = ", ".join(sorted(served)) or "nothing"
     if base not in served:
-        raise ProbeError(f"{url} does not serve a model named '{base}' (it serves: {names}); pass --base with one of those")
+        raise ProbeError(
+            f"{url} does not serve a model named '{base}' (it serves: {names}); pass --base with one of those"
+        )
     if adapters is None:
         adapters = tuple(sorted(m.name for m in served.values() if m.parent == base))
     result = {}
     for name in adapters:
         if name not in served:
-            raise ProbeError(f"{url} does not serve an adapter named '{name}' (it serves: {names}); pass --adapter with one of those")
+            raise ProbeError(
+                f"{url} does not serve an adapter named '{name}' (it serves: {names}); pass --adapter with one of those"
+            )
         result[name] = training_length or _training_length(served[name])
     return result
 
@@ -162,7 +214,9 @@ def _run(client: ProbeClient, config: ProbeConfig) -> dict:
     adapters = resolve_models(served, config.url, config.base, config.adapters, config.training_length)
     max_model_len = served[config.base].max_model_len
     if not max_model_len:
-        raise ProbeError(f"{config.url}/v1/models does not state max_model_len for '{config.base}'; is --url a vLLM endpoint?")
+        raise ProbeError(
+            f"{config.url}/v1/models does not state max_model_len for '{config.base}'; is --url a vLLM endpoint?"
+        )
     models = (config.base, *adapters)
     reference = min(adapters.values(), default=config.training_length or DEFAULT_REFERENCE)
     if config.lengths:
@@ -197,59 +251,59 @@ def _run(client: ProbeClient, config: ProbeConfig) -> dict:
                 f"raise the budget or pass shorter --lengths"
             )
         if not fits:
-            _note(config, f"this engine is slower than the {tier.name} tier's {budget:g}-minute budget allows even with one "
-                          f"depth (see the calibrated ms/token in the report); running the whole ladder anyway")
+            _note(
+                config,
+                f"this engine is slower than the {tier.name} tier's {budget:g}-minute budget allows even with one "
+                f"depth (see the calibrated ms/token in the report); running the whole ladder anyway",
+            )
 
     mark = time.time()
     jobs = _jobs(plan, config.seed, document, document_tokens, count, rates)
     timings["sizing_s"] = time.time() - mark
     estimate = sum(j.est_s for j in jobs)
-    _note(config, f"{len(jobs)} requests, lengths {', '.join(map(str, plan.lengths))}; estimated {estimate / 60:.1f} min of engine time")
+    _note(
+        config,
+        f"{len(jobs)} requests, lengths {', '.join(map(str, plan.lengths))}; estimated {estimate / 60:.1f} min of engine time",
+    )
 
-    out_dir = config.out_dir
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    mark = time.time()
-    records = _execute(client, jobs, config, out_dir / "records.jsonl" if out_dir else None)
-    timings["requests_s"] = time.time() - mark
-
-    summary = summarize(records, config.base, adapters, reference, config.threshold, config.seed)
-    summary.update({
-        "url": config.url,
-        "tier": config.tier,
-        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": round(time.time() - started, 1),
-        "estimate_s": round(estimate, 1),
-        "max_model_len": max_model_len,
-        "lengths": list(plan.lengths),
-        "plan": asdict(plan),
-        "dropped": dropped,
-        "answer_tokens": ANSWER_TOKENS,
-        "requests": len(records),
-        "rates": {m: asdict(r) for m, r in rates.items()},
-        "timings": {k: round(v, 1) for k, v in timings.items()},
-    })
-    if out_dir:
+    with atomic_dir(Path(config.out_dir)) if config.out_dir else nullcontext() as out_dir:
         mark = time.time()
-        summary["files"] = [p.name for p in plots.write_all(summary, out_dir)] + ["records.jsonl", "summary.json", "report.md"]
-        summary["timings"]["plots_s"] = round(time.time() - mark, 1)
-    summary["wall_s"] = round(time.time() - started, 1)
-    if out_dir:
-        _write(out_dir / "report.md", report.markdown(summary))
-        _write(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        records = _execute(client, jobs, config, out_dir / "records.jsonl" if out_dir else None)
+        timings["requests_s"] = time.time() - mark
+
+        summary = summarize(records, config.base, adapters, reference, config.threshold, config.seed)
+        summary.update(
+            {
+                "url": config.url,
+                "tier": config.tier,
+                "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+                "wall_s": round(time.time() - started, 1),
+                "estimate_s": round(estimate, 1),
+                "max_model_len": max_model_len,
+                "lengths": list(plan.lengths),
+                "plan": asdict(plan),
+                "dropped": dropped,
+                "answer_tokens": ANSWER_TOKENS,
+                "requests": len(records),
+                "rates": {m: asdict(r) for m, r in rates.items()},
+                "timings": {k: round(v, 1) for k, v in timings.items()},
+            }
+        )
+        if out_dir:
+            mark = time.time()
+            summary["files"] = [p.name for p in plots.write_all(summary, out_dir)] + list(OUT_FILES)
+            summary["timings"]["plots_s"] = round(time.time() - mark, 1)
+        summary["wall_s"] = round(time.time() - started, 1)
+        if out_dir:
+            (out_dir / "report.md").write_text(report.markdown(summary))
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _jobs(plan: Plan, seed: int, document: str, document_tokens: int, count, rates: dict[str, Rates]) -> list[Job]:
     """Size every prompt once (with the base's tokenizer) and list the requests of every model.
 
-    Order: lengths ascending, so a stopped run has its short rungs; within a task and length,
+    Order: lengths ascending, so a budget cut drops the longest rungs; within a task and length,
     needles from deepest to shallowest, so each prompt's text before its needle is already
     in the prefix cache; base and adapters take turns on the same prompt.
     """
@@ -260,24 +314,49 @@ def _jobs(plan: Plan, seed: int, document: str, document_tokens: int, count, rat
     def retrieval(prompts: list[Prompt]) -> list[Job]:
         ordered = sorted(prompts, key=lambda p: -(p.cell.depth or 0))
         return [
-            Job(m, p.cell.task, p.cell.length, p.text, p.tokens, ANSWER_TOKENS,
-                rates[m].prompt_s(p.tokens) + ANSWER_TOKENS * rates[m].decode, p)
-            for p in ordered for m in plan.models
+            Job(
+                m,
+                p.cell.task,
+                p.cell.length,
+                p.text,
+                p.tokens,
+                ANSWER_TOKENS,
+                rates[m].prompt_s(p.tokens) + ANSWER_TOKENS * rates[m].decode,
+                p,
+            )
+            for p in ordered
+            for m in plan.models
         ]
 
     jobs: list[Job] = []
     for length in plan.lengths:
-        jobs += retrieval(size_cells(passkey_cells(length, plan.passkey_depths, seed), haystack, count, words_per_token))
-        jobs += retrieval(size_cells(needle_cells(length, plan.needle_depths, plan.distractors, seed), haystack, count, words_per_token))
+        jobs += retrieval(
+            size_cells(passkey_cells(length, plan.passkey_depths, seed), haystack, count, words_per_token)
+        )
+        jobs += retrieval(
+            size_cells(
+                needle_cells(length, plan.needle_depths, plan.distractors, seed), haystack, count, words_per_token
+            )
+        )
     jobs += retrieval(control_prompts(control_cells(plan.controls, seed), count))
     if plan.loss_tokens:
         text, tokens = document_prefix(doc_filler, count, plan.loss_tokens - 1, words_per_token)
-        jobs += [Job(m, "loss", plan.loss_tokens, text, tokens, 1, rates[m].prompt_s(tokens, logprobs=True)) for m in plan.models]
+        jobs += [
+            Job(m, "loss", plan.loss_tokens, text, tokens, 1, rates[m].prompt_s(tokens, logprobs=True))
+            for m in plan.models
+        ]
     if plan.generation_tokens:
         text, tokens = document_prefix(doc_filler, count, REPETITION_PROMPT_TOKENS, words_per_token)
         jobs += [
-            Job(m, "repetition", tokens + plan.generation_tokens, text, tokens, plan.generation_tokens,
-                rates[m].prompt_s(tokens) + plan.generation_tokens * rates[m].decode)
+            Job(
+                m,
+                "repetition",
+                tokens + plan.generation_tokens,
+                text,
+                tokens,
+                plan.generation_tokens,
+                rates[m].prompt_s(tokens) + plan.generation_tokens * rates[m].decode,
+            )
             for m in plan.models
         ]
     return jobs
@@ -325,11 +404,29 @@ def _request(client: ProbeClient, job: Job, seed: int) -> dict:
     if job.task == "loss":
         body = client.complete(job.model, job.text, 1, prompt_logprobs=0)
     elif job.task == "repetition":
-        body = client.complete(job.model, job.text, job.max_tokens, ignore_eos=True, return_token_ids=True,
-                               **REPETITION_SAMPLING, seed=seed)
+        body = client.complete(
+            job.model,
+            job.text,
+            job.max_tokens,
+            ignore_eos=True,
+            return_token_ids=True,
+            **REPETITION_SAMPLING,
+            seed=seed,
+        )
     else:
         body = client.complete(job.model, job.text, job.max_tokens)
     elapsed = time.perf_counter() - start
+    try:
+        return _record(client, job, body, elapsed)
+    except (KeyError, IndexError, TypeError) as e:  # an OpenAI-like server that is not vLLM
+        raise ProbeError(
+            f"{client.url} answered a {job.task} request to '{job.model}' without vLLM's fields "
+            f"({type(e).__name__}: {e}); point --url at vLLM or the lcserve gateway"
+        ) from None
+
+
+def _record(client: ProbeClient, job: Job, body: dict, elapsed: float) -> dict:
+    """The raw record of one answer."""
     choice = body["choices"][0]
     cell: Cell | None = job.prompt.cell if job.prompt else None
     record = {
@@ -348,17 +445,27 @@ def _request(client: ProbeClient, job: Job, seed: int) -> dict:
         "elapsed_s": round(elapsed, 3),
     }
     if job.task == "loss":
-        record["logprobs"] = [None] + [round(next(iter(d.values()))["logprob"], 5) for d in choice["prompt_logprobs"][1:]]
+        record["logprobs"] = [None] + [
+            round(next(iter(d.values()))["logprob"], 5) for d in choice["prompt_logprobs"][1:]
+        ]
     elif job.task == "repetition":
         # the generated ids themselves: re-tokenizing the text merges pieces and undercounts
         tokens = choice.get("token_ids") or client.tokens(job.model, choice["text"])
-        record.update({
-            "window": REPETITION_WINDOW,
-            "output_tokens": len(tokens),
-            "rep2": [round(x, 4) for x in rep_by_window(tokens, REPETITION_WINDOW, 2)],
-            "rep4": [round(x, 4) for x in rep_by_window(tokens, REPETITION_WINDOW, 4)],
-        })
+        record.update(
+            {
+                "window": REPETITION_WINDOW,
+                "output_tokens": len(tokens),
+                "rep2": [round(x, 4) for x in rep_by_window(tokens, REPETITION_WINDOW, 2)],
+                "rep4": [round(x, 4) for x in rep_by_window(tokens, REPETITION_WINDOW, 4)],
+            }
+        )
     else:
-        score = score_passkey(choice["text"], cell.gold) if job.task == "passkey" else score_needle(choice["text"], cell.gold, tuple(v for _, v, _ in cell.distractors))
-        record.update({"gold": cell.gold, "correct": score.correct, "empty": score.empty, "distractor": score.distractor})
+        score = (
+            score_passkey(choice["text"], cell.gold)
+            if job.task == "passkey"
+            else score_needle(choice["text"], cell.gold, tuple(v for _, v, _ in cell.distractors))
+        )
+        record.update(
+            {"gold": cell.gold, "correct": score.correct, "empty": score.empty, "distractor": score.distractor}
+        )
     return record

@@ -157,7 +157,9 @@ def size_cells(cells: list[Cell], filler: Filler, count: Callable[[str], int], w
 
     bare = max(tokens_with(cell, 0) for cell in cells)
     if bare > budget:
-        raise ProbeError(f"length {length} is too short for the {cells[0].task} prompt ({bare} tokens without text + {ANSWER_TOKENS} for the answer); drop it from --lengths")
+        raise ProbeError(
+            f"length {length} is too short for the {cells[0].task} prompt ({bare} tokens without text + {ANSWER_TOKENS} for the answer); drop it from --lengths"
+        )
     words = fit(lambda n: tokens_with(cells[0], n), budget, filler.words, int(budget * words_per_token))
     prompts = []
     for cell in cells:
@@ -179,7 +181,9 @@ def control_prompts(cells: list[Cell], count: Callable[[str], int]) -> list[Prom
     return prompts
 
 
-def document_prefix(filler: Filler, count: Callable[[str], int], tokens: int, words_per_token: float) -> tuple[str, int]:
+def document_prefix(
+    filler: Filler, count: Callable[[str], int], tokens: int, words_per_token: float
+) -> tuple[str, int]:
     """The longest word prefix of the document whose prompt is at most `tokens` tokens."""
     words = fit(lambda n: count(filler.prefix(n)), tokens, filler.words, int(tokens * words_per_token))
     text = filler.prefix(words)

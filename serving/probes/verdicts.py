@@ -69,7 +69,13 @@ def paired_bootstrap(diffs: list[float], seed: int, resamples: int = RESAMPLES, 
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": len(d), "regression": bool(hi < 0 and len(d) >= MIN_PAIRS)}
+    return {
+        "mean": float(d.mean()),
+        "lo": float(lo),
+        "hi": float(hi),
+        "n": len(d),
+        "regression": bool(hi < 0 and len(d) >= MIN_PAIRS),
+    }
 
 
 def compare_retrieval(records: list[dict], base: str, adapter: str, task: str, training_length: int, seed: int) -> dict:
@@ -93,7 +99,9 @@ def loss_profile(logprobs: list[float | None], training_length: int) -> dict:
         "edges": edges,
         "nll": nll_by_bucket(logprobs, edges),
         "within": nll_by_bucket(logprobs, [0, training_length])[0],
-        "beyond": nll_by_bucket(logprobs, [training_length, len(logprobs)])[0] if len(logprobs) > training_length else None,
+        "beyond": nll_by_bucket(logprobs, [training_length, len(logprobs)])[0]
+        if len(logprobs) > training_length
+        else None,
         "tokens": len(logprobs),
     }
 
@@ -113,7 +121,9 @@ def _record(records: list[dict], model: str, task: str) -> dict | None:
     return next((r for r in records if r["model"] == model and r["task"] == task), None)
 
 
-def summarize(records: list[dict], base: str, adapters: dict[str, int], reference: int, threshold: float, seed: int) -> dict:
+def summarize(
+    records: list[dict], base: str, adapters: dict[str, int], reference: int, threshold: float, seed: int
+) -> dict:
     """The summary of a run. `adapters` maps each adapter to its training length; the base is
     read against the ladder's reference length."""
     training = {base: reference, **adapters}
@@ -154,14 +164,25 @@ def summarize(records: list[dict], base: str, adapters: dict[str, int], referenc
                 comp["retrieval"][task] = compare_retrieval(records, base, adapter, task, length, seed)
         if "loss" in models[adapter] and "loss" in models[base]:
             # both curves split at the adapter's training length
-            comp["loss"] = compare_loss(loss_profile(_record(records, base, "loss")["logprobs"], length), models[adapter]["loss"])
+            comp["loss"] = compare_loss(
+                loss_profile(_record(records, base, "loss")["logprobs"], length), models[adapter]["loss"]
+            )
         if "repetition" in models[adapter] and "repetition" in models[base]:
             comp["repetition"] = {
-                k: _minus(models[adapter]["repetition"][k], models[base]["repetition"][k]) for k in ("mean_rep2", "mean_rep4")
+                k: _minus(models[adapter]["repetition"][k], models[base]["repetition"][k])
+                for k in ("mean_rep2", "mean_rep4")
             }
         comp["verdict"] = verdict_lines(models[base], models[adapter], comp, threshold)
         comparisons[adapter] = comp
-    return _json_keys({"threshold": threshold, "seed": seed, "reference_length": reference, "models": models, "comparisons": comparisons})
+    return _json_keys(
+        {
+            "threshold": threshold,
+            "seed": seed,
+            "reference_length": reference,
+            "models": models,
+            "comparisons": comparisons,
+        }
+    )
 
 
 def _json_keys(value):
@@ -190,7 +211,9 @@ def verdict_lines(base: dict, adapter: dict, comp: dict, threshold: float) -> li
     for task, result in comp["retrieval"].items():
         worse = [str(length) for length, r in result["by_length"].items() if r and r["regression"]]
         if worse:
-            lines.append(f"{task}: adapter significantly worse than base at {', '.join(worse)} tokens (95% paired bootstrap)")
+            lines.append(
+                f"{task}: adapter significantly worse than base at {', '.join(worse)} tokens (95% paired bootstrap)"
+            )
         pooled = result["beyond_training"]
         if pooled:
             lines.append(
@@ -210,7 +233,9 @@ def verdict_lines(base: dict, adapter: dict, comp: dict, threshold: float) -> li
     for model_name, entry in (("adapter", adapter), ("base", base)):
         control = entry["tasks"].get("control")
         if control and control["accuracy"] is not None and control["accuracy"] > 0.2:
-            lines.append(f"no-context control: {model_name} answers {_pct(control['accuracy'])} without the text: retrieval scores are inflated")
+            lines.append(
+                f"no-context control: {model_name} answers {_pct(control['accuracy'])} without the text: retrieval scores are inflated"
+            )
     loss = comp.get("loss")
     if loss and loss["change"] is not None:
         direction = "worse" if loss["change"] > 0 else "better"

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from lcserve.serving.engine import free_port
+from lcserve.engine import free_port
 
 
 def ensure_prometheus() -> tuple[str, str]:
@@ -21,8 +21,12 @@ def ensure_prometheus() -> tuple[str, str]:
     if not (shutil.which("prometheus") and shutil.which("promtool")):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update"], check=True, env=env, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "prometheus"], check=True, env=env,
-                       capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
     return shutil.which("prometheus"), shutil.which("promtool")
 
 
@@ -54,13 +58,22 @@ class PrometheusServer:
         self.log_path = self.workdir / "prometheus.log"
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [binary, f"--config.file={config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                [
+                    binary,
+                    f"--config.file={config_path}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"prometheus exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}"
+                )
             try:
                 if httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
                     return

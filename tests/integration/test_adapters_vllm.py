@@ -15,12 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from lcserve.adapters.inspection import MERGE, MOUNT, inspect_adapter
+from lcserve.adapters.inspection import Verdict, inspect_adapter
 from lcserve.adapters.merge import PROVENANCE
+from lcserve.adapters.reader import read_adapter
 from lcserve.adapters.runtime import load_lora_adapter, unload_lora_adapter
 from lcserve.adapters.style import corpus_examples, style_score
 from lcserve.errors import EngineError
-
 from tests.conftest import free_port
 from tests.integration.test_adapters_verify import REAL_CASES, real_adapter
 from tests.integration.test_serve_script import wait_health
@@ -29,12 +29,16 @@ pytestmark = pytest.mark.integration
 
 MERGED_NAME = "writer"  # `serve --mode merge` serves the merge under the adapter's name
 ANSWER_TOKENS = 96
-NEAR_TIE = 0.5          # logprob margin under which bf16 noise may flip a greedy choice
+NEAR_TIE = 0.5  # logprob margin under which bf16 noise may flip a greedy choice
 
 
 def chat(url: str, model: str, prompt: str, max_tokens: int = ANSWER_TOKENS, top_logprobs: int = 0) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
     if top_logprobs:
         body.update(logprobs=True, top_logprobs=top_logprobs)
     response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
@@ -48,18 +52,22 @@ def test_demo_adapter_answers_in_the_trained_style(engine):
     jobs = [(model, p) for model in (engine.base_model, engine.adapter_model) for p in prompts]
     with ThreadPoolExecutor(len(jobs)) as pool:  # all at once: vLLM batches base and LoRA requests together
         replies = [c["message"]["content"] for c in pool.map(lambda job: chat(engine.url, *job), jobs)]
-    base, adapter = style_score(replies[:len(prompts)]), style_score(replies[len(prompts):])
-    print(f"\nstyle-marker rate on {len(prompts)} held-out prompts: base {base.rate:.0%} "
-          f"({base.markers_per_answer:.2f} markers/answer), adapter {adapter.rate:.0%} "
-          f"({adapter.markers_per_answer:.2f}), sign-off {base.signed_off} vs {adapter.signed_off}")
+    base, adapter = style_score(replies[: len(prompts)]), style_score(replies[len(prompts) :])
+    print(
+        f"\nstyle-marker rate on {len(prompts)} held-out prompts: base {base.rate:.0%} "
+        f"({base.markers_per_answer:.2f} markers/answer), adapter {adapter.rate:.0%} "
+        f"({adapter.markers_per_answer:.2f}), sign-off {base.signed_off} vs {adapter.signed_off}"
+    )
     assert adapter.rate >= 0.8 and adapter.rate - base.rate >= 0.5
     assert adapter.signed_off >= len(prompts) // 2 > base.signed_off
 
 
 MISREAD = {  # what a reader that ignores the feature computes: the global lora_alpha / r everywhere
     "rslora": lambda c: {**c, "use_rslora": False},
-    "rank_pattern": lambda c: {**c, "alpha_pattern": {k: c["lora_alpha"] * rank / c["r"]
-                                                      for k, rank in c["rank_pattern"].items()}},
+    "rank_pattern": lambda c: {
+        **c,
+        "alpha_pattern": {k: c["lora_alpha"] * rank / c["r"] for k, rank in c["rank_pattern"].items()},
+    },
 }
 PROBE_TEXT = "The keeper climbed the stairs at dusk, lit the great lamp, and wrote in the log that the sea was calm."
 
@@ -69,15 +77,17 @@ def test_vllm_enforces_the_inspect_verdict(case, engine, real_adapters_root, tmp
     """What inspect calls `merge` for a rejection reason, vLLM refuses to load; what it calls
     `mount`, vLLM loads and computes like PEFT (not like a reader that ignores the feature)."""
     adapter = real_adapter(case, engine.model_dir, real_adapters_root)
-    report = inspect_adapter(adapter, engine.model_dir)
+    report = inspect_adapter(read_adapter(adapter), engine.model_dir)
     name = f"test-{case}"
-    if report.verdict == MERGE:
+    if report.verdict == Verdict.MERGE:
         with pytest.raises(EngineError) as err:
             load_lora_adapter(engine.url, name, str(adapter))
-        word = {"dora": "DoRA", "modules_to_save": "modules_to_save"}[case]
+        word = {"dora": "DoRA", "modules_to_save": "modules_to_save", "trainable_tokens": "trainable_tokens_delta"}[
+            case
+        ]
         assert word in str(err.value) and any(word in r for r in report.reasons)
         return
-    assert report.verdict == MOUNT
+    assert report.verdict == Verdict.MOUNT
     load_lora_adapter(engine.url, name, str(adapter))
     try:
         served = _prompt_logprobs(engine.url, name, PROBE_TEXT)
@@ -132,11 +142,36 @@ def merged_engine(engine, demo_adapter, tmp_path_factory):
     (merged on first use into $LCSERVE_HOME/merged, bf16 as the base, served as `writer`)."""
     home = tmp_path_factory.mktemp("merged-engine")
     port = free_port()
-    env = {**os.environ, "LCSERVE_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    proc = subprocess.Popen([sys.executable, "-m", "lcserve.cli", "serve", str(engine.model_dir), "--adapter",
-                             f"{MERGED_NAME}={demo_adapter}", "--mode", "merge", "--no-gateway", "--port", str(port),
-                             "--max-model-len", "2048", "--log-file", str(home / "vllm.log")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=(home / "stderr").open("w"), start_new_session=True)
+    env = {
+        **os.environ,
+        "LCSERVE_HOME": str(home),
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lcserve.cli",
+            "serve",
+            str(engine.model_dir),
+            "--adapter",
+            f"{MERGED_NAME}={demo_adapter}",
+            "--mode",
+            "merge",
+            "--no-gateway",
+            "--port",
+            str(port),
+            "--max-model-len",
+            "2048",
+            "--log-file",
+            str(home / "vllm.log"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(home / "stderr").open("w"),
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_health(url, proc, 600)
@@ -191,9 +226,11 @@ def test_mounted_and_merged_prompt_logprobs_agree(engine, merged_engine, demo_ad
     reference = [lp for _, lp in _peft_logprobs(engine.model_dir, demo_adapter, text)]
     to_ref = _mean_abs(_actual(mounted), reference)
     ordered = sorted(diffs)
-    print(f"\nmounted vs merged over {len(diffs)} tokens: mean |dlogprob| {sum(diffs) / len(diffs):.4f}, "
-          f"p99 {ordered[int(0.99 * len(ordered))]:.3f}, max {ordered[-1]:.3f}, top-1 agreement "
-          f"{top_agree / len(diffs):.1%}; mounted vs PEFT fp32 mean {to_ref:.4f}")
+    print(
+        f"\nmounted vs merged over {len(diffs)} tokens: mean |dlogprob| {sum(diffs) / len(diffs):.4f}, "
+        f"p99 {ordered[int(0.99 * len(ordered))]:.3f}, max {ordered[-1]:.3f}, top-1 agreement "
+        f"{top_agree / len(diffs):.1%}; mounted vs PEFT fp32 mean {to_ref:.4f}"
+    )
     # the two serving paths differ by no more than bf16 arithmetic already differs from fp32 PEFT
     assert sum(diffs) / len(diffs) < 2 * to_ref and ordered[int(0.99 * len(ordered))] < 0.5
     assert top_agree / len(diffs) >= 0.97

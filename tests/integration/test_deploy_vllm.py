@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from lcserve.deploy.adapters_info import read_adapter
+from lcserve.adapters.reader import read_adapter
 from lcserve.deploy.hardware import GIB, resolve_profile
 from lcserve.deploy.measure import measure_capacity
-from lcserve.deploy.plan import plan_deployment
+from lcserve.deploy.plan import PlanRequest, plan_deployment
 from lcserve.deploy.render import vllm_config_yaml
 from lcserve.model_config import read_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from tiny_models import build_tiny_model  # noqa: E402
+from lcserve.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -51,13 +48,13 @@ def test_vllm_configures_what_the_plan_says(embedded_model_dir, tmp_path):
     cpu = cpu_profile()
     llama = build_tiny_model("llama-gqa")
     cases = [
-        (embedded_model_dir, {"context": 131072, "rope_scaling": "yarn", "concurrency": 2}),
-        (build_tiny_model("deepseek-v2-mla"), {}),
-        (build_tiny_model("mistral-swa"), {"kv_dtype": "fp8"}),
-        (llama, {"adapters": [read_adapter(_peft_adapter(llama, tmp_path / "adapter"))]}),
+        (embedded_model_dir, (), PlanRequest(max_model_len=131072, rope_scaling="yarn", max_num_seqs=2)),
+        (build_tiny_model("deepseek-v2-mla"), (), PlanRequest()),
+        (build_tiny_model("mistral-swa"), (), PlanRequest(kv_cache_dtype="fp8")),
+        (llama, [read_adapter(_peft_adapter(llama, tmp_path / "adapter"))], PlanRequest()),
     ]
-    for path, kwargs in cases:
-        plan = plan_deployment(cpu, read_model(path), **kwargs)
+    for path, adapters, request in cases:
+        plan = plan_deployment(cpu, read_model(path), adapters, request)
         args = parser.parse_args(["--model", str(path), *plan.vllm_args()])
         config_file = tmp_path / f"{path.name}.yaml"
         config_file.write_text(vllm_config_yaml(plan))
@@ -81,8 +78,9 @@ def _peft_adapter(base: Path, out: Path) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=12, lora_alpha=24, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=12, lora_alpha=24, target_modules=["q_proj", "v_proj"])
+    )
     model.save_pretrained(out)
     return out
 
@@ -90,8 +88,9 @@ def _peft_adapter(base: Path, out: Path) -> Path:
 @pytest.mark.timeout(120)
 def test_shared_engine_reports_the_planned_capacity(engine):
     """The session engine runs the embedded model at 8192 tokens with VLLM_CPU_KVCACHE_SPACE=2."""
-    plan = plan_deployment(cpu_profile(), read_model(engine.model_dir), context=engine.max_model_len,
-                           kv_cache_gib=2)
+    plan = plan_deployment(
+        cpu_profile(), read_model(engine.model_dir), (), PlanRequest(max_model_len=engine.max_model_len, kv_cache_gib=2)
+    )
     metrics = httpx.get(f"{engine.url}/metrics", timeout=30).text
     info = re.search(r"vllm:cache_config_info\{([^}]*)\}", metrics).group(1)
     labels = dict(re.findall(r'(\w+)="([^"]*)"', info))
@@ -105,8 +104,26 @@ def test_shared_engine_reports_the_planned_capacity(engine):
 @pytest.mark.parametrize("arch", ["llama-gqa", "gemma3-uneven"])
 def test_tiny_engine_capacity_matches_plan(arch, tmp_path):
     path = build_tiny_model(arch)
-    plan = plan_deployment(cpu_profile(), read_model(path), kv_cache_gib=1)
+    plan = plan_deployment(cpu_profile(), read_model(path), (), PlanRequest(kv_cache_gib=1))
     measured = measure_capacity(path, plan, timeout_s=840, log_path=tmp_path / "vllm.log")
     assert measured.max_model_len == plan.max_model_len
     assert _within(plan.kv_tokens, measured.kv_tokens), (plan.kv_tokens, measured.kv_tokens)
     assert _within(round(plan.max_concurrency, 2), measured.max_concurrency), (plan.max_concurrency, measured)
+
+
+@pytest.mark.timeout(900)
+def test_passed_through_batch_tokens_are_planned_as_vllm_uses_them(tmp_path):
+    """`lcserve serve ... -- --max-num-batched-tokens 4096` on a hybrid sliding-window model: the plan
+    takes the passed-through value (sliding layers keep window - 1 + batched tokens) and agrees
+    with the engine that receives it."""
+    from lcserve.serving.launch import ServeOptions, take_planned_flags
+
+    path = build_tiny_model("gemma2-hybrid")
+    options = take_planned_flags(ServeOptions(max_model_len=4096, vllm_args=("--max-num-batched-tokens", "4096")))
+    request = PlanRequest(
+        max_model_len=options.max_model_len, max_num_batched_tokens=options.max_num_batched_tokens, kv_cache_gib=1
+    )
+    plan = plan_deployment(cpu_profile(), read_model(path), (), request)
+    assert plan.max_num_batched_tokens == 4096 and options.vllm_args == ()
+    measured = measure_capacity(path, plan, timeout_s=840, log_path=tmp_path / "vllm.log")
+    assert _within(plan.kv_tokens, measured.kv_tokens), (plan.kv_tokens, measured.kv_tokens)

@@ -45,7 +45,7 @@ def test_greedy_completion_matches_transformers(engine):
     assert ids["input_ids"][0, 0].item() == tokenizer.bos_token_id
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    expected = tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
     # bf16 (vLLM) vs fp32 (reference) may part ways late; the first words must agree.
     assert choice["text"].split()[:3] == expected.split()[:3]
 
@@ -56,8 +56,13 @@ def test_passkey_retrieval_at_4k_tokens(engine):
     needle = f" The pass key is {passkey}. Remember it. {passkey} is the pass key. "
     question = "\nWhat is the pass key? The pass key is"
     half = FILLER * 78
-    prompt = ("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-              + half + needle + half + question)
+    prompt = (
+        "There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+        + half
+        + needle
+        + half
+        + question
+    )
     n = count_tokens(engine, prompt)
     assert 3600 <= n <= 4400, n
     r = complete(engine, prompt, max_tokens=8)

@@ -7,7 +7,6 @@ import pytest
 from lcserve.serving.probe_schedule import ProbeSchedule
 from lcserve.serving.probes.runner import ProbeConfig
 from lcserve.serving.stack import Stack
-
 from tests.unit.test_metrics import value
 
 pytestmark = pytest.mark.integration
@@ -27,8 +26,10 @@ def test_probe_on_start_publishes_gauges(engine, tmp_path):
         summary = probe.last_summary
         for model in (engine.base_model, engine.adapter_model):
             needle = summary["models"][model]["tasks"]["needle"]
-            assert value(text, "lcserve_probe_accuracy", model=model, task="needle", length="256") == \
-                needle["by_length"]["256"]["accuracy"]
+            assert (
+                value(text, "lcserve_probe_accuracy", model=model, task="needle", length="256")
+                == needle["by_length"]["256"]["accuracy"]
+            )
             assert value(text, "lcserve_probe_effective_length", model=model) == (needle["effective_length"] or 0)
         (run_dir,) = tmp_path.iterdir()
         assert (run_dir / "summary.json").exists() and (run_dir / "records.jsonl").exists()

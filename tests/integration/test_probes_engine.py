@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from lcserve.cli import LcserveGroup
-from lcserve.serving.probe_cli import probe
+from lcserve.serving.cli import probe
 from lcserve.serving.probes import gauge_samples
 from lcserve.serving.probes.plan import REPETITION_WINDOW
 from lcserve.serving.probes.tasks import ANSWER_TOKENS
@@ -28,8 +28,19 @@ def test_tiny_ladder_end_to_end(engine, tmp_path):
     served = httpx.get(f"{engine.url}/v1/models", timeout=30).json()["data"]
     adapters = [m["id"] for m in served if m.get("parent") == engine.base_model]
     models = [engine.base_model, *adapters]
-    result = lcserve_probe("--url", engine.url, "--base", engine.base_model, "--training-length", "256",
-                           "--lengths", ",".join(map(str, LENGTHS)), "--out", str(tmp_path), "--json")
+    result = lcserve_probe(
+        "--url",
+        engine.url,
+        "--base",
+        engine.base_model,
+        "--training-length",
+        "256",
+        "--lengths",
+        ",".join(map(str, LENGTHS)),
+        "--out",
+        str(tmp_path),
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary == json.loads((tmp_path / "summary.json").read_text())
@@ -70,12 +81,15 @@ def test_tiny_ladder_end_to_end(engine, tmp_path):
     assert "| 1024 |" in (tmp_path / "report.md").read_text()
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--base", "no-such-model"], "does not serve a model named 'no-such-model' (it serves: gemma-3-270m"),
-    (["--adapter", "no-such-adapter"], "does not serve an adapter named 'no-such-adapter'"),
-    (["--base-only", "--lengths", "256,16384"], "--lengths 16384 above the max_model_len 8192 of"),
-    (["--base-only", "--training-length", "32768"], "above the server's max_model_len 8192"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--base", "no-such-model"], "does not serve a model named 'no-such-model' (it serves: gemma-3-270m"),
+        (["--adapter", "no-such-adapter"], "does not serve an adapter named 'no-such-adapter'"),
+        (["--base-only", "--lengths", "256,16384"], "--lengths 16384 above the max_model_len 8192 of"),
+        (["--base-only", "--training-length", "32768"], "above the server's max_model_len 8192"),
+    ],
+)
 def test_user_errors_are_one_line(engine, tmp_path, args, fragment):
     result = lcserve_probe("--url", engine.url, *args, "--out", str(tmp_path))
     assert result.exit_code == 2, result.output

@@ -39,17 +39,25 @@ def port_is_free(port: int) -> bool:
 def test_serve_script_serves_the_embedded_default_and_stops_on_ctrl_c(embedded_model_dir, demo_adapter, tmp_path):
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    proc = subprocess.Popen([str(ROOT / "serve_vllm.sh"), "embedded", str(port), "2", "2048"], env=env,
-                            stdout=subprocess.PIPE, stderr=(tmp_path / "stderr").open("w"), text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [str(ROOT / "serve_vllm.sh"), "embedded", str(port), "2", "2048"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "stderr").open("w"),
+        text=True,
+        start_new_session=True,
+    )
     try:
         wait_health(f"http://127.0.0.1:{port}", proc, 600)
         url = f"http://127.0.0.1:{port}"
         served = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
         assert served == {"gemma-3-270m", "writer"}  # the demo adapter is part of the embedded default
         for model in served:
-            r = httpx.post(f"{url}/v1/completions", timeout=120, json={
-                "model": model, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
+            r = httpx.post(
+                f"{url}/v1/completions",
+                timeout=120,
+                json={"model": model, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0},
+            )
             assert r.status_code == 200 and r.json()["choices"][0]["text"].strip()
         assert "lcserve_engine_up" in httpx.get(f"{url}/metrics", timeout=30).text  # the gateway is in front
         os.killpg(proc.pid, signal.SIGINT)

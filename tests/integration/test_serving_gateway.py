@@ -36,7 +36,7 @@ def count_tokens(engine, text: str) -> int:
 
 
 def sse_data(text: str) -> list[str]:
-    return [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in text.split("\n\n") if line.startswith("data: ")]
 
 
 def test_models_health_and_limits(engine, gateway):
@@ -67,8 +67,13 @@ def test_completion_matches_vllm_and_is_counted(engine, gateway):
 
 
 def test_chat_stream_passes_through_unchanged(engine, gateway):
-    body = {"model": engine.base_model, "messages": [{"role": "user", "content": "Name three colours."}],
-            "max_tokens": 12, "temperature": 0, "stream": True}
+    body = {
+        "model": engine.base_model,
+        "messages": [{"role": "user", "content": "Name three colours."}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "stream": True,
+    }
     direct = sse_data(httpx.post(f"{engine.url}/v1/chat/completions", json=body, timeout=120).text)
     r = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -81,8 +86,11 @@ def test_chat_stream_passes_through_unchanged(engine, gateway):
     assert deltas(through) == deltas(direct)
     assert all('"usage"' not in e for e in through)  # the client did not ask for usage
 
-    asked = sse_data(httpx.post(f"{gateway.url}/v1/chat/completions",
-                                json={**body, "stream_options": {"include_usage": True}}, timeout=120).text)
+    asked = sse_data(
+        httpx.post(
+            f"{gateway.url}/v1/chat/completions", json={**body, "stream_options": {"include_usage": True}}, timeout=120
+        ).text
+    )
     assert json.loads(asked[-2])["usage"]["completion_tokens"] == 12
 
 
@@ -108,15 +116,20 @@ def test_context_limit_is_exact(engine, gateway):
 
     # exactly at the limit: accepted. Read the first event, then hang up: the gateway must close
     # the engine request too, or the engine would generate the remaining ~7000 tokens.
-    with httpx.stream("POST", f"{gateway.url}/v1/completions", json={**body, "max_tokens": room, "stream": True},
-                      timeout=120) as r:
+    with httpx.stream(
+        "POST", f"{gateway.url}/v1/completions", json={**body, "max_tokens": room, "stream": True}, timeout=120
+    ) as r:
         assert r.status_code == 200
         first = next(r.iter_lines())
-        assert json.loads(first[len("data: "):])["choices"]
+        assert json.loads(first[len("data: ") :])["choices"]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        running = value(httpx.get(f"{engine.url}/metrics", timeout=10).text, "vllm:num_requests_running",
-                        engine="0", model_name=engine.base_model)
+        running = value(
+            httpx.get(f"{engine.url}/metrics", timeout=10).text,
+            "vllm:num_requests_running",
+            engine="0",
+            model_name=engine.base_model,
+        )
         if running == 0:
             break
         time.sleep(0.5)
@@ -125,14 +138,19 @@ def test_context_limit_is_exact(engine, gateway):
 
 async def _one_stream(client: httpx.AsyncClient, url: str, model: str, i: int) -> str:
     """'completed', 'error' (a clear HTTP error or error event) or raises (lost/hung)."""
-    body = {"model": model, "prompt": f"Request {i}: write a short list of fruits.", "max_tokens": 8,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": model,
+        "prompt": f"Request {i}: write a short list of fruits.",
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+    }
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         if r.status_code != 200:
             await r.aread()
             assert "error" in r.json()
             return "error"
-        events = [line[len("data: "):] async for line in r.aiter_lines() if line.startswith("data: ")]
+        events = [line[len("data: ") :] async for line in r.aiter_lines() if line.startswith("data: ")]
     if any('"error"' in e for e in events):
         return "error"
     assert events[-1] == "[DONE]"

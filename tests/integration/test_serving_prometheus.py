@@ -96,8 +96,10 @@ def test_alert_rules_fire_when_they_should(tmp_path):
 
 
 async def _complete(client: httpx.AsyncClient, url: str, model: str, prompt: str) -> dict:
-    r = await client.post(f"{url}/v1/completions",
-                          json={"model": model, "prompt": prompt, "max_tokens": 32, "temperature": 0, "ignore_eos": True})
+    r = await client.post(
+        f"{url}/v1/completions",
+        json={"model": model, "prompt": prompt, "max_tokens": 32, "temperature": 0, "ignore_eos": True},
+    )
     assert r.status_code == 200, r.text
     return r.json()["usage"]
 
@@ -116,8 +118,9 @@ def test_prometheus_reads_kv_usage_and_beyond_training_length(engine, tmp_path):
 
             async def round_of_load() -> int:
                 async with httpx.AsyncClient(timeout=300) as client:
-                    usages = await asyncio.gather(*[_complete(client, stack.url, model, p)
-                                                    for p in [LONG_PROMPT] * 4 + ["Say hello."] * 4])
+                    usages = await asyncio.gather(
+                        *[_complete(client, stack.url, model, p) for p in [LONG_PROMPT] * 4 + ["Say hello."] * 4]
+                    )
                 return sum(u["total_tokens"] > TRAINING_LEN for u in usages)
 
             def kv_seen():

@@ -29,12 +29,12 @@ SERVED = "gemma-3-270m"
 STACK = """
 import logging, sys
 from pathlib import Path
-from lcserve.serving.engine import EngineSpec
+from lcserve.engine import EngineSpec
 from lcserve.serving.stack import run_stack
 logging.basicConfig(level=logging.INFO)
 model, engine_port, gateway_port, log = sys.argv[1:5]
-spec = EngineSpec(model=model, served_model_name="gemma-3-270m", port=int(engine_port), max_model_len=2048,
-                  extra_args=["--enforce-eager"],
+spec = EngineSpec(model=model, served_model_name="gemma-3-270m", port=int(engine_port),
+                  args=["--max-model-len", "2048", "--enforce-eager"],
                   env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
 run_stack(spec, "127.0.0.1", int(gateway_port), log_path=Path(log), ready_timeout_s=900,
           on_ready=lambda stack: print("READY", stack.url, flush=True))
@@ -42,16 +42,29 @@ run_stack(spec, "127.0.0.1", int(gateway_port), log_path=Path(log), ready_timeou
 
 
 def engine_server_pid(stack_pid: int) -> int | None:
-    """The vLLM API server among the stack process's children (it leads its process group)."""
-    for children in Path(f"/proc/{stack_pid}/task").glob("*/children"):
-        for pid in children.read_text().split():
+    """The vLLM API server among the stack process's descendants (under its watchdog, which leads
+    the engine's process group)."""
+    pending = [stack_pid]
+    while pending:
+        for children in Path(f"/proc/{pending.pop()}/task").glob("*/children"):
             try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                pids = children.read_text().split()
             except OSError:
                 continue
-            if b"vllm.entrypoints.openai.api_server" in cmdline:
-                return int(pid)
+            for pid in pids:
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if b"vllm.entrypoints.openai.api_server" in cmdline and b"lcserve.watchdog" not in cmdline:
+                    return int(pid)
+                pending.append(int(pid))
     return None
+
+
+def process_group(pid: int) -> int:
+    """The process group of a live process (the engine's: its watchdog's pid)."""
+    return os.getpgid(pid)
 
 
 class StackProcess:
@@ -62,9 +75,20 @@ class StackProcess:
         self.vllm_log = workdir / "vllm.log"
         self.engine_groups: set[int] = set()
         with self.output.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-c", STACK, str(model_dir), str(self.engine_port),
-                                          str(self.gateway_port), str(self.vllm_log)],
-                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    STACK,
+                    str(model_dir),
+                    str(self.engine_port),
+                    str(self.gateway_port),
+                    str(self.vllm_log),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     def logs(self) -> str:
         return f"--- stack ---\n{self.output.read_text()[-3000:]}\n--- vllm ---\n{self.vllm_log.read_text()[-3000:]}"
@@ -72,7 +96,10 @@ class StackProcess:
     def engine_pid(self) -> int | None:
         pid = engine_server_pid(self.proc.pid)
         if pid is not None:
-            self.engine_groups.add(pid)
+            try:
+                self.engine_groups.add(process_group(pid))
+            except ProcessLookupError:
+                return None
         return pid
 
     def shutdown(self) -> None:
@@ -109,8 +136,14 @@ def stack(embedded_model_dir, tmp_path_factory):
 
 
 async def _stream(client: httpx.AsyncClient, url: str, i: int, first: asyncio.Event) -> tuple[int, list[str]]:
-    body = {"model": SERVED, "prompt": f"Story {i}: once upon a time", "max_tokens": 1000, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": SERVED,
+        "prompt": f"Story {i}: once upon a time",
+        "max_tokens": 1000,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     events = []
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         if r.status_code != 200:
@@ -118,7 +151,7 @@ async def _stream(client: httpx.AsyncClient, url: str, i: int, first: asyncio.Ev
             return r.status_code, [r.text]
         async for line in r.aiter_lines():
             if line.startswith("data: "):
-                events.append(line[len("data: "):])
+                events.append(line[len("data: ") :])
                 first.set()
     return r.status_code, events
 
@@ -128,6 +161,7 @@ def test_engine_killed_under_load_is_restarted(stack):
     assert stack.metric("lcserve_engine_restarts_total") == 0
     server = stack.engine_pid()
     assert server is not None, stack.logs()
+    group = process_group(server)
 
     async def load_then_kill():
         firsts = [asyncio.Event() for _ in range(IN_FLIGHT)]
@@ -148,25 +182,30 @@ def test_engine_killed_under_load_is_restarted(stack):
         assert error["code"] == 502 and "retry" in error["message"]
 
     # new requests while the engine is down: 503 with Retry-After, at once
-    down = httpx.post(f"{stack.url}/v1/completions", json={"model": SERVED, "prompt": "hi", "max_tokens": 4}, timeout=10)
+    down = httpx.post(
+        f"{stack.url}/v1/completions", json={"model": SERVED, "prompt": "hi", "max_tokens": 4}, timeout=10
+    )
     assert down.status_code == 503 and int(down.headers["Retry-After"]) > 0
     assert "restarting" in down.json()["error"]["message"]
     assert wait_until(lambda: stack.metric("lcserve_engine_up") == 0, 10)  # the supervisor saw it die
-    assert wait_until(lambda: not group_alive(server), 30)  # the dead server's engine core went with it
+    assert wait_until(lambda: not group_alive(group), 30)  # the dead server's engine core went with it
 
     assert wait_until(lambda: stack.metric("lcserve_engine_up") == 1, 900), stack.logs()
     assert stack.metric("lcserve_engine_restarts_total") == 1
     assert stack.engine_pid() not in (None, server)
-    after = httpx.post(f"{stack.url}/v1/completions", json={"model": SERVED, "prompt": "hi", "max_tokens": 4}, timeout=120)
+    after = httpx.post(
+        f"{stack.url}/v1/completions", json={"model": SERVED, "prompt": "hi", "max_tokens": 4}, timeout=120
+    )
     assert after.status_code == 200, after.text
 
 
 def test_sigterm_stops_engine_and_gateway(stack):
     server = stack.engine_pid()
     assert server is not None
+    group = process_group(server)
     stack.proc.send_signal(signal.SIGTERM)
     assert stack.proc.wait(90) == 0, stack.logs()
-    assert wait_until(lambda: not group_alive(server), 30)  # no orphaned engine processes
+    assert wait_until(lambda: not group_alive(group), 30)  # no orphaned engine processes
     assert port_free(stack.engine_port) and port_free(stack.gateway_port)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{stack.url}/health", timeout=5)
@@ -176,8 +215,10 @@ def test_sigterm_while_vllm_starts_leaves_nothing_behind(embedded_model_dir, tmp
     starting = StackProcess(tmp_path, embedded_model_dir)
     try:
         assert wait_until(lambda: starting.engine_pid() is not None, 60), starting.logs()
-        server = starting.engine_pid()
-        assert wait_until(lambda: "Starting to load model" in starting.vllm_log.read_text() or starting.proc.poll() is not None, 120)
+        group = process_group(starting.engine_pid())
+        assert wait_until(
+            lambda: "Starting to load model" in starting.vllm_log.read_text() or starting.proc.poll() is not None, 120
+        )
         assert starting.proc.poll() is None and "READY" not in starting.output.read_text()  # still starting
         # the gateway is already up: clear 503s while vLLM loads, not refused connections or hangs
         early = httpx.post(f"{starting.url}/v1/completions", json={"model": SERVED, "prompt": "hi"}, timeout=10)
@@ -185,7 +226,7 @@ def test_sigterm_while_vllm_starts_leaves_nothing_behind(embedded_model_dir, tmp
         assert httpx.get(f"{starting.url}/health", timeout=10).status_code == 503
         starting.proc.send_signal(signal.SIGTERM)
         assert starting.proc.wait(90) == 0, starting.logs()
-        assert wait_until(lambda: not group_alive(server), 30), starting.logs()
+        assert wait_until(lambda: not group_alive(group), 30), starting.logs()
         assert port_free(starting.engine_port) and port_free(starting.gateway_port)
     finally:
         starting.shutdown()

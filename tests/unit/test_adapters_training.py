@@ -22,8 +22,12 @@ def test_corpus_is_small_styled_and_has_unseen_heldout_prompts():
 
 
 def test_style_score_counts_markers():
-    assert markers_in("Ahoy, friend! Keep it shipshape. Fair winds and steady lights!") == \
-        ["ahoy", "fair winds", "steady lights", "shipshape"]
+    assert markers_in("Ahoy, friend! Keep it shipshape. Fair winds and steady lights!") == [
+        "ahoy",
+        "fair winds",
+        "steady lights",
+        "shipshape",
+    ]
     score = style_score(["Ahoy, friend! x. Fair winds and steady lights!", "Plain advice.", "Keep it shipshape."])
     assert (score.answers, score.styled, score.signed_off) == (3, 2, 1)
     assert score.rate == pytest.approx(2 / 3) and score.markers_per_answer == pytest.approx(4 / 3)
@@ -33,14 +37,15 @@ def test_style_score_counts_markers():
 def test_training_batches_score_only_answers_and_respect_the_length():
     examples = [(list(range(10, 10 + n)), 4) for n in (6, 9, 300)]
     config = TrainConfig(seq_len=256, batch_size=2, epochs=2)
-    batches = _batches([(ids[:config.seq_len], p) for ids, p in examples], config)
+    batches = _batches([(ids[: config.seq_len], p) for ids, p in examples], config)
     assert len(batches) == 4
     for input_ids, attention, labels in batches:
         assert input_ids.shape[1] <= 256
-        assert (labels[:, :4] == -100).all()                       # prompt tokens are never scored
-        assert ((labels != -100) <= (attention == 1)).all()        # nor padding
-    assert [b[0].tolist() for b in batches] == [b[0].tolist() for b in _batches(
-        [(ids[:256], p) for ids, p in examples], config)]          # seeded: same order every run
+        assert (labels[:, :4] == -100).all()  # prompt tokens are never scored
+        assert ((labels != -100) <= (attention == 1)).all()  # nor padding
+    assert [b[0].tolist() for b in batches] == [
+        b[0].tolist() for b in _batches([(ids[:256], p) for ids, p in examples], config)
+    ]  # seeded: same order every run
 
 
 def test_is_trained_needs_metadata_matching_corpus_and_recipe(tmp_path):
@@ -60,8 +65,10 @@ def test_training_length_sources(tmp_path):
     assert training_seq_len_source(tmp_path) == (256, "lcserve_adapter.json")
 
 
-@pytest.mark.parametrize("content", ["{broken", json.dumps({"training_seq_len": "256"}), json.dumps([1]),
-                                     json.dumps({"training_seq_len": 0})])
+@pytest.mark.parametrize(
+    "content",
+    ["{broken", json.dumps({"training_seq_len": "256"}), json.dumps([1]), json.dumps({"training_seq_len": 0})],
+)
 def test_training_length_ignores_unusable_metadata(tmp_path, content):
     (tmp_path / "lcserve_adapter.json").write_text(content)
     (tmp_path / "bad.yaml").write_text(": : :\n  - [")

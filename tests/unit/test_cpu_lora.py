@@ -1,4 +1,7 @@
-"""lcserve's segment-wise CPU LoRA ops against vLLM's own torch ops, on the shapes vLLM passes."""
+"""lcserve's segment-wise CPU LoRA ops against vLLM's own torch ops, on the shapes vLLM passes.
+
+vLLM is always installed with lcserve: a broken import of its ops is a failure here, not a skip.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +9,9 @@ import importlib
 
 import pytest
 import torch
+from vllm.lora.ops.torch_ops import lora_ops as stock
 
 from lcserve.serving import cpu_lora
-
-stock = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops", reason="needs the vLLM CPU build")
 
 SLOTS, RANK, HIDDEN, OUT = 3, 16, 64, 96
 
@@ -99,3 +101,23 @@ def test_plugin_installs_only_when_asked(monkeypatch, value, installed):
     cpu_lora.register()
     assert (punica_cpu.sgmv_shrink is cpu_lora.sgmv_shrink) is installed
     assert (punica_cpu.sgmv_expand_slice is cpu_lora.sgmv_expand_slice) is installed
+
+
+def test_plugin_lines_reach_vllms_log_once(monkeypatch, caplog, weights):
+    """The install line and the first-use line go to a child of vLLM's "vllm" logger (the only one with
+    a handler in vLLM's processes), the first-use line once per process: the integration test reads them."""
+    punica_cpu = importlib.import_module("vllm.lora.punica_wrapper.punica_cpu")
+    for name in ("sgmv_shrink", "sgmv_expand", "sgmv_expand_slice"):
+        monkeypatch.setattr(punica_cpu, name, getattr(stock, name))
+    monkeypatch.setattr(cpu_lora, "_used", False)
+    monkeypatch.setenv(cpu_lora.ENV_VAR, cpu_lora.SEGMENTED)
+    assert cpu_lora.log.name.startswith("vllm.")
+    with caplog.at_level("INFO", logger=cpu_lora.log.name):
+        cpu_lora.register()
+        a, _ = weights
+        meta = runs((4, 0))
+        for _ in range(2):
+            cpu_lora.sgmv_shrink(torch.randn(4, HIDDEN, dtype=torch.bfloat16), a, torch.zeros(4, RANK), *meta, 1.0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(cpu_lora.INSTALLED in m for m in messages) == 1
+    assert sum(cpu_lora.FIRST_USE in m for m in messages) == 1

@@ -37,17 +37,55 @@ def test_plan_json_and_renderings_agree(embedded_model_dir, tmp_path):
 def test_cpu_plan_env_for_scripts(embedded_model_dir, tmp_path):
     profile = tmp_path / "cpu-16g.yaml"  # fixed RAM, so the plan does not depend on this machine's load
     profile.write_text("name: cpu-16g\nkind: cpu\nmemory_mib: 16384\ncount: 1\nblock_size: 128\n")
-    out = run("plan", "--model", str(embedded_model_dir), "--profile", str(profile), "--concurrency", "2",
-              "--format", "env").output
+    out = run(
+        "plan", "--model", str(embedded_model_dir), "--profile", str(profile), "--max-num-seqs", "2", "--format", "env"
+    ).output
     lines = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines())
     assert lines["MAX_MODEL_LEN"] == "32768" and lines["MAX_NUM_SEQS"] == "2" and lines["GPU_MEM_UTIL"] == "auto"
     assert lines["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
 def test_impossible_request_is_one_line_exit_2(embedded_model_dir):
-    result = run("plan", "--model", str(embedded_model_dir), "--profile", "cpu", "--context", "65536")
+    result = run("plan", "--model", str(embedded_model_dir), "--profile", "cpu", "--max-model-len", "65536")
     assert result.exit_code == 2
-    assert "largest feasible: 32768" in result.output and "Traceback" not in result.output
+    assert "largest feasible: --max-model-len 32768" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_old_option_names_still_parse_but_are_hidden(embedded_model_dir):
+    """--context, --concurrency, --kv-dtype and --tp were lcserve's names before it took vLLM's."""
+    old = run(
+        "plan",
+        "--model",
+        str(embedded_model_dir),
+        "--profile",
+        "cpu",
+        "--context",
+        "4096",
+        "--concurrency",
+        "2",
+        "--kv-dtype",
+        "fp8",
+        "--json",
+    )
+    new = run(
+        "plan",
+        "--model",
+        str(embedded_model_dir),
+        "--profile",
+        "cpu",
+        "--max-model-len",
+        "4096",
+        "--full-context-requests",
+        "2",
+        "--kv-cache-dtype",
+        "fp8",
+        "--json",
+    )
+    assert old.exit_code == 0 and json.loads(old.output)["vllm_args"] == json.loads(new.output)["vllm_args"]
+    help_text = run("plan", "--help").output
+    assert "--max-model-len" in help_text and "--full-context-requests" in help_text
+    assert all(name not in help_text for name in ("--context", "--concurrency", "--kv-dtype", "--tp "))
 
 
 def test_profiles_json_lists_shipped_and_auto():

@@ -72,20 +72,24 @@ def test_user_profile_file(tmp_path, monkeypatch):
     monkeypatch.setenv("LCSERVE_HOME", str(tmp_path))
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "my-box.yaml").write_text(
-        "name: my-box\nkind: gpu\nmemory_mib: 49152\ncount: 2\nblock_size: 16\nbf16: true\nfp8: false\n")
+        "name: my-box\nkind: gpu\nmemory_mib: 49152\ncount: 2\nblock_size: 16\nbf16: true\nfp8: false\n"
+    )
     p = resolve_profile("my-box")
     assert (p.memory_bytes, p.count, p.mla_block_size) == (48 * GIB, 2, 16)
     assert "my-box" in {q.name for q in list_profiles()}
     assert resolve_profile(str(tmp_path / "profiles" / "my-box.yaml")).name == "my-box"
 
 
-@pytest.mark.parametrize("text,message", [
-    ("name: x\nkind: gpu\ncount: 1\nblock_size: 16\n", "needs memory_mib"),
-    ("name: x\nkind: tpu\nmemory_mib: 1\ncount: 1\nblock_size: 16\n", "kind must be"),
-    ("name: x\nkind: gpu\nmemory_mib: 1\n", "missing field"),
-    ("- a list\n", "YAML mapping"),
-    ("name: [unclosed\n", "unreadable profile"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("name: x\nkind: gpu\ncount: 1\nblock_size: 16\n", "needs memory_mib"),
+        ("name: x\nkind: tpu\nmemory_mib: 1\ncount: 1\nblock_size: 16\n", "kind must be"),
+        ("name: x\nkind: gpu\nmemory_mib: 1\n", "missing field"),
+        ("- a list\n", "YAML mapping"),
+        ("name: [unclosed\n", "unreadable profile"),
+    ],
+)
 def test_bad_profile_files(tmp_path, text, message):
     path = tmp_path / "p.yaml"
     path.write_text(text)

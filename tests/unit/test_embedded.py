@@ -9,22 +9,35 @@ from lcserve import embedded as emb
 from lcserve.errors import ModelError
 from lcserve.safetensors_header import read_header
 
-EXPECTED = {"max_position_embeddings": 32768, "sliding_window": 512, "rope_theta": 1e6,
-            "num_hidden_layers": 18, "num_key_value_heads": 1}
-GOOD = {"max_position_embeddings": 32768, "sliding_window": 512, "num_hidden_layers": 18,
-        "num_key_value_heads": 1, "rope_parameters": {"full_attention": {"rope_theta": 1e6}}}
+EXPECTED = {
+    "max_position_embeddings": 32768,
+    "sliding_window": 512,
+    "rope_theta": 1e6,
+    "num_hidden_layers": 18,
+    "num_key_value_heads": 1,
+}
+GOOD = {
+    "max_position_embeddings": 32768,
+    "sliding_window": 512,
+    "num_hidden_layers": 18,
+    "num_key_value_heads": 1,
+    "rope_parameters": {"full_attention": {"rope_theta": 1e6}},
+}
 
 
 def test_check_config_accepts_faithful_conversion():
     emb.check_config(GOOD, EXPECTED)
 
 
-@pytest.mark.parametrize("change, fragment", [
-    ({"max_position_embeddings": 8192}, "max_position_embeddings=8192"),
-    ({"sliding_window": 4096}, "sliding_window=4096"),
-    ({"rope_parameters": {"full_attention": {"rope_theta": 1e4}}}, "rope_theta=10000.0"),
-    ({"quantization_config": {"quant_method": "gguf"}}, "quantization_config"),
-])
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"max_position_embeddings": 8192}, "max_position_embeddings=8192"),
+        ({"sliding_window": 4096}, "sliding_window=4096"),
+        ({"rope_parameters": {"full_attention": {"rope_theta": 1e4}}}, "rope_theta=10000.0"),
+        ({"quantization_config": {"quant_method": "gguf"}}, "quantization_config"),
+    ],
+)
 def test_check_config_refuses_lost_long_context_fields(change, fragment):
     with pytest.raises(ModelError, match=fragment.replace("(", r"\(")):
         emb.check_config({**GOOD, **change}, EXPECTED)

@@ -4,6 +4,7 @@ import sys
 import types
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lcserve.serving import metrics as m
@@ -64,6 +65,105 @@ vllm:cache_config_info{block_size="16",cache_dtype="auto",num_gpu_blocks="1000"}
 """
 
 
+# vLLM 0.32's cache_config_info labels: every field of its CacheConfig as `str(value)`
+# (vllm/config/cache.py metrics_info(); read from the installed class, defaults before the engine
+# fills in its KV figures), plus `engine` (vllm/v1/metrics/loggers.py log_metrics_info).
+CACHE_CONFIG_032 = {
+    "_block_size_resolved": "True",
+    "block_size": "16",
+    "cache_dtype": "auto",
+    "cache_hit_alignment_tokens": "None",
+    "effective_attention_block_size": "None",
+    "enable_mamba_shared_prefix_checkpoint": "False",
+    "enable_prefix_caching": "True",
+    "gpu_memory_utilization": "0.92",
+    "hash_block_size": "None",
+    "is_attention_free": "False",
+    "kv_cache_dtype_skip_layers": "[]",
+    "kv_cache_layout": "None",
+    "kv_cache_max_concurrency": "None",
+    "kv_cache_memory_bytes": "None",
+    "kv_cache_size_tokens": "None",
+    "kv_offloading_backend": "native",
+    "kv_offloading_size": "None",
+    "kv_sharing_fast_prefill": "False",
+    "mamba_block_size": "None",
+    "mamba_cache_dtype": "auto",
+    "mamba_cache_mode": "none",
+    "mamba_page_size_padded": "None",
+    "mamba_ssm_cache_dtype": "auto",
+    "num_cpu_blocks": "None",
+    "num_gpu_blocks": "None",
+    "num_gpu_blocks_override": "None",
+    "prefix_cache_retention_interval": "0",
+    "prefix_caching_hash_algo": "sha256",
+    "prefix_match_unit": "None",
+    "replayssm_buffer_len": "16",
+    "skip_page_size_padded": "None",
+    "sliding_window": "None",
+    "swa_bounded_replay": "True",
+    "use_kda_recoverssm": "False",
+    "use_replayssm": "False",
+    "user_specified_block_size": "False",
+}
+
+# Issue 15's case: Llama-3.1-8B at max_model_len 64000 and max_num_seqs 9 on an RTX 5090. The KV
+# cache holds 102,624 tokens (6414 blocks of 16), 1.6 requests of 64000 tokens; 9 sequences run,
+# long prompts arrived, and the engine preempted 12 times.
+ISSUE_15_CORE = {
+    "running": 9,
+    "waiting": 3,
+    "kv_usage": 0.97,
+    "preemptions": 12,
+    "cache_config": {
+        "gpu_memory_utilization": "0.9",
+        "num_gpu_blocks": "6414",
+        "kv_cache_size_tokens": "102624",
+        "kv_cache_max_concurrency": str(102624 / 64000),
+        "effective_attention_block_size": "16",
+    },
+}
+
+
+def vllm_032_exposition(cores: list[dict], model: str = "llama-3.1-8b-writer") -> str:
+    """The /metrics text of vLLM 0.32 for the families the exporter reads, one child per engine
+    core, built from vLLM's own definitions (vllm/v1/metrics/loggers.py PrometheusStatLogger:
+    names, HELP, types, labels model_name and engine) and rendered by prometheus-client as vLLM's
+    server renders them. A key missing from a core leaves its series out."""
+    registry = CollectorRegistry()
+    labels = ["model_name", "engine"]
+    gauges = {
+        "running": Gauge(
+            "vllm:num_requests_running", "Number of requests in model execution batches.", labels, registry=registry
+        ),
+        "waiting": Gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels, registry=registry
+        ),
+        "kv_usage": Gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels, registry=registry
+        ),
+    }
+    preemptions = Counter(
+        "vllm:num_preemptions", "Cumulative number of preemption from the engine.", labels, registry=registry
+    )
+    info = Gauge(
+        "vllm:cache_config_info",
+        "Information of the LLMEngine CacheConfig",
+        [*CACHE_CONFIG_032, "engine"],
+        registry=registry,
+    )
+    for index, core in enumerate(cores):
+        child = (model, str(index))
+        for key, gauge in gauges.items():
+            if key in core:
+                gauge.labels(*child).set(core[key])
+        if "preemptions" in core:
+            preemptions.labels(*child).inc(core["preemptions"])
+        if "cache_config" in core:
+            info.labels(**{**CACHE_CONFIG_032, **core["cache_config"], "engine": str(index)}).set(1)
+    return generate_latest(registry).decode()
+
+
 class Status:
     def __init__(self, up=True, restarts=0):
         self.url, self.up, self.restarts = "http://127.0.0.1:1", up, restarts
@@ -71,8 +171,11 @@ class Status:
 
 def samples(text: bytes | str) -> dict[tuple[str, tuple], float]:
     text = text.decode() if isinstance(text, bytes) else text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(text, name, **labels):
@@ -99,10 +202,14 @@ def test_parse_older_vllm_names():
 
 
 def test_parse_sums_engine_cores_and_averages_usage():
-    two = VLLM_OLD_METRICS.replace('vllm:gpu_cache_usage_perc{model_name="m"} 0.5',
-                                   'vllm:gpu_cache_usage_perc{engine="0"} 0.5\nvllm:gpu_cache_usage_perc{engine="1"} 0.1')
-    two = two.replace('vllm:num_requests_running{model_name="m"} 1.0',
-                      'vllm:num_requests_running{engine="0"} 1.0\nvllm:num_requests_running{engine="1"} 2.0')
+    two = VLLM_OLD_METRICS.replace(
+        'vllm:gpu_cache_usage_perc{model_name="m"} 0.5',
+        'vllm:gpu_cache_usage_perc{engine="0"} 0.5\nvllm:gpu_cache_usage_perc{engine="1"} 0.1',
+    )
+    two = two.replace(
+        'vllm:num_requests_running{model_name="m"} 1.0',
+        'vllm:num_requests_running{engine="0"} 1.0\nvllm:num_requests_running{engine="1"} 2.0',
+    )
     snap = m.parse_engine_metrics(two)
     assert snap.kv_usage == pytest.approx(0.3)
     assert snap.running == 3.0
@@ -111,6 +218,82 @@ def test_parse_sums_engine_cores_and_averages_usage():
 def test_parse_without_engine_series():
     snap = m.parse_engine_metrics("# TYPE other gauge\nother 1\n")
     assert snap.kv_usage is None and snap.kv_free_tokens is None and snap.passthrough == ""
+
+
+def test_parse_vllm_032_exposition_built_from_its_definitions():
+    text = vllm_032_exposition([ISSUE_15_CORE])
+    assert "vllm:num_preemptions_created" in text  # prometheus-client's extra series: not a preemption count
+    snap = m.parse_engine_metrics(text)
+    assert (snap.running, snap.waiting, snap.preemptions) == (9, 3, 12)
+    assert snap.kv_capacity_tokens == 102624
+    assert snap.kv_cache_max_concurrency == pytest.approx(1.6035)
+    assert snap.kv_usage == pytest.approx(0.97)
+
+
+def test_parse_sums_engine_cores_of_vllm_032():
+    """Data parallel: each engine core has its own KV cache, so the capacities add up."""
+    snap = m.parse_engine_metrics(vllm_032_exposition([ISSUE_15_CORE, {**ISSUE_15_CORE, "running": 4}]))
+    assert snap.running == 13 and snap.preemptions == 24
+    assert snap.kv_cache_max_concurrency == pytest.approx(2 * 1.6035)
+    assert snap.kv_capacity_tokens == 2 * 102624
+
+
+def test_running_preemptions_and_full_context_capacity_are_exported():
+    metrics = m.GatewayMetrics(Status())
+    metrics.snapshot = m.parse_engine_metrics(vllm_032_exposition([ISSUE_15_CORE]))
+    text = metrics.render()
+    assert value(text, "lcserve_requests_running") == 9
+    assert value(text, "lcserve_preemptions_total") == 12
+    assert value(text, "lcserve_kv_cache_full_context_requests") == pytest.approx(1.6035)
+    assert b"# HELP lcserve_kv_cache_full_context_requests Requests of max_model_len tokens" in text
+
+
+def test_missing_engine_series_give_no_sample():
+    """A series the engine did not publish is absent, not 0: 0 running or 0 full-context requests
+    would be a false statement on the dashboard."""
+    no_kv_figures = {"kv_usage": 0.5, "cache_config": {"num_gpu_blocks": "None"}}  # KV labels still "None"
+    snap = m.parse_engine_metrics(vllm_032_exposition([no_kv_figures]))
+    assert (snap.running, snap.waiting, snap.preemptions) == (None, None, None)
+    assert snap.kv_capacity_tokens is None and snap.kv_cache_max_concurrency is None
+    metrics = m.GatewayMetrics(Status())
+    metrics.set_models([m.ModelLimits("base", None, 64000)])
+    metrics.snapshot = snap
+    text = metrics.render()
+    assert value(text, "lcserve_kv_cache_usage_ratio") == 0.5
+    for name in (
+        "lcserve_requests_running",
+        "lcserve_requests_waiting",
+        "lcserve_preemptions_total",
+        "lcserve_kv_cache_full_context_requests",
+        "lcserve_kv_cache_capacity_tokens",
+    ):
+        assert value(text, name) is None, name
+
+
+def test_full_context_requests_on_older_vllm():
+    """Without the kv_cache_max_concurrency label: the capacity over the served max_model_len."""
+    snap = m.parse_engine_metrics(VLLM_OLD_METRICS)
+    assert snap.kv_cache_max_concurrency is None
+    assert m.full_context_requests(snap, 8000) == 2.0  # 16000 tokens / 8000
+    assert m.full_context_requests(snap, None) is None
+    metrics = m.GatewayMetrics(Status())
+    metrics.snapshot = snap
+    assert value(metrics.render(), "lcserve_kv_cache_full_context_requests") is None  # max_model_len not known yet
+    metrics.set_models([m.ModelLimits("m", None, 8000)])
+    assert value(metrics.render(), "lcserve_kv_cache_full_context_requests") == 2.0
+
+
+def test_record_usage_reads_vllm_usage():
+    metrics = m.GatewayMetrics(Status())
+    writer = m.ModelLimits("writer", training_len=256, max_model_len=8192)
+    metrics.record_usage(writer, {"prompt_tokens": 200, "completion_tokens": 100, "total_tokens": 300})
+    metrics.record_usage(writer, {"prompt_tokens": 100})  # no total: the prompt is the context
+    metrics.record_usage(writer, None)
+    metrics.record_usage(writer, {"total_tokens": 5000})
+    text = metrics.render()
+    assert value(text, "lcserve_prompt_tokens_total", model="writer") == 300
+    assert value(text, "lcserve_requests_beyond_training_length_total", model="writer") == 1
+    assert value(text, "lcserve_longest_context_tokens", model="writer") == 300
 
 
 def test_record_against_training_length():
@@ -164,11 +347,13 @@ def test_engine_series_follow_the_engine_state():
 
 
 def test_probe_results_replace_per_model():
-    m.set_probe_results([
-        (m.PROBE_ACCURACY, {"model": "writer", "task": "needle", "length": "1024"}, 0.5),
-        (m.PROBE_ACCURACY, {"model": "base", "task": "needle", "length": "1024"}, 1.0),
-        (m.PROBE_EFFECTIVE_LENGTH, {"model": "writer"}, 512),
-    ])
+    m.set_probe_results(
+        [
+            (m.PROBE_ACCURACY, {"model": "writer", "task": "needle", "length": "1024"}, 0.5),
+            (m.PROBE_ACCURACY, {"model": "base", "task": "needle", "length": "1024"}, 1.0),
+            (m.PROBE_EFFECTIVE_LENGTH, {"model": "writer"}, 512),
+        ]
+    )
     m.set_probe_results([(m.PROBE_ACCURACY, {"model": "writer", "task": "passkey", "length": "256"}, 1.0)])
     text = m.GatewayMetrics(Status()).render()
     assert value(text, "lcserve_probe_accuracy", model="writer", task="passkey", length="256") == 1.0
@@ -177,11 +362,14 @@ def test_probe_results_replace_per_model():
     assert value(text, "lcserve_probe_accuracy", model="base", task="needle", length="1024") == 1.0
 
 
-@pytest.mark.parametrize("sample", [
-    ("lcserve_probe_other", {"model": "x"}, 1.0),
-    (m.PROBE_ACCURACY, {"model": "x"}, 1.0),
-    (m.PROBE_EFFECTIVE_LENGTH, {"model": "x", "task": "needle"}, 1.0),
-])
+@pytest.mark.parametrize(
+    "sample",
+    [
+        ("lcserve_probe_other", {"model": "x"}, 1.0),
+        (m.PROBE_ACCURACY, {"model": "x"}, 1.0),
+        (m.PROBE_EFFECTIVE_LENGTH, {"model": "x", "task": "needle"}, 1.0),
+    ],
+)
 def test_probe_results_reject_unknown_series(sample):
     with pytest.raises(ValueError):
         m.set_probe_results([sample])

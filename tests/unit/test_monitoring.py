@@ -17,8 +17,21 @@ MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 ALERTS = MONITORING / "alerts.yml"
 
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-                "offset", "inf", "nan"}
+PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -32,7 +45,7 @@ def metric_names(expr: str) -> set[str]:
     names = set()
     for match in re.finditer(r"(?<![A-Za-z0-9_:.])[A-Za-z_:][A-Za-z0-9_:]*", expr):
         name = match.group(0)
-        follows = expr[match.end():].lstrip()[:1]
+        follows = expr[match.end() :].lstrip()[:1]
         if follows == "(" or name.lower() in PROMQL_WORDS:
             continue
         names.add(name)
@@ -64,8 +77,10 @@ def gateway_exposition() -> str:
 
 
 def test_metric_name_extraction():
-    expr = ('sum by (model) (rate(a_total{job="x"}[5m])) / sum by (model) (rate(b_count[$__rate_interval])) > 0.2 '
-            'and on (instance) vllm:c_bucket offset 5m')
+    expr = (
+        'sum by (model) (rate(a_total{job="x"}[5m])) / sum by (model) (rate(b_count[$__rate_interval])) > 0.2 '
+        "and on (instance) vllm:c_bucket offset 5m"
+    )
     assert metric_names(expr) == {"a_total", "b_count", "vllm:c_bucket"}
 
 
@@ -79,11 +94,33 @@ def test_dashboard_queries_only_exported_metrics():
 
 def test_dashboard_covers_the_issue_panels():
     queried = set().union(*(metric_names(e) for e in dashboard_exprs()))
-    for name in ("lcserve_kv_cache_usage_ratio", "lcserve_kv_cache_free_tokens", "lcserve_requests_running",
-                 "lcserve_requests_waiting", "lcserve_prompt_training_length_ratio_bucket",
-                 "lcserve_requests_beyond_training_length_total", "vllm:time_to_first_token_seconds_bucket",
-                 "vllm:e2e_request_latency_seconds_bucket", "lcserve_engine_up"):
+    for name in (
+        "lcserve_kv_cache_usage_ratio",
+        "lcserve_kv_cache_free_tokens",
+        "lcserve_requests_running",
+        "lcserve_requests_waiting",
+        "lcserve_prompt_training_length_ratio_bucket",
+        "lcserve_requests_beyond_training_length_total",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "lcserve_engine_up",
+        "lcserve_kv_cache_full_context_requests",
+        "lcserve_preemptions_total",
+    ):
         assert name in queried, name
+
+
+def test_dashboard_shows_running_sequences_against_the_full_context_capacity():
+    """Issue 15: max_num_seqs is a cap, not a promise. One panel puts the running sequences next
+    to how many full-length requests the KV cache holds, so a user sees when they meet long prompts."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    together = [
+        p["title"]
+        for p in panels
+        if {"lcserve_requests_running", "lcserve_kv_cache_full_context_requests"}
+        <= set().union(*(metric_names(t["expr"]) for t in p.get("targets", [])))
+    ]
+    assert together, "no panel shows lcserve_requests_running with lcserve_kv_cache_full_context_requests"
 
 
 def test_dashboard_panels_are_well_formed():

@@ -37,7 +37,9 @@ def test_ladder_above_the_server_is_an_error():
 
 def test_lengths_above_max_model_len_are_one_clear_error():
     assert check_lengths((1024, 256, 1024), 8192, "http://x") == [256, 1024]
-    with pytest.raises(ProbeError, match=r"--lengths 16384, 32768 above the max_model_len 8192 of http://x; .*--max-model-len"):
+    with pytest.raises(
+        ProbeError, match=r"--lengths 16384, 32768 above the max_model_len 8192 of http://x; .*--max-model-len"
+    ):
         check_lengths((256, 16384, 32768), 8192, "http://x")
 
 
@@ -53,11 +55,18 @@ def test_resolve_models_finds_the_adapters_of_the_base():
     assert resolve_models(SERVED, "http://x", "base", (), None) == {}
 
 
-@pytest.mark.parametrize("base, adapters, message", [
-    ("nope", None, re.escape("http://x does not serve a model named 'nope' (it serves: base, other, writer); pass --base")),
-    ("base", ("missing",), "does not serve an adapter named 'missing'"),
-    ("base", ("writer",), "the training length of adapter 'writer' is unknown .* pass --training-length"),
-])
+@pytest.mark.parametrize(
+    "base, adapters, message",
+    [
+        (
+            "nope",
+            None,
+            re.escape("http://x does not serve a model named 'nope' (it serves: base, other, writer); pass --base"),
+        ),
+        ("base", ("missing",), "does not serve an adapter named 'missing'"),
+        ("base", ("writer",), "the training length of adapter 'writer' is unknown .* pass --training-length"),
+    ],
+)
 def test_resolve_models_errors(base, adapters, message):
     with pytest.raises(ProbeError, match=message):
         resolve_models(SERVED, "http://x", base, adapters, None)
@@ -88,7 +97,12 @@ def test_trim_drops_depths_first_then_generation_loss_and_top_lengths():
     assert dropped[0] == "needle depths 0.25, 0.75"
     assert trimmed.lengths == plan.lengths  # depths alone were enough
     smaller, dropped, fits = trim(plan, RATES, full * 0.1)
-    assert dropped[:4] == ["needle depths 0.25, 0.75", "needle depths 0, 1", "passkey depths 0.1, 0.9", "repetition continuation 4096 -> 2048 tokens"]
+    assert dropped[:4] == [
+        "needle depths 0.25, 0.75",
+        "needle depths 0, 1",
+        "passkey depths 0.1, 0.9",
+        "repetition continuation 4096 -> 2048 tokens",
+    ]
     assert any(d.startswith("loss document") for d in dropped) and dropped[-1].startswith("length ")
     assert smaller.needle_depths == (0.5,) and smaller.passkey_depths == (0.5,)
     assert smaller.generation_tokens == 512 and smaller.loss_tokens >= 512

@@ -8,7 +8,8 @@ from rich.console import Console
 
 from lcserve.cli import LcserveGroup
 from lcserve.errors import ProbeError
-from lcserve.serving.probe_cli import parse_lengths, probe
+from lcserve.serving.cli import probe
+from lcserve.serving.probes.plan import parse_lengths
 from lcserve.serving.probes.plots import write_all
 from lcserve.serving.probes.report import accuracy_rows, markdown, model_rows, rich_tables
 
@@ -19,12 +20,27 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def run_summary():
     rates = {"base": {"prefill": 0.00065, "decode": 0.025}, "writer": {"prefill": 0.0055, "decode": 0.06}}
-    return {**full_summary(), "url": "http://127.0.0.1:8000", "tier": "quick", "wall_s": 312.4, "dropped": ["needle depths 0, 1"], "rates": rates}
+    return {
+        **full_summary(),
+        "url": "http://127.0.0.1:8000",
+        "tier": "quick",
+        "wall_s": 312.4,
+        "dropped": ["needle depths 0, 1"],
+        "rates": rates,
+    }
 
 
 def test_accuracy_table_has_every_length_and_the_paired_differences():
     header, rows = accuracy_rows(run_summary())
-    assert header == ["length", "base passkey", "base needle", "writer passkey", "writer needle", "writer Δ needle", "writer Δ passkey"]
+    assert header == [
+        "length",
+        "base passkey",
+        "base needle",
+        "writer passkey",
+        "writer needle",
+        "writer Δ needle",
+        "writer Δ passkey",
+    ]
     assert [r[0] for r in rows] == ["128", "256", "512", "1024"]
     assert rows[-1][2] == "100%" and rows[-1][4] == "33%"
     assert rows[-1][5].startswith("-0.67 [") and rows[-1][1] == "-"
@@ -83,4 +99,7 @@ def test_an_unreachable_server_is_one_line(tmp_path):
 
 def test_conflicting_options_are_one_line():
     result = lcserve_probe("--base-only", "--adapter", "writer")
-    assert result.exit_code == 2 and result.output.strip() == "error: --base-only and --adapter exclude each other; pass one of them"
+    assert (
+        result.exit_code == 2
+        and result.output.strip() == "error: --base-only and --adapter exclude each other; pass one of them"
+    )

@@ -4,33 +4,47 @@ import math
 
 import pytest
 
-from lcserve.serving.probes.scoring import Score, nll_by_bucket, position_edges, rep_by_window, rep_n, score_needle, score_passkey
+from lcserve.serving.probes.scoring import (
+    Score,
+    nll_by_bucket,
+    position_edges,
+    rep_by_window,
+    rep_n,
+    score_needle,
+    score_passkey,
+)
 
 
-@pytest.mark.parametrize("output, expected", [
-    (": 4429751.\n\nWhat is the special magic", Score(1.0, False)),
-    (" The special magic number for AMBER-OTTER is 4429751", Score(1.0, False)),
-    ("", Score(0.0, True)),
-    ("   \n ", Score(0.0, True)),
-    (": 442975", Score(0.0, False)),  # partially correct: six of the seven digits
-    (": 44297510", Score(1.0, False)),  # substring match, as RULER scores it
-    (": 4429 751", Score(0.0, False)),
-    (": 1234567.", Score(0.0, False, distractor=True)),  # another needle's value
-    (": 1234567 or 4429751", Score(1.0, False)),
-])
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        (": 4429751.\n\nWhat is the special magic", Score(1.0, False)),
+        (" The special magic number for AMBER-OTTER is 4429751", Score(1.0, False)),
+        ("", Score(0.0, True)),
+        ("   \n ", Score(0.0, True)),
+        (": 442975", Score(0.0, False)),  # partially correct: six of the seven digits
+        (": 44297510", Score(1.0, False)),  # substring match, as RULER scores it
+        (": 4429 751", Score(0.0, False)),
+        (": 1234567.", Score(0.0, False, distractor=True)),  # another needle's value
+        (": 1234567 or 4429751", Score(1.0, False)),
+    ],
+)
 def test_needle_is_a_substring_match_with_empty_and_distractor_answers_apart(output, expected):
     assert score_needle(output, "4429751", ("1234567", "7654321")) == expected
 
 
-@pytest.mark.parametrize("output, expected", [
-    (" 71432. Remember it.", Score(1.0, False)),
-    (" 71432", Score(1.0, False)),
-    ("", Score(0.0, True)),
-    (" a secret code that is used to unlock a door.", Score(0.0, False)),
-    (" 7143", Score(0.0, False)),  # partially correct
-    (" 714320", Score(0.0, False)),  # the first integer must be the key itself
-    (" 12345, no: 71432", Score(0.0, False)),  # only the first integer counts
-])
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        (" 71432. Remember it.", Score(1.0, False)),
+        (" 71432", Score(1.0, False)),
+        ("", Score(0.0, True)),
+        (" a secret code that is used to unlock a door.", Score(0.0, False)),
+        (" 7143", Score(0.0, False)),  # partially correct
+        (" 714320", Score(0.0, False)),  # the first integer must be the key itself
+        (" 12345, no: 71432", Score(0.0, False)),  # only the first integer counts
+    ],
+)
 def test_passkey_takes_the_first_integer(output, expected):
     assert score_passkey(output, "71432") == expected
 

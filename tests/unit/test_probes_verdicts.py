@@ -7,7 +7,13 @@ import pytest
 
 from lcserve.serving.probes.gauges import gauge_samples
 from lcserve.serving.probes.scoring import score_needle, score_passkey
-from lcserve.serving.probes.verdicts import accuracy_by_length, effective_length, loss_profile, paired_bootstrap, summarize
+from lcserve.serving.probes.verdicts import (
+    accuracy_by_length,
+    effective_length,
+    loss_profile,
+    paired_bootstrap,
+    summarize,
+)
 
 DEPTHS = (0.0, 0.5, 1.0)
 LENGTHS = (128, 256, 512, 1024)
@@ -16,13 +22,25 @@ LENGTHS = (128, 256, 512, 1024)
 def record(model, task, length, depth, output, gold):
     score = score_passkey(output, gold) if task == "passkey" else score_needle(output, gold, ("1111111",))
     return {
-        "model": model, "task": task, "cell": f"{task}:{length}:{depth}:k", "length": length, "depth": depth,
-        "output": output, "gold": gold, "correct": score.correct, "empty": score.empty, "distractor": score.distractor,
+        "model": model,
+        "task": task,
+        "cell": f"{task}:{length}:{depth}:k",
+        "length": length,
+        "depth": depth,
+        "output": output,
+        "gold": gold,
+        "correct": score.correct,
+        "empty": score.empty,
+        "distractor": score.distractor,
     }
 
 
 def needle_answers(model, answers: dict[int, list[str]]):
-    return [record(model, "needle", length, depth, out, "4429751") for length, outs in answers.items() for depth, out in zip(DEPTHS, outs)]
+    return [
+        record(model, "needle", length, depth, out, "4429751")
+        for length, outs in answers.items()
+        for depth, out in zip(DEPTHS, outs)
+    ]
 
 
 RIGHT = [": 4429751."] * 3
@@ -42,13 +60,16 @@ def test_distractor_answers_are_counted():
     assert accuracy_by_length(records, "m", "needle")[256]["distractor"] == 1
 
 
-@pytest.mark.parametrize("accuracy, expected", [
-    ({128: 1.0, 256: 0.9, 512: 0.8, 1024: 0.5}, 512),
-    ({128: 1.0, 256: 0.5, 512: 1.0}, 128),  # monotone: a lucky pass after a fail does not count
-    ({128: 0.7, 256: 1.0}, None),
-    ({128: 1.0, 256: None}, 128),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    "accuracy, expected",
+    [
+        ({128: 1.0, 256: 0.9, 512: 0.8, 1024: 0.5}, 512),
+        ({128: 1.0, 256: 0.5, 512: 1.0}, 128),  # monotone: a lucky pass after a fail does not count
+        ({128: 0.7, 256: 1.0}, None),
+        ({128: 1.0, 256: None}, 128),
+        ({}, None),
+    ],
+)
 def test_effective_length(accuracy, expected):
     assert effective_length(accuracy, 0.8) == expected
 
@@ -92,13 +113,25 @@ def test_loss_profile_splits_at_the_training_length():
 
 def repetition_records():
     return [
-        {"model": m, "task": "repetition", "cell": "repetition:1088", "length": 1088, "window": 256, "prompt_tokens": 64, "rep2": r2, "rep4": r4}
+        {
+            "model": m,
+            "task": "repetition",
+            "cell": "repetition:1088",
+            "length": 1088,
+            "window": 256,
+            "prompt_tokens": 64,
+            "rep2": r2,
+            "rep4": r4,
+        }
         for m, r2, r4 in (("base", [0.2, 0.2], [0.0, 0.1]), ("writer", [0.3, 0.9], [0.1, 0.8]))
     ]
 
 
 def controls(model, outputs):
-    return [dict(record(model, "control", 0, None, out, gold), cell=f"control:0:None:{i}") for i, (out, gold) in enumerate(outputs)]
+    return [
+        dict(record(model, "control", 0, None, out, gold), cell=f"control:0:None:{i}")
+        for i, (out, gold) in enumerate(outputs)
+    ]
 
 
 def full_summary():
@@ -136,14 +169,19 @@ def test_a_failed_short_control_is_named():
     text = "\n".join(summary["comparisons"]["writer"]["verdict"])
     assert "needle short control (128 tokens): base 100%, adapter 0%" in text
     assert "significantly worse than base at" not in text  # 3 pairs a length: too few to tell
-    assert "needle beyond 256 tokens: adapter - base -1.00 [-1.00, -1.00] over 6 paired prompts: a significant regression" in text
+    assert (
+        "needle beyond 256 tokens: adapter - base -1.00 [-1.00, -1.00] over 6 paired prompts: a significant regression"
+        in text
+    )
     assert summary["models"]["writer"]["tasks"]["needle"]["by_length"]["256"]["empty"] == 3
 
 
 def test_gauge_samples_mirror_the_summary():
     summary = full_summary()
     samples = gauge_samples(summary)
-    accuracy = {(s[1]["model"], s[1]["task"], s[1]["length"]): s[2] for s in samples if s[0] == "lcserve_probe_accuracy"}
+    accuracy = {
+        (s[1]["model"], s[1]["task"], s[1]["length"]): s[2] for s in samples if s[0] == "lcserve_probe_accuracy"
+    }
     assert accuracy[("writer", "needle", "1024")] == pytest.approx(1 / 3)
     assert accuracy[("base", "needle", "128")] == 1.0
     assert accuracy[("writer", "control", "0")] == 1.0

@@ -8,28 +8,40 @@ import pytest
 from click.testing import CliRunner
 
 from lcserve.cli import cli
+from lcserve.engine import EngineSpec, vllm_command
 from lcserve.serving import cli as serve_cli
-from lcserve.serving.engine import EngineSpec, vllm_command
 
 ROOT = Path(__file__).resolve().parents[2]
-GEMMA_LIKE = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "num_hidden_layers": 2,
-              "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
-              "vocab_size": 128, "max_position_embeddings": 4096, "torch_dtype": "bfloat16"}
+GEMMA_LIKE = {
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+    "vocab_size": 128,
+    "max_position_embeddings": 4096,
+    "torch_dtype": "bfloat16",
+}
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(ROOT / "serve_vllm.sh"), *args], capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["embedded", "http"], "PORT must be an integer"),
-    (["embedded", "70000"], "PORT must be an integer"),
-    (["embedded", "8000", "many"], "MAX_NUM_SEQS must be a positive integer"),
-    (["embedded", "8000", "4", "32k"], "MAX_MODEL_LEN must be a positive integer"),
-    (["embedded", "8000", "4", "1024", "1.5"], "GPU_MEM_UTIL must be a number in (0, 1]"),
-    (["embedded", "8000", "4", "1024", "0"], "GPU_MEM_UTIL must be a number in (0, 1]"),
-    (["/no/such/model"], "is not a folder"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["embedded", "http"], "PORT must be an integer"),
+        (["embedded", "70000"], "PORT must be an integer"),
+        (["embedded", "8000", "many"], "MAX_NUM_SEQS must be a positive integer"),
+        (["embedded", "8000", "4", "32k"], "MAX_MODEL_LEN must be a positive integer"),
+        (["embedded", "8000", "4", "1024", "1.5"], "GPU_MEM_UTIL must be a number in (0, 1]"),
+        (["embedded", "8000", "4", "1024", "0"], "GPU_MEM_UTIL must be a number in (0, 1]"),
+        (["/no/such/model"], "is not a folder"),
+    ],
+)
 def test_serve_script_rejects_bad_arguments_in_one_line(args, fragment):
     r = run_script(*args)
     assert r.returncode == 2
@@ -51,7 +63,8 @@ def serve(*args: str, env: dict | None = None):
 def test_serve_command_rejects_context_above_model_maximum(embedded_model_dir):
     r = serve("--max-model-len", "40000", "--dry-run")
     assert r.exit_code == 2
-    assert "above the derived maximum 32768" in r.output and "largest feasible: 32768" in r.output
+    assert "--max-model-len 40000 is above the derived maximum 32768" in r.output
+    assert "largest feasible: --max-model-len 32768" in r.output
     assert "Traceback" not in r.output
 
 
@@ -63,13 +76,21 @@ def test_serve_command_scales_rope_only_when_asked(embedded_model_dir):
     assert "yarn" in json.dumps(overrides) and cmd[cmd.index("--max-model-len") + 1] == "65536"
 
 
-@pytest.mark.parametrize("setup, fragment", [
-    (lambda d: None, "config.json: missing"),
-    (lambda d: (d / "config.json").write_text("{not json"), "unreadable JSON"),
-    (lambda d: (d / "config.json").write_text(json.dumps(GEMMA_LIKE)), "no *.safetensors"),
-    (lambda d: ((d / "config.json").write_text(json.dumps(GEMMA_LIKE)),
-                (d / "model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{}")), "corrupt safetensors header"),
-])
+@pytest.mark.parametrize(
+    "setup, fragment",
+    [
+        (lambda d: None, "config.json: missing"),
+        (lambda d: (d / "config.json").write_text("{not json"), "unreadable JSON"),
+        (lambda d: (d / "config.json").write_text(json.dumps(GEMMA_LIKE)), "no *.safetensors"),
+        (
+            lambda d: (
+                (d / "config.json").write_text(json.dumps(GEMMA_LIKE)),
+                (d / "model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{}"),
+            ),
+            "corrupt safetensors header",
+        ),
+    ],
+)
 def test_serve_command_names_a_broken_model_folder(tmp_path, setup, fragment):
     model = tmp_path / "m"
     model.mkdir()
@@ -80,8 +101,20 @@ def test_serve_command_names_a_broken_model_folder(tmp_path, setup, fragment):
 
 
 def test_dry_run_takes_the_plan_and_lets_vllm_args_win(embedded_model_dir):
-    r = serve("--base-only", "--port", "9123", "--max-model-len", "4096", "--max-num-seqs", "4", "--dry-run",
-              "--", "--max-num-batched-tokens", "512", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    r = serve(
+        "--base-only",
+        "--port",
+        "9123",
+        "--max-model-len",
+        "4096",
+        "--max-num-seqs",
+        "4",
+        "--dry-run",
+        "--",
+        "--max-num-batched-tokens",
+        "512",
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     cmd = out["command"]
@@ -118,22 +151,24 @@ def test_embedded_default_mounts_the_demo_adapter(embedded_model_dir, demo_adapt
         assert out["env"]["LCSERVE_CPU_LORA_OPS"] == "segmented"
 
 
-def test_merged_model_is_merged_again_when_the_adapter_changed(embedded_model_dir, lora_adapter_dir, tmp_path,
-                                                               monkeypatch):
+def test_merged_model_is_merged_again_when_the_adapter_changed(
+    embedded_model_dir, lora_adapter_dir, tmp_path, monkeypatch
+):
     from rich.console import Console
 
-    from lcserve.adapters.inspection import inspect_adapter
     from lcserve.adapters.merge import PROVENANCE
+    from lcserve.adapters.reader import read_adapter
 
     monkeypatch.setenv("LCSERVE_HOME", str(tmp_path))
-    report = inspect_adapter(lora_adapter_dir, embedded_model_dir)
+    adapter = read_adapter(lora_adapter_dir)
     quiet = Console(quiet=True)
-    merged = serve_cli.merged_model("mine", report, embedded_model_dir, quiet, dry_run=False)
+    merged = serve_cli.merged_dir("mine", adapter, embedded_model_dir)
+    serve_cli.ensure_merged(adapter, embedded_model_dir, merged, quiet)
     provenance = json.loads((merged / PROVENANCE).read_text())
-    assert serve_cli.merged_model("mine", report, embedded_model_dir, quiet, dry_run=False) == merged
+    serve_cli.ensure_merged(adapter, embedded_model_dir, merged, quiet)
     assert json.loads((merged / PROVENANCE).read_text()) == provenance  # reused, not merged again
     (merged / PROVENANCE).write_text(json.dumps({**provenance, "adapter_sha256": "0" * 64}))  # a stale folder
-    serve_cli.merged_model("mine", report, embedded_model_dir, quiet, dry_run=False)
+    serve_cli.ensure_merged(adapter, embedded_model_dir, merged, quiet)
     assert json.loads((merged / PROVENANCE).read_text())["adapter_sha256"] == provenance["adapter_sha256"]
 
 
@@ -148,8 +183,7 @@ def test_adapter_is_mounted_with_the_planned_lora_capacity(embedded_model_dir, l
     assert out["plan"]["max_lora_rank"] == 8
 
 
-def test_adapter_only_merges_without_writing_on_a_dry_run(embedded_model_dir, lora_adapter_dir, tmp_path,
-                                                          monkeypatch):
+def test_adapter_only_merges_without_writing_on_a_dry_run(embedded_model_dir, lora_adapter_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("LCSERVE_HOME", str(tmp_path))
     r = serve(str(embedded_model_dir), "--adapter", f"mine={lora_adapter_dir}", "--adapter-only", "--dry-run")
     assert r.exit_code == 0, r.output
@@ -165,15 +199,47 @@ def test_bad_adapter_spec_is_one_line(embedded_model_dir):
     assert r.exit_code == 2 and "expected NAME=DIR" in r.output and "Traceback" not in r.output
 
 
-def test_override_option_replaces_or_appends():
-    assert serve_cli.override_option(["--a", "1", "--b", "2"], "--a", "9") == ["--a", "9", "--b", "2"]
-    assert serve_cli.override_option(["--a", "1"], "--c", "3") == ["--a", "1", "--c", "3"]
+def test_gpu_memory_utilization_reaches_vllm_and_the_plan_follows_it(embedded_model_dir):
+    """A dry run for a GPU profile on this CPU machine plans with the user's fraction, not the default."""
+
+    def planned(util: str) -> dict:
+        r = serve("--base-only", "--profile", "l4", "--gpu-memory-utilization", util, "--dry-run")
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)
+
+    low, high = planned("0.5"), planned("0.8")
+    assert low["command"][low["command"].index("--gpu-memory-utilization") + 1] == "0.5"
+    assert low["command"].count("--gpu-memory-utilization") == 1
+    assert low["plan"]["kv_cache_bytes"] < high["plan"]["kv_cache_bytes"]
+    assert "--enforce-eager" not in low["command"] and any(n.startswith("dry run for l4") for n in low["notes"])
 
 
-def test_vllm_command_orders_lora_then_passthrough():
-    spec = EngineSpec(model="/m", served_model_name="m", port=1234, max_model_len=2048,
-                      gpu_memory_utilization=0.9, lora_args=["--enable-lora"], extra_args=["--seed", "1"])
+def test_gpu_profile_is_refused_when_really_serving_on_the_cpu_build(embedded_model_dir, monkeypatch):
+    monkeypatch.setattr(serve_cli, "vllm_build", lambda: "cpu")
+    r = serve("--base-only", "--profile", "l4", "--ready-timeout", "1")
+    assert r.exit_code == 2 and "GPU profile but this machine runs vLLM's CPU build" in r.output
+
+
+def test_vllm_command_keeps_the_arguments_in_order():
+    spec = EngineSpec(
+        model="/m", served_model_name="m", port=1234, args=["--max-model-len", "2048", "--enable-lora", "--seed", "1"]
+    )
     cmd = vllm_command(spec, python="py")
-    assert cmd == ["py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--served-model-name", "m",
-                   "--host", "127.0.0.1", "--port", "1234", "--max-model-len", "2048",
-                   "--gpu-memory-utilization", "0.9", "--enable-lora", "--seed", "1"]
+    assert cmd == [
+        "py",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "/m",
+        "--served-model-name",
+        "m",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "1234",
+        "--max-model-len",
+        "2048",
+        "--enable-lora",
+        "--seed",
+        "1",
+    ]

@@ -1,0 +1,290 @@
+"""What `lcserve serve` launches, decided from what the user typed and what the files say.
+
+`describe_launch` is a pure function: options + inputs -> the vLLM command, its environment
+and the notes that explain them (exactly what `--dry-run` prints). Everything with effects
+happens around it in `serving/cli.py`: preparing the embedded model, training the demo
+adapter, reading folders, merging, and starting the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from lcserve.adapters.inspection import AdapterReport
+from lcserve.adapters.mount import ModeDecision, decide_mode, lora_modules_args
+from lcserve.adapters.reader import LoraAdapter
+from lcserve.deploy.hardware import Profile
+from lcserve.deploy.plan import PlanRequest, ServePlan, plan_deployment
+from lcserve.engine import EngineSpec, vllm_command
+from lcserve.errors import ModelError, PlanError
+from lcserve.model_config import ModelInfo
+from lcserve.vllm_rules import human_readable_int
+
+from .cpu_lora import ENV_VAR as CPU_LORA_ENV
+from .cpu_lora import SEGMENTED
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What the user typed (`lcserve serve` options, or `serve_vllm.sh` arguments)."""
+
+    model: str | None = None
+    port: int = 8000
+    host: str = "127.0.0.1"
+    adapters: tuple[tuple[str, Path], ...] = ()  # (served name, folder)
+    mode: str = "auto"
+    adapter_only: bool = False
+    gateway: bool = True
+    profile: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    full_context_requests: int | None = None
+    gpu_memory_utilization: float | None = None
+    kv_cache_dtype: str = "auto"
+    rope_scaling: str | None = None
+    served_model_name: str | None = None
+    max_num_batched_tokens: int | None = None  # only from passed-through vLLM arguments
+    block_size: int | None = None  # only from passed-through vLLM arguments
+    vllm_args: tuple[str, ...] = ()
+    dry_run: bool = False  # a dry run may describe another machine: a GPU profile on this CPU build
+
+
+@dataclass(frozen=True)
+class ServeInputs:
+    """What the files and the machine say, read before the launch is described."""
+
+    model_arg: str  # the folder (or hub id) vLLM loads
+    default_name: str  # the served name when the user gives none
+    model: ModelInfo | None  # None for a hub id: no plan
+    build: str  # "cpu" or "gpu": which vLLM is installed
+    profile: Profile | None
+    environ: dict[str, str]  # the variables that reach vLLM from the environment
+    engine_port: int
+    reports: tuple[AdapterReport, ...] = ()  # one per option adapter, in order (each holds its LoraAdapter)
+    merged_dir: Path | None = None  # where the merge of the first adapter is (or would be) cached
+
+
+@dataclass
+class Launch:
+    """The engine to start and everything `--dry-run` shows about it."""
+
+    spec: EngineSpec
+    build: str
+    gateway_url: str | None
+    notes: list[str]
+    training_lengths: dict[str, int]
+    plan: ServePlan | None
+    served_names: list[str]  # the base (or merged model) first, then mounted adapters
+    merge: tuple[LoraAdapter, Path, Path] | None = None  # (adapter, base, out) when the first adapter is merged
+    max_model_len: int | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "command": vllm_command(self.spec),
+            "env": self.spec.env,
+            "notes": self.notes,
+            "build": self.build,
+            "gateway": self.gateway_url,
+            "training_lengths": self.training_lengths,
+            "plan": self.plan.to_json() if self.plan else None,
+        }
+
+
+def describe_launch(options: ServeOptions, inputs: ServeInputs) -> Launch:
+    """The vLLM command, environment and notes for these options (pure: no files, no processes)."""
+    notes: list[str] = []
+    options = take_planned_flags(options)
+    if options.dry_run and inputs.build == "cpu" and inputs.profile and not inputs.profile.is_cpu:
+        notes.append(
+            f"dry run for {inputs.profile.name}: the command a machine with that GPU runs (this machine has "
+            "vLLM's CPU build)"
+        )
+        inputs = dataclasses.replace(inputs, build="gpu")
+    model_arg, model = inputs.model_arg, inputs.model
+    served_name = options.served_model_name or inputs.default_name
+    mounted = list(options.adapters)
+    training_lengths = {
+        name: r.adapter.training_seq_len
+        for (name, _), r in zip(options.adapters, inputs.reports)
+        if r.adapter.training_seq_len
+    }
+    merge = None
+    if options.adapters:
+        decision = adapter_mode(options, inputs)
+        notes.append(f"adapters: {decision.mode} ({'; '.join(decision.reasons)})")
+        if decision.mode == "merge":
+            (name, adapter_dir), merged_dir = options.adapters[0], inputs.merged_dir
+            notes.append(f"serving the merge of {adapter_dir} into {model.path}: {merged_dir}")
+            merge = (inputs.reports[0].adapter, model.path, merged_dir)
+            model = dataclasses.replace(model, path=merged_dir)
+            model_arg, served_name, mounted = str(merged_dir), options.served_model_name or name, []
+    args, env, plan = planned_args(options, inputs, model, mounted, served_name, notes)
+    passthrough = list(options.vllm_args)
+    if inputs.build == "cpu" and "--enforce-eager" not in passthrough and "-O" not in " ".join(passthrough):
+        args.append("--enforce-eager")
+        notes.append("CPU build: --enforce-eager (torch.compile warm-up takes minutes on small CPUs)")
+    spec = EngineSpec(
+        model=model_arg,
+        served_model_name=served_name,
+        host="127.0.0.1" if options.gateway else options.host,
+        port=inputs.engine_port if options.gateway else options.port,
+        args=args + passthrough,
+        env=env,
+    )
+    return Launch(
+        spec=spec,
+        build=inputs.build,
+        gateway_url=f"http://{options.host}:{options.port}" if options.gateway else None,
+        notes=notes,
+        training_lengths=training_lengths,
+        plan=plan,
+        served_names=[served_name, *(n for n, _ in mounted)],
+        merge=merge,
+        max_model_len=plan.max_model_len if plan else options.max_model_len,
+    )
+
+
+def adapter_mode(options: ServeOptions, inputs: ServeInputs) -> ModeDecision:
+    if inputs.model is None:
+        raise ModelError(
+            f"{inputs.model_arg} is not a local folder; adapters need the base's folder to be checked against"
+        )
+    return decide_mode(list(inputs.reports), options.mode, all_traffic=options.adapter_only)
+
+
+def planned_args(
+    options: ServeOptions,
+    inputs: ServeInputs,
+    model: ModelInfo | None,
+    mounted: list[tuple[str, Path]],
+    served_name: str,
+    notes: list[str],
+) -> tuple[list[str], dict[str, str], ServePlan | None]:
+    """The plan's vLLM arguments and environment, and the notes that explain them."""
+    environ, build = inputs.environ, inputs.build
+    if model is None:
+        notes.append(
+            f"{inputs.model_arg} is not a local folder: no plan (lcserve reads config.json to plan); "
+            "your explicit settings go to vLLM as they are"
+        )
+        args = [
+            a
+            for option, value in (("--max-model-len", options.max_model_len), ("--max-num-seqs", options.max_num_seqs))
+            if value is not None
+            for a in (option, str(value))
+        ]
+        env = {}
+        plan = None
+    else:
+        mounted_reports = list(inputs.reports[: len(mounted)])
+        plan = plan_deployment(
+            inputs.profile, model, [r.adapter for r in mounted_reports], plan_request(options, inputs)
+        )
+        if build == "cpu" and not plan.profile.is_cpu:
+            raise PlanError(
+                f"--profile {options.profile} is a GPU profile but this machine runs vLLM's CPU build; "
+                "serve with --profile auto (or cpu), and plan for other hardware with "
+                "`lcserve deploy plan --profile`"
+            )
+        args = plan.vllm_args()
+        if mounted:  # the plan sizes LoRA capacity; the adapters themselves are named here
+            args += lora_modules_args([(name, r) for (name, _), r in zip(mounted, mounted_reports)], served_name)
+        env = {k: v for k, v in plan.env.items() if k not in environ}
+        if mounted and build == "cpu" and CPU_LORA_ENV not in environ:
+            env[CPU_LORA_ENV] = SEGMENTED
+            notes.append(
+                f"{CPU_LORA_ENV}={SEGMENTED}: one matrix product per run of tokens instead of vLLM's "
+                "per-token weight copies (benchmarks/bench_cpu_lora.py measures both; =stock restores "
+                "vLLM's)"
+            )
+        notes += plan_summary(plan, environ)
+    if "VLLM_CPU_KVCACHE_SPACE" in environ and build == "cpu":
+        notes.append(f"VLLM_CPU_KVCACHE_SPACE={environ['VLLM_CPU_KVCACHE_SPACE']} GiB (from the environment)")
+    if options.gpu_memory_utilization is not None:
+        if build == "cpu":
+            notes.append(
+                "--gpu-memory-utilization is ignored on the CPU build: the KV cache is sized by VLLM_CPU_KVCACHE_SPACE"
+            )
+        elif plan is None:
+            args += ["--gpu-memory-utilization", str(options.gpu_memory_utilization)]
+    return args, env, plan
+
+
+# vLLM flags the plan sets. Passed through, vLLM would take their last value and the plan's figures
+# would describe another engine, so the plan is made with them instead and they reach vLLM once.
+PLANNED_VLLM_FLAGS = {
+    "--max-model-len": ("max_model_len", human_readable_int),
+    "--max-num-seqs": ("max_num_seqs", int),
+    "--max-num-batched-tokens": ("max_num_batched_tokens", human_readable_int),
+    "--block-size": ("block_size", int),
+    "--kv-cache-dtype": ("kv_cache_dtype", str),
+    "--gpu-memory-utilization": ("gpu_memory_utilization", float),
+}
+UNSET = {"kv_cache_dtype": "auto"}  # option values that mean "not given"
+
+
+def take_planned_flags(options: ServeOptions) -> ServeOptions:
+    """Move the plan's own flags from the passed-through vLLM arguments into the options; PlanError
+    when one contradicts the same setting given to lcserve."""
+    rest, taken, args, i = [], {}, list(options.vllm_args), 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        flag = name.replace("_", "-") if name.startswith("--") else name
+        if flag not in PLANNED_VLLM_FLAGS:
+            rest.append(args[i])
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(args):
+                raise PlanError(f"the passed-through vLLM argument {flag} has no value; give one, e.g. {flag} 4096")
+            value, i = args[i + 1], i + 1
+        setting, parse = PLANNED_VLLM_FLAGS[flag]
+        try:  # vLLM's "auto" (or -1) max_model_len is the largest that fits: what the planner picks
+            parsed = None if setting == "max_model_len" and value.strip() in ("auto", "-1") else parse(value)
+        except ValueError:
+            raise PlanError(
+                f"the passed-through vLLM argument {flag} {value!r} is not a valid value; vLLM would refuse it too",
+                setting,
+            ) from None
+        own = getattr(options, setting)
+        if own not in (None, UNSET.get(setting)) and parsed is not None and own != parsed:
+            raise PlanError(
+                f"{{{setting}}} {own} and the passed-through vLLM argument {flag} {value} disagree; give "
+                "it once (vLLM would take the last one, and the plan would describe another engine)",
+                setting,
+            )
+        taken[setting] = parsed if parsed is not None else own
+        i += 1
+    return dataclasses.replace(options, vllm_args=tuple(rest), **taken)
+
+
+def plan_request(options: ServeOptions, inputs: ServeInputs) -> PlanRequest:
+    """The planner's request: the user's explicit values, and a KV cache size the environment fixes."""
+    kv_env = inputs.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    fixed_gib = int(kv_env) if inputs.profile.is_cpu and kv_env and kv_env.isdigit() else None
+    return PlanRequest(
+        max_model_len=options.max_model_len,
+        max_num_seqs=options.max_num_seqs,
+        full_context_requests=options.full_context_requests,
+        gpu_memory_utilization=options.gpu_memory_utilization,
+        max_num_batched_tokens=options.max_num_batched_tokens,
+        block_size=options.block_size,
+        kv_cache_dtype=options.kv_cache_dtype,
+        rope_scaling=options.rope_scaling,
+        kv_cache_gib=fixed_gib,
+    )
+
+
+def plan_summary(plan: ServePlan, environ: dict[str, str]) -> list[str]:
+    lines = [
+        f"plan ({plan.profile.name}): max_model_len {plan.max_model_len}, max_num_seqs {plan.max_num_seqs}, "
+        f"KV cache {plan.kv_tokens:,} tokens = {plan.max_concurrency:.2f} requests at full context; "
+        f"all {plan.max_num_seqs} sequences fit at once up to about {plan.max_num_seqs_fit_len:,} tokens each "
+        "(`lcserve deploy plan` explains every number)"
+    ]
+    lines += [
+        f"{k}={v}: {r.why}" for k, v in plan.env.items() for r in plan.reasons if r.setting == k and k not in environ
+    ]
+    return lines + [f"warning: {w}" for w in plan.warnings]

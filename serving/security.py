@@ -1,0 +1,165 @@
+"""Who may reach the engine through the gateway, and what a key holder may make vLLM read.
+
+vLLM's runtime adapter loading (`/v1/load_lora_adapter`) opens whatever path it is sent, as the
+engine's user, and would fetch a hub id it cannot find on disk. So the gateway admits a load only:
+- when the operator named the folders adapters may come from (`--allow-adapter-dir`, repeatable);
+- for an absolute path that, resolved as the kernel will open it (`..`, symlinks), lies inside one
+  of them, and whose every file resolves inside one of them too (vLLM reads the folder's files);
+- once lcserve's own inspection (`inspect_adapter`, which also scans the values for NaN/Inf)
+  says "mount".
+vLLM is then sent the resolved path: it reads the folder that was inspected. The allowed folders
+are the operator's; whoever can write into them can still swap files after the check.
+
+The API key may come from the environment or a file, so it need not sit in argv, where `ps`
+shows it to every user of the machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lcserve.adapters.inspection import Verdict, inspect_adapter
+from lcserve.adapters.reader import read_adapter
+from lcserve.errors import LcserveError
+
+API_KEY_FILE_OPTION = "--api-key-file"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach an address bound on `host`."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def exposure_warning(host: str, has_key: bool, what: str = "the gateway") -> str | None:
+    """The warning for listening beyond loopback without an API key, or None."""
+    if has_key or is_loopback(host):
+        return None
+    return (
+        f"WARNING: {what} listens on {host}, which is not loopback, and has no API key: anyone who can reach "
+        f"this port can use the engine. Set LCSERVE_API_KEY or {API_KEY_FILE_OPTION}, or bind 127.0.0.1."
+    )
+
+
+def read_api_key(key: str | None, key_file: Path | None) -> str | None:
+    """The API key from --api-key / LCSERVE_API_KEY or from a file (its first line); LcserveError
+    when both are given, or the file cannot be read or is empty."""
+    if key_file is None:
+        return key or None
+    if key:
+        raise LcserveError(
+            f"both {API_KEY_FILE_OPTION} and --api-key (or LCSERVE_API_KEY) are given; give the key one way only"
+        )
+    try:
+        lines = Path(key_file).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LcserveError(
+            f"{API_KEY_FILE_OPTION} {key_file}: cannot read it ({getattr(e, 'strerror', None) or e}); "
+            "pass a readable file whose first line is the key"
+        ) from None
+    if not lines or not lines[0].strip():
+        raise LcserveError(f"{API_KEY_FILE_OPTION} {key_file}: the file is empty; write the key on its first line")
+    return lines[0].strip()
+
+
+def allowed_dirs(dirs: tuple[str | Path, ...] | list[str | Path]) -> tuple[Path, ...]:
+    """The operator's adapter folders, resolved; LcserveError for one that is not a folder."""
+    resolved = []
+    for d in dirs:
+        path = Path(os.path.realpath(Path(d).expanduser()))
+        if not path.is_dir():
+            raise LcserveError(f"--allow-adapter-dir {d}: not a folder; pass an existing folder that holds adapters")
+        resolved.append(path)
+    return tuple(resolved)
+
+
+@dataclass
+class Refusal(Exception):
+    """A load the gateway will not pass to vLLM: the HTTP status and one line for the client."""
+
+    status: int
+    message: str
+    err_type: str = "BadRequestError"
+    param: str | None = "lora_path"
+
+
+class AdapterGate:
+    """Admits runtime adapter loads from the allowed folders only, after inspection."""
+
+    def __init__(self, dirs: tuple[str | Path, ...] | list[str | Path] = ()):
+        self.allowed = allowed_dirs(dirs)
+
+    def confine(self, lora_path: object) -> Path:
+        """The folder `lora_path` names, resolved, when it and each of its files lie inside an
+        allowed folder; Refusal otherwise."""
+        if not self.allowed:
+            raise Refusal(
+                403,
+                "runtime adapter loading is off: the gateway allows no adapter folder; restart "
+                "lcserve with --allow-adapter-dir DIR (repeatable) naming the folders adapters may be "
+                "loaded from",
+                "PermissionDeniedError",
+            )
+        if not isinstance(lora_path, str) or not os.path.isabs(lora_path):
+            raise Refusal(400, f"lora_path must be an absolute path to an adapter folder, not {lora_path!r}")
+        folder = Path(os.path.realpath(lora_path))
+        outside = f"lora_path {lora_path} resolves outside the adapter folders this gateway allows"
+        if not self._inside(folder):
+            raise Refusal(
+                403,
+                f"{outside} ({', '.join(map(str, self.allowed))}); put the adapter in one of them, "
+                "or restart lcserve with --allow-adapter-dir naming its folder",
+                "PermissionDeniedError",
+            )
+        if not folder.is_dir():
+            raise Refusal(
+                404,
+                f"lora_path {lora_path}: no such adapter folder; pass the folder that holds adapter_config.json",
+                "NotFoundError",
+            )
+        try:
+            entries = list(folder.iterdir())
+        except OSError as e:
+            raise Refusal(400, f"lora_path {lora_path}: cannot list it ({e.strerror}); make it readable") from None
+        for entry in entries:
+            if not self._inside(Path(os.path.realpath(entry))):
+                raise Refusal(
+                    403,
+                    f"{outside}: {entry.name} links to {os.path.realpath(entry)}; copy the file into "
+                    "the adapter folder",
+                    "PermissionDeniedError",
+                )
+        return folder
+
+    def admit(self, body: dict, base_dir: Path | None = None) -> dict:
+        """The load request to send vLLM (resolved path, known fields only), or Refusal."""
+        name = body.get("lora_name")
+        if not isinstance(name, str) or not name.strip():
+            raise Refusal(400, "lora_name must be a non-empty string: the name clients will use", param="lora_name")
+        folder = self.confine(body.get("lora_path"))
+        try:
+            report = inspect_adapter(read_adapter(folder), base_dir)
+        except (LcserveError, OSError) as e:
+            raise Refusal(400, f"the adapter cannot be loaded: {' '.join(str(e).split())}") from None
+        if report.verdict != Verdict.MOUNT:
+            fix = (
+                "serve it merged: lcserve serve BASE --adapter NAME=DIR --mode merge"
+                if report.verdict == Verdict.MERGE
+                else "re-train or re-export it"
+            )
+            raise Refusal(
+                400,
+                f"{folder}: lcserve's inspection says {report.verdict}, not mount ({'; '.join(report.reasons)}); {fix}",
+            )
+        flags = {k: body[k] for k in ("load_inplace", "is_3d_lora_weight") if isinstance(body.get(k), bool)}
+        return {"lora_name": name, "lora_path": str(folder), **flags}
+
+    def _inside(self, path: Path) -> bool:
+        return any(path.is_relative_to(root) for root in self.allowed)
