@@ -2,7 +2,7 @@
 
 Goal: the gateway adds under 2 ms at p50 and keeps at least 98% of the throughput.
 
-The gateway runs as its own process (`python -m lcserve.serving.stack --upstream URL`), as it
+The gateway runs as its own process (`lcserve gateway --upstream URL`), as it
 is deployed. Latency: sequential 1-token completions, direct and gateway interleaved request by
 request (alternating which goes first), so both see the same engine state; the overhead is the
 median of the paired differences. Throughput: blocks of concurrent streaming requests,
@@ -43,7 +43,7 @@ def start_gateway(engine_url: str) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lcserve.serving.stack", "--upstream", engine_url, "--port", str(port)],
+        [sys.executable, "-m", "lcserve.cli", "gateway", "--upstream", engine_url, "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

@@ -205,8 +205,9 @@ class GatewayMetrics:
         )
         self.errors = Counter(
             "lcserve_gateway_errors",
-            "Requests the gateway answered with an error of its own: context_overflow (400), "
-            "engine_unavailable (503), engine_lost (the engine failed mid-request).",
+            "Requests the gateway answered with an error of its own: context_overflow (400), bad_body (400), "
+            "body_too_large (413), adapter_refused (runtime adapter load refused), engine_unavailable (503), "
+            "engine_lost (the engine failed mid-request), client_stalled (a stream client stopped reading).",
             ["reason"],
             registry=r,
         )
