@@ -320,11 +320,20 @@ def test_adapter_routes_need_a_configured_key(engine, gateway):
     assert engine.calls["load"] == 0
 
 
-def test_engine_metrics_are_cached_for_a_second(engine, gateway):
+def test_engine_metrics_are_cached_for_a_second(engine, gateway, monkeypatch):
+    """Scrapes within the TTL reuse the engine's last /metrics. The TTL is set far apart for each
+    half, so the test does not depend on how fast this machine answers five requests."""
+    from lcserve.serving import engine_scrape
+
+    monkeypatch.setattr(engine_scrape, "METRICS_TTL_S", 3600.0)
     for _ in range(5):
         text = httpx.get(gateway.url + "/metrics").text
     assert engine.calls["metrics"] == 1
     assert value(text, "lcserve_kv_cache_usage_ratio") == 0.25
+    monkeypatch.setattr(engine_scrape, "METRICS_TTL_S", 0.0)  # no cache: every scrape reads the engine
+    for _ in range(3):
+        httpx.get(gateway.url + "/metrics")
+    assert engine.calls["metrics"] == 4
 
 
 def test_a_stopped_gateway_starts_again(engine):
