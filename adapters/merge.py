@@ -30,7 +30,7 @@ from lcserve import __version__
 from lcserve.embedded import MARKER as EMBEDDED_MARKER
 from lcserve.errors import AdapterError, ModelError
 from lcserve.paths import atomic_dir
-from lcserve.safetensors_header import read_header, safetensors_files
+from lcserve.safetensors_header import DTYPE_BYTES, read_header, safetensors_files
 
 from . import reader
 from .inspection import Verdict, inspect_adapter, tied_word_embeddings
@@ -276,20 +276,6 @@ _TORCH_DTYPES = {
     "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
 }
-_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
 
 
 @dataclass
@@ -310,14 +296,14 @@ def _shard_layout(path: Path, plan: dict, out_dtype: str | None, untie: bool) ->
     entries = []
     for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         src = meta["dtype"]
-        if src not in _DTYPE_BYTES:
+        if src not in _TORCH_DTYPES:  # the dtypes this merge can read and write
             raise ModelError(f"{path}: tensor {name} has dtype {src}, which lcserve cannot merge")
         dst = out_dtype if (out_dtype and src in FLOAT_DTYPES) else src
         entries.append((name, name, src, dst, tuple(meta["shape"]), tuple(meta["data_offsets"])))
         if untie and name.endswith("embed_tokens.weight") and (name in plan or "lm_head.weight" in plan):
             entries.append(("lm_head.weight", name, src, dst, tuple(meta["shape"]), tuple(meta["data_offsets"])))
     source_bytes = sum(e[5][1] - e[5][0] for e in entries)
-    out_bytes = sum(math.prod(e[4]) * _DTYPE_BYTES[e[3]] for e in entries)
+    out_bytes = sum(math.prod(e[4]) * DTYPE_BYTES[e[3]] for e in entries)
     return _ShardLayout(path, 8 + header_len, entries, source_bytes, out_bytes)
 
 
@@ -325,7 +311,7 @@ def _write_shard(layout: _ShardLayout, plan: dict, out_path: Path, progress, tas
     """Write one output shard; returns the sha256 of the base shard (hashed while it is read)."""
     header, offset = {}, 0
     for out_name, _, _, dst, shape, _ in layout.entries:
-        size = math.prod(shape) * _DTYPE_BYTES[dst]
+        size = math.prod(shape) * DTYPE_BYTES[dst]
         header[out_name] = {"dtype": dst, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     header["__metadata__"] = {"format": "pt"}
@@ -369,7 +355,7 @@ def _write_shard(layout: _ShardLayout, plan: dict, out_path: Path, progress, tas
 def _copy(src, out, begin: int, size: int, src_dtype: str, dst_dtype: str, digest) -> None:
     """Copy one tensor's bytes in chunks, converting the dtype chunk by chunk when asked."""
     src.seek(begin)
-    item = _DTYPE_BYTES[src_dtype]
+    item = DTYPE_BYTES[src_dtype]
     chunk = COPY_CHUNK_BYTES - COPY_CHUNK_BYTES % item
     remaining = size
     while remaining:

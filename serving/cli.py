@@ -52,6 +52,37 @@ ARGUMENT_NAMES = {
 }
 
 
+def gateway_security_options(f):
+    """The gateway's key and adapter-folder options, shared by `serve` and `gateway`."""
+    for decorate in reversed(
+        [
+            click.option(
+                "--api-key",
+                envvar="LCSERVE_API_KEY",
+                help="Bearer token clients must send; prefer the env LCSERVE_API_KEY or --api-key-file (argv "
+                "shows in `ps`). Enables adapter load/unload, with --allow-adapter-dir.",
+            ),
+            click.option(
+                "--api-key-file",
+                type=click.Path(path_type=Path, dir_okay=False),
+                help="File whose first line is the gateway's API key.",
+            ),
+            click.option(
+                "--allow-adapter-dir",
+                "allow_adapter_dirs",
+                multiple=True,
+                type=click.Path(path_type=Path),
+                metavar="DIR",
+                help="Folder that runtime adapter loads (/v1/load_lora_adapter, with the API "
+                "key) may read from, as vLLM sees it (repeatable); without one, runtime "
+                "loading is off.",
+            ),
+        ]
+    ):
+        f = decorate(f)
+    return f
+
+
 def resolve_model(model: str | None, console: Console) -> tuple[str, str, Path | None]:
     """(path or hub id, served name, local folder or None) for the MODEL argument."""
     if model is None or model == "embedded":
@@ -165,26 +196,7 @@ def read_inputs(options: ServeOptions, console: Console) -> ServeInputs:
     show_default=True,
     help="Put lcserve's gateway (/metrics, context checks, 503 while restarting) on PORT, vLLM behind it.",
 )
-@click.option(
-    "--api-key",
-    envvar="LCSERVE_API_KEY",
-    help="Bearer token the gateway requires; prefer the env LCSERVE_API_KEY or --api-key-file (argv shows "
-    "in `ps`). Enables adapter load/unload, with --allow-adapter-dir.",
-)
-@click.option(
-    "--api-key-file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="File whose first line is the gateway's API key.",
-)
-@click.option(
-    "--allow-adapter-dir",
-    "allow_adapter_dirs",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    metavar="DIR",
-    help="Folder that runtime adapter loads (/v1/load_lora_adapter, with the API key) may "
-    "read from (repeatable); without one, runtime loading is off.",
-)
+@gateway_security_options
 @click.option(
     "--probe-on-start",
     is_flag=True,
@@ -557,24 +569,7 @@ def _parse_training_lengths(_ctx, _param, pairs: tuple[str, ...]) -> dict[str, i
     "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise)."
 )
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to serve on.")
-@click.option(
-    "--api-key",
-    envvar="LCSERVE_API_KEY",
-    help="Bearer token clients must send; prefer the env LCSERVE_API_KEY or --api-key-file (argv shows in "
-    "`ps`). Enables adapter load/unload, with --allow-adapter-dir.",
-)
-@click.option(
-    "--api-key-file", type=click.Path(path_type=Path, dir_okay=False), help="File whose first line is the API key."
-)
-@click.option(
-    "--allow-adapter-dir",
-    "allow_adapter_dirs",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    metavar="DIR",
-    help="Folder that runtime adapter loads may read from (repeatable; as vLLM sees it); "
-    "without one, runtime loading is off.",
-)
+@gateway_security_options
 @click.option(
     "--training-length",
     "training_lengths",
