@@ -215,8 +215,10 @@ def verify(
 
 
 def _print_verify(result: VerifyResult, merged: Path) -> None:
-    table = Table(title=f"{merged} vs PEFT(base + adapter), fp32 logits")
-    for col in ("prompt", "tokens", "compared", "max |diff|", "mean |diff|", "top-1 agree", "adapter effect"):
+    cosine = result.compared != "logits"  # an embedding model: 1 - cosine of the vectors, not logit differences
+    table = Table(title=f"{merged} vs PEFT(base + adapter), fp32 {'embeddings' if cosine else 'logits'}")
+    diff, agree = ("1 - cosine", "lowest cosine") if cosine else ("|diff|", "top-1 agree")
+    for col in ("prompt", "tokens", "compared", f"max {diff}", f"mean {diff}", agree, "adapter effect"):
         table.add_column(col, justify="left" if col == "prompt" else "right")
     for p in result.prompts:
         table.add_row(
@@ -239,12 +241,12 @@ def _print_verify(result: VerifyResult, merged: Path) -> None:
     )
     verdict = "[green bold]PASS[/]" if result.passed else "[red bold]FAIL[/]"
     Console().print(
-        f"{verdict}: max |diff| {result.max_abs_diff:.4g} (tolerance {result.tolerance:g}), "
-        f"top-1 agreement {result.top1_agreement:.1%} (minimum {result.min_top1_agreement:.0%})"
+        f"{verdict}: max {diff} {result.max_abs_diff:.4g} (tolerance {result.tolerance:g}), "
+        f"{agree} {result.top1_agreement:.1%} (minimum {result.min_top1_agreement:.0%})"
     )
     if result.adapter_effect <= result.tolerance:
         Console().print(
-            "[yellow]note: the adapter changes logits by less than the tolerance; this check cannot "
+            f"[yellow]note: the adapter changes {'embeddings' if cosine else 'logits'} by less than the tolerance; this check cannot "
             "tell the merged model from the base[/]"
         )
 

@@ -17,6 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from lcserve.errors import ModelError
+from lcserve.rope_check import adapter_findings
 from lcserve.safetensors_header import read_model_tensors
 from lcserve.vllm_rules import (
     ALLOWED_MAX_LORA_RANKS,
@@ -118,6 +119,7 @@ def inspect_adapter(
     tensors = reader.read_tensor_infos(adapter.path, allow_pickle)
     report = _features(adapter, tensors, reader.weights_file(adapter.path, allow_pickle))
     report.nonfinite_tensors = reader.nonfinite_tensors(adapter.path, allow_pickle)
+    base_config = None
     if base_dir is not None:
         base_dir = Path(base_dir)
         base_config = _read_base_config(base_dir)
@@ -130,6 +132,8 @@ def inspect_adapter(
         )
         report.fit_problems, report.base_vocab_size, report.adapter_vocab_size = fit
     decide_verdict(report, rules or installed_vllm_rules())
+    # An adapter folder with a config.json (axolotl, unsloth) trained under other positions or RoPE.
+    report.notes += [f.message for f in adapter_findings(adapter.path, base_config, f"the base {base_dir}")]
     return report
 
 

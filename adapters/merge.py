@@ -30,13 +30,13 @@ from lcserve import __version__
 from lcserve.embedded import MARKER as EMBEDDED_MARKER
 from lcserve.errors import AdapterError, ModelError
 from lcserve.paths import atomic_dir
+from lcserve.rope_check import MERGE_PROVENANCE as PROVENANCE
 from lcserve.safetensors_header import DTYPE_BYTES, read_header, safetensors_files
 
 from . import reader
 from .inspection import Verdict, inspect_adapter, tied_word_embeddings
 from .reader import LoraAdapter, TensorKind
 
-PROVENANCE = "lcserve_merge.json"
 OUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 INDEX_FILE = "model.safetensors.index.json"
@@ -408,6 +408,9 @@ def _copy_model_files(base_dir: Path, out_dir: Path, base_config: dict, dtype: s
     """Tokenizer, generation config, chat template...: everything but the weights and lcserve's
     embedded marker; config.json gets the new dtype (and an untied lm_head when needed)."""
     for path in sorted(base_dir.iterdir()):
+        if path.is_dir() and (path / "config.json").is_file() and (base_dir / "modules.json").is_file():
+            shutil.copytree(path, out_dir / path.name)  # a sentence-transformers module (1_Pooling, ...)
+            continue
         if (
             not path.is_file()
             or path.name in ("config.json", INDEX_FILE, EMBEDDED_MARKER, PROVENANCE)

@@ -121,11 +121,14 @@ def lora_modules_args(mounted: list[tuple[str, AdapterReport]], base_model_name:
     for _, r in mounted:
         if r.verdict != Verdict.MOUNT:
             raise AdapterError(f"{r.adapter.path}: vLLM cannot mount it as it is ({'; '.join(r.reasons)}); merge it")
-    modules = [
-        json.dumps({"name": name, "path": str(r.adapter.path.resolve()), "base_model_name": base_model_name})
-        for name, r in mounted
-    ]
-    return option_args("lora-modules", modules)
+    return option_args(
+        "lora-modules", [lora_module(n, str(r.adapter.path.resolve()), base_model_name) for n, r in mounted]
+    )
+
+
+def lora_module(name: str, path: str, base_model_name: str) -> str:
+    """One `--lora-modules` value in vLLM's JSON form (so a path may hold any character)."""
+    return json.dumps({"name": name, "path": path, "base_model_name": base_model_name})
 
 
 def mount_args(adapters: list[tuple[str, Path]], base_model_name: str) -> list[str]:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lcserve.errors import AdapterError
+from lcserve.model_config import is_embedding_model
 from lcserve.safetensors_header import read_model_tensors
 
 from .inspection import Verdict, inspect_adapter
@@ -66,6 +67,9 @@ class VerifyResult:
     adapter_effect: float
     passed: bool
     prompts: list[PromptCheck] = field(default_factory=list)
+    # "logits"; or for an embedding model "cosine distance": max_abs_diff and adapter_effect are then
+    # 1 - cosine(PEFT, merged) and 1 - cosine(PEFT, base), and top1_agreement the lowest cosine
+    compared: str = "logits"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -97,6 +101,8 @@ def verify_merge(
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
+    if is_embedding_model(base_dir):
+        return verify_embedding_merge(merged_dir, adapter, base_dir, tolerance)
     trained = adapter.training_seq_len
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     prompts = prompt_set(tokenizer, long_tokens or max(2 * (trained or 512), 600))
@@ -168,6 +174,77 @@ def verify_merge(
         adapter_effect=max(c.adapter_effect for c in checks),
         passed=worst <= tol and agreement >= MIN_TOP1_AGREEMENT,
         prompts=checks,
+    )
+
+
+# An fp32 merge of an embedding model moves its vectors by float error only: 1 - cosine stays near
+# 1e-7; a merge at the wrong scale moves them by about the adapter's own effect.
+EMBEDDING_TOLERANCE = 1e-5
+
+
+def verify_embedding_merge(
+    merged_dir: Path, adapter: LoraAdapter, base_dir: Path, tolerance: float | None = None
+) -> VerifyResult:
+    """An embedding model's merge against base + adapter in PEFT: the vectors sentence-transformers
+    makes (its pooling and normalization), compared by cosine, on short texts and one longer than
+    the training length (up to max_seq_length, where sentence-transformers cuts)."""
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+
+    def encode(model, texts):
+        return np.asarray(model.encode(texts, normalize_embeddings=True, convert_to_numpy=True), dtype=np.float64)
+
+    reference_model = SentenceTransformer(str(base_dir), device="cpu")
+    transformer = reference_model[0]
+    slot = "model" if "model" in transformer._modules else "auto_model"  # sentence-transformers >= 6: `model`
+    peft_model = PeftModel.from_pretrained(getattr(transformer, slot).float(), adapter.path)
+    setattr(transformer, slot, peft_model)
+    reference_model.eval()
+    trained = adapter.training_seq_len
+    limit = reference_model.max_seq_length or 256
+    document = " ".join(f"Q: {row['prompt']} A: {row['response']}" for row in corpus_examples("train"))
+    tokenizer = reference_model.tokenizer
+    long_ids = tokenizer(document, add_special_tokens=False)["input_ids"][: limit - 2]
+    texts = [*SHORT_PROMPTS, CHAT_PROMPT, tokenizer.decode(long_ids)]
+    names = [*(f"short-{i + 1}" for i in range(len(SHORT_PROMPTS))), "chat", f"long-{len(long_ids) + 2}"]
+    with torch.inference_mode():
+        reference = encode(reference_model, texts)
+        with peft_model.disable_adapter():
+            plain = encode(reference_model, texts)
+    merged = encode(SentenceTransformer(str(merged_dir), device="cpu"), texts)
+    cos = (reference * merged).sum(axis=1)
+    effect = (reference * plain).sum(axis=1)
+    tol = EMBEDDING_TOLERANCE if tolerance is None else tolerance
+    checks = [
+        PromptCheck(
+            name=name,
+            tokens=len(tokenizer(text)["input_ids"]),
+            positions=1,
+            max_abs_diff=float(abs(1 - c)),
+            mean_abs_diff=float(np.abs(r - m).max()),
+            top1_agreement=float(c),
+            adapter_effect=float(1 - e),
+        )
+        for name, text, c, e, r, m in zip(names, texts, cos, effect, reference, merged)
+    ]
+    return VerifyResult(
+        merged_dir=str(merged_dir),
+        adapter_dir=str(adapter.path),
+        base_dir=str(base_dir),
+        merged_dtype=merged_dtype(merged_dir),
+        training_seq_len=trained,
+        long_prompt_tokens=max(c.tokens for c in checks),
+        tolerance=tol,
+        min_top1_agreement=1 - tol,
+        rounding_floor=0.0,
+        max_abs_diff=max(c.max_abs_diff for c in checks),
+        top1_agreement=float(cos.min()),
+        adapter_effect=max(c.adapter_effect for c in checks),
+        passed=bool(max(c.max_abs_diff for c in checks) <= tol),
+        prompts=checks,
+        compared="cosine distance",
     )
 
 

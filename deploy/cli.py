@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+import yaml
 from rich.console import Console
 
 from lcserve import options
@@ -15,6 +16,8 @@ from . import render
 from .hardware import detect, list_profiles
 from .inputs import read_plan_inputs
 from .plan import TRAINING_RATIO_WARN, PlanRequest, ServePlan, plan_deployment
+from .pooling import pooling_plan_for
+from .targets import TARGETS
 
 FORMATS = ("table", "json", "args", "yaml", "env", "shell")
 
@@ -69,7 +72,7 @@ def plan_options(f):
                 "the config). Default: the embedded Gemma 3 270M.",
             ),
             options.profile,
-            click.option("--gpus", type=click.IntRange(min=1), help="Number of GPUs (overrides the profile's count)."),
+            click.option("--gpus", type=click.IntRange(min=1), help="GPUs per node (overrides the profile's count)."),
             click.option(
                 "--adapter",
                 "adapter_dirs",
@@ -87,6 +90,25 @@ def plan_options(f):
                 "tensor_parallel_size",
                 type=click.IntRange(min=1),
                 help="Tensor-parallel size. Default: the smallest that fits.",
+            ),
+            options.option(
+                "--pipeline-parallel-size",
+                "--pp",
+                "pipeline_parallel_size",
+                type=click.IntRange(min=1),
+                help="Pipeline-parallel size (default: --nodes, one stage per node).",
+            ),
+            click.option(
+                "--nodes",
+                type=click.IntRange(min=1),
+                default=1,
+                show_default=True,
+                help="Nodes per replica, each with --gpus GPUs: TP within a node, one pipeline stage per node.",
+            ),
+            click.option(
+                "--target-concurrency",
+                type=click.IntRange(min=1),
+                help="Requests of max_model_len to serve at once over all replicas: sets the replica count.",
             ),
             options.rope_scaling,
             click.option(
@@ -141,6 +163,13 @@ def plan(as_json: bool, fmt: str, config_out: Path | None, port: int, **kwargs) 
     that fits at no context, a TP size the heads do not divide) fail with the largest
     feasible value.
     """
+    pooled = pooling_plan_for(**kwargs)  # an embedding model: no KV cache to plan (deploy/pooling.py)
+    if pooled is not None:
+        if fmt not in ("table", "json", "args") or config_out:
+            raise click.UsageError("an embedding model's plan prints as --format table, json or args")
+        lines = [pooled.shell_args()] if fmt == "args" else [*pooled.summary(), "vLLM: " + pooled.shell_args()]
+        emit(pooled.to_json(), as_json or fmt == "json", lambda: click.echo("\n".join(lines)))
+        return
     result = build_plan(**kwargs)
     if config_out:
         if not config_out.parent.is_dir():
@@ -161,6 +190,39 @@ def plan(as_json: bool, fmt: str, config_out: Path | None, port: int, **kwargs) 
         click.echo(render.serve_line(result, port))
     else:
         render.print_plan(result, Console(), port)
+
+
+@deploy.command("render")
+@plan_options
+@click.option("--target", required=True, metavar="|".join(TARGETS), help="What to render (see the README).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write (must not exist).")
+@click.option("--force", is_flag=True, help="Replace --out when it exists.")
+@click.option("--name", default="lcserve", show_default=True, help="Name of the Kubernetes objects.")
+@click.option("--image", default="lcserve:gpu", show_default=True, help="Image with lcserve (see --target dockerfile).")
+@click.option("--served-model-name", help="Name clients use (default: the model folder's name).")
+@json_option
+def render_command(target, out, force, name, image, served_model_name, as_json, **kwargs) -> None:
+    """Render the plan for a cluster: Kubernetes, LeaderWorkerSet, KServe, production-stack, compose or
+    Dockerfiles, into a new folder written whole. Every file carries the plan's reasons as comments."""
+    from .targets import Release, dockerfiles, render_target, write_target
+
+    if target == "dockerfile":  # the images do not depend on a plan
+        files, result = dockerfiles(), None
+    else:
+        result = build_plan(**kwargs)
+        monitoring = Path(__file__).parent / "monitoring"
+        release = Release(
+            name=name,
+            image=image,
+            served_model_name=served_model_name or result.model.path.name,
+            adapters=tuple(Path(d).name for d in kwargs["adapter_dirs"]),
+            alerts=yaml.safe_load((monitoring / "alerts.yml").read_text()),
+            dashboard=(monitoring / "grafana-dashboard.json").read_text(),
+        )
+        files = render_target(result, release, target)
+    write_target(files, out, force)
+    summary = {"target": target, "out": str(out), "files": sorted(files), "plan": result and result.to_json()}
+    emit(summary, as_json, lambda: click.echo(f"{target}: wrote {', '.join(sorted(files))} to {out}"))
 
 
 @deploy.command()

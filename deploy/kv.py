@@ -30,6 +30,7 @@ class KVGroup:
     kind: str  # "full", "sliding" or "mla"
     window: int | None
     layers: int  # real layers in the group (the last group of a kind may be padded)
+    layer_ids: tuple[int, ...] = ()  # their indices in the model
 
     def blocks_per_request(self, max_model_len: int, block_size: int, in_flight_tokens: int) -> int:
         if self.kind == "sliding":
@@ -45,15 +46,21 @@ class KVLayout:
     groups: tuple[KVGroup, ...]
     group_size: int
     equation: str  # how bytes_per_token_layer was computed, for the reasons
+    stage_layers: int | None = None  # pipeline parallel: the widest group's layers on the fullest rank
 
     @property
     def page_bytes(self) -> int:
         return self.block_size * self.bytes_per_token_layer
 
     @property
+    def block_layers(self) -> int:
+        """Layers one block holds a page for: the widest group's (on one pipeline rank)."""
+        return self.stage_layers or max(g.layers for g in self.groups)
+
+    @property
     def bytes_per_block(self) -> int:
         """One block of the shared pool: a page for each layer of the widest group."""
-        return max(g.layers for g in self.groups) * self.page_bytes
+        return self.block_layers * self.page_bytes
 
     def blocks_per_request(self, max_model_len: int, in_flight_tokens: int) -> int:
         return sum(g.blocks_per_request(max_model_len, self.block_size, in_flight_tokens) for g in self.groups)
@@ -85,15 +92,38 @@ class Capacity:
         return int(self.max_concurrency * self.max_model_len)
 
 
-def kv_layout(model: ModelInfo, kv_dtype_bytes: int, block_size: int, tp: int) -> KVLayout:
-    """The KV groups and page size vLLM builds for `model` on one tensor-parallel rank."""
-    unknown = sorted({layer.kind for layer in model.layers} - {"full", "sliding", "mla"})
+def pp_partitions(num_layers: int, pp: int) -> list[int]:
+    """Layers per pipeline stage, as vLLM splits them (distributed/utils.py get_pp_indices): an even
+    share each, the remainder one layer apiece to the stages before the last (the last holds the norm)."""
+    parts = [num_layers // pp] * pp
+    for i in range(2, num_layers % pp + 2):
+        parts[-i] += 1
+    return parts
+
+
+def stage_block_layers(groups: tuple[KVGroup, ...], num_layers: int, pp: int) -> int:
+    """With pipeline parallelism vLLM forms the groups over the whole model, then each rank keeps its
+    own layers of each group (kv_cache_utils _project_kv_cache_groups_to_worker); a rank's block
+    holds a page per layer of its widest group, and every rank takes the smallest block count."""
+    parts, start, widest = pp_partitions(num_layers, pp), 0, 0
+    for n in parts:
+        stage = range(start, start + n)
+        widest = max(widest, max(sum(i in stage for i in g.layer_ids) for g in groups))
+        start += n
+    return widest
+
+
+def kv_layout(model: ModelInfo, kv_dtype_bytes: int, block_size: int, tp: int, pp: int = 1) -> KVLayout:
+    """The KV groups and page size vLLM builds for `model` on one tensor-parallel rank (of the
+    pipeline stage whose blocks are the largest)."""
+    layers = model.layers
+    unknown = sorted({layer.kind for layer in layers} - {"full", "sliding", "mla"})
     if unknown:
         raise PlanError(
             f"{model.path}: layer kind(s) {', '.join(unknown)} (e.g. linear attention / Mamba state) are not "
             "modelled by the planner; it covers full, sliding-window and MLA attention"
         )
-    kinds = {layer.kind for layer in model.layers}
+    kinds = {layer.kind for layer in layers}
     if "mla" in kinds:
         if kinds != {"mla"}:
             raise PlanError(f"{model.path}: MLA mixed with other attention kinds is not modelled by the planner")
@@ -103,27 +133,29 @@ def kv_layout(model: ModelInfo, kv_dtype_bytes: int, block_size: int, tp: int) -
             f" x {kv_dtype_bytes} B = {per_token} B (one latent, no K/V pair, not split by TP)"
         )
     else:
+        # vLLM (config/model.py get_num_kv_heads): max(1, heads // TP); below one head per rank it
+        # replicates the KV heads, so each rank stores a whole head.
         local_heads = max(1, model.num_kv_heads // tp)
         per_token = 2 * local_heads * model.head_dim * kv_dtype_bytes
         heads = f"{model.num_kv_heads} KV heads / TP {tp}" if tp > 1 else f"{model.num_kv_heads} KV heads"
+        if tp > model.num_kv_heads:
+            heads = f"max(1, {model.num_kv_heads} KV heads // TP {tp}): replicated on every rank"
         equation = f"2 (K,V) x {local_heads} ({heads}) x head_dim {model.head_dim} x {kv_dtype_bytes} B = {per_token} B"
 
-    buckets: dict[tuple[str, int | None], int] = {}
-    for layer in model.layers:
-        key = (layer.kind, layer.window)
-        buckets[key] = buckets.get(key, 0) + 1
-    if len(buckets) == 1:
-        (kind, window), n = next(iter(buckets.items()))
-        return KVLayout(block_size, per_token, (KVGroup(kind, window, n),), n, equation)
-    smallest, largest = min(buckets.values()), max(buckets.values())
+    buckets: dict[tuple[str, int | None], list[int]] = {}
+    for i, layer in enumerate(layers):
+        buckets.setdefault((layer.kind, layer.window), []).append(i)
+    sizes = [len(ids) for ids in buckets.values()]
     # vLLM uses the smallest bucket as group size, unless padding to the largest is cheap.
-    group_size = largest if largest < smallest * 1.5 else smallest
+    group_size = max(sizes) if max(sizes) < min(sizes) * 1.5 else min(sizes)
     groups = []
-    for (kind, window), n in buckets.items():
-        num_groups = cdiv(n, group_size)
+    for (kind, window), ids in buckets.items():
+        num_groups = cdiv(len(ids), group_size)
         # layers[i::num_groups] for i in range(num_groups)
-        groups += [KVGroup(kind, window, len(range(i, n, num_groups))) for i in range(num_groups)]
-    return KVLayout(block_size, per_token, tuple(groups), group_size, equation)
+        groups += [KVGroup(kind, window, len(ids[i::num_groups]), tuple(ids[i::num_groups])) for i in range(num_groups)]
+    groups = tuple(groups)
+    stage = stage_block_layers(groups, len(layers), pp) if pp > 1 else None
+    return KVLayout(block_size, per_token, groups, group_size, equation, stage)
 
 
 def capacity(layout: KVLayout, kv_bytes: int, max_model_len: int, in_flight_tokens: int) -> Capacity:

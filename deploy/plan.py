@@ -18,7 +18,7 @@ from lcserve.vllm_rules import ALLOWED_MAX_LORA_RANKS, KV_CACHE_DTYPES, lora_opt
 
 from . import estimates as est
 from .hardware import GIB, Profile
-from .kv import Capacity, KVLayout, capacity, fits, kv_layout, largest_fitting_len
+from .kv import Capacity, KVLayout, capacity, fits, kv_layout, largest_fitting_len, pp_partitions
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 TRAINING_RATIO_WARN = 4.0
@@ -65,6 +65,11 @@ class ServePlan:
     hf_overrides: dict | None = None
     training_ratio: float | None = None
     max_num_seqs_fit_len: int | None = None  # longest request length at which max_num_seqs sequences all fit
+    pipeline_parallel_size: int = 1
+    nodes: int = 1  # nodes per replica: one pipeline stage each
+    replicas: int = 1
+    distributed_executor_backend: str | None = None  # None: vLLM's default (mp within one node)
+    layers_per_stage: tuple[int, ...] = ()
     warnings: list[str] = field(default_factory=list)
     reasons: list[Reason] = field(default_factory=list)
 
@@ -75,6 +80,15 @@ class ServePlan:
     @property
     def max_concurrency(self) -> float:
         return self.capacity.max_concurrency
+
+    @property
+    def ranks(self) -> int:
+        """Devices one replica uses: TP x PP."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def gpus_per_node(self) -> int:
+        return 0 if self.profile.is_cpu else self.tensor_parallel_size * self.pipeline_parallel_size // self.nodes
 
     def vllm_options(self) -> dict:
         """vLLM options (long names without dashes) in the order the plan decides them."""
@@ -89,6 +103,10 @@ class ServePlan:
             opts["gpu-memory-utilization"] = self.gpu_memory_utilization
         if self.tensor_parallel_size > 1:
             opts["tensor-parallel-size"] = self.tensor_parallel_size
+        if self.pipeline_parallel_size > 1:
+            opts["pipeline-parallel-size"] = self.pipeline_parallel_size
+        if self.distributed_executor_backend:
+            opts["distributed-executor-backend"] = self.distributed_executor_backend
         if self.kv_cache_dtype != "auto":
             opts["kv-cache-dtype"] = self.kv_cache_dtype
         if self.lora:
@@ -120,6 +138,11 @@ class ServePlan:
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "layers_per_stage": list(self.layers_per_stage),
+            "nodes": self.nodes,
+            "replicas": self.replicas,
+            "distributed_executor_backend": self.distributed_executor_backend,
             "block_size": self.block_size,
             "dtype": self.dtype,
             "kv_cache_dtype": self.kv_cache_dtype,
@@ -157,6 +180,9 @@ class PlanRequest:
     block_size: int | None = None
     kv_cache_dtype: str = "auto"
     tensor_parallel_size: int | None = None
+    pipeline_parallel_size: int | None = None
+    nodes: int = 1  # nodes per replica (GPUs per node: the profile's count)
+    target_concurrency: int | None = None  # requests of max_model_len served at once, over all replicas
     rope_scaling: str | None = None
     kv_cache_gib: int | None = None  # CPU: fixes VLLM_CPU_KVCACHE_SPACE instead of sizing it
     training_ratio_warn: float = TRAINING_RATIO_WARN
@@ -193,26 +219,36 @@ class Device:
     lora: LoraPlan | None
     batch: BatchSizes
     gpu_memory_utilization: float | None  # GPU only: the fraction of the device vLLM may use
+    pp: int = 1  # pipeline stages; every stage gets the smallest block count of them (vLLM's rule)
+
+    @property
+    def stage_layers(self) -> int:
+        return max(pp_partitions(len(self.model.layers), self.pp))
 
     @property
     def in_flight_batches(self) -> int:
-        return 1 if self.profile.is_cpu else 2  # async scheduling keeps two batches in flight on GPUs
+        """vLLM's max_concurrent_batches (config/vllm.py): a pipeline keeps one batch per stage in flight,
+        and async scheduling (GPUs; its model runner V2) one more; the CPU build schedules synchronously."""
+        return self.pp if self.profile.is_cpu else self.pp + 1
 
     def in_flight_tokens(self, max_model_len: int) -> int:
         return self.in_flight_batches * self.batch.batched(max_model_len)
 
     def layout(self, tp: int) -> KVLayout:
-        return kv_layout(self.model, self.kv_element_bytes, self.block_size, tp)
+        return kv_layout(self.model, self.kv_element_bytes, self.block_size, tp, self.pp)
 
     def kv_budget(self, tp: int, max_model_len: int) -> tuple[int, dict[str, int]]:
         """KV bytes left on one device at tensor parallel size `tp`, and what takes the rest."""
         profile, model, lora = self.profile, self.model, self.lora
-        memory = {"weights": _weight_bytes(model, self.dtype_bytes) // tp}
+        share = self.stage_layers / max(len(model.layers), 1)  # 1 without pipeline parallelism
+        memory = {"weights": int(_weight_bytes(model, self.dtype_bytes) * share) // tp}
         if lora:
-            memory["lora_buffers"] = _lora_buffer_bytes(model, lora, tp, self.dtype_bytes)
-        if profile.is_cpu:
-            memory["runtime_overhead_estimate"] = est.CPU_RUNTIME_OVERHEAD_BYTES
-            usable = profile.memory_bytes - sum(memory.values())
+            memory["lora_buffers"] = int(_lora_buffer_bytes(model, lora, tp, self.dtype_bytes) * share)
+        if profile.is_cpu:  # the ranks share one machine's RAM; VLLM_CPU_KVCACHE_SPACE is per rank
+            ranks = tp * self.pp
+            overhead = est.CPU_RUNTIME_OVERHEAD_BYTES + (ranks - 1) * est.CPU_WORKER_OVERHEAD_BYTES
+            memory["runtime_overhead_estimate"] = overhead // ranks
+            usable = profile.memory_bytes // ranks - sum(memory.values())
             return (max(usable, 0) // GIB) * GIB, memory  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
         act = est.activation_estimate_bytes(
             self.batch.batched(max_model_len),
@@ -240,7 +276,8 @@ def plan_deployment(
     warnings: list[str] = []
     check_request(request, profile)
     limit, hf_overrides = context_limit(model, request, reasons, warnings)
-    device = device_facts(profile, model, list(adapters), request, warnings)
+    pp = choose_pipeline_parallel(profile, model, request, reasons, warnings, bool(adapters))
+    device = device_facts(profile, model, list(adapters), request, warnings, pp)
     full_context_target = request.full_context_requests or 1
     tp = choose_tensor_parallel(device, request, limit, full_context_target)
     layout = device.layout(tp)
@@ -251,11 +288,14 @@ def plan_deployment(
         kv_bytes = fixed_cpu_kv_cache(request.kv_cache_gib, kv_bytes, profile)
     max_len = choose_max_model_len(device, layout, kv_bytes, request, limit, full_context_target, tp, reasons)
     kv_bytes, env, util = size_kv_cache(device, layout, kv_bytes, max_len, request, memory, reasons)
+    backend = choose_executor(device, tp, request.nodes, env, reasons)
     memory["kv_cache"] = kv_bytes
     cap = capacity(layout, kv_bytes, max_len, device.in_flight_tokens(max_len))
     explain_choices(device, layout, cap, request, tp, max_len, list(adapters), memory, reasons)
     fit_len = max_num_seqs_fit_len(device, layout, cap, max_len, request, reasons, warnings)
+    replicas = choose_replicas(device, cap, request, tp, reasons)
     ratio = _training_ratio(list(adapters), max_len, request.training_ratio_warn, reasons, warnings)
+    warnings += model.rope_findings
     return ServePlan(
         model=model,
         profile=profile,
@@ -278,6 +318,11 @@ def plan_deployment(
         warnings=warnings,
         reasons=reasons,
         max_num_seqs_fit_len=fit_len,
+        pipeline_parallel_size=pp,
+        nodes=request.nodes,
+        replicas=replicas,
+        distributed_executor_backend=backend,
+        layers_per_stage=tuple(pp_partitions(len(model.layers), pp)),
     )
 
 
@@ -290,12 +335,25 @@ def check_request(request: PlanRequest, profile: Profile) -> None:
         raise PlanError(
             f"{{max_model_len}} {request.max_model_len}: must be a positive number of tokens", "max_model_len"
         )
-    for setting in ("max_num_seqs", "full_context_requests", "max_num_batched_tokens", "block_size"):
+    for setting in (
+        "max_num_seqs",
+        "full_context_requests",
+        "max_num_batched_tokens",
+        "block_size",
+        "pipeline_parallel_size",
+        "target_concurrency",
+        "nodes",
+    ):
         if getattr(request, setting) is not None and getattr(request, setting) < 1:
             raise PlanError(f"{{{setting}}} {getattr(request, setting)}: must be at least 1", setting)
     if request.kv_cache_dtype not in KV_CACHE_DTYPES:
         raise PlanError(
             f"{{kv_cache_dtype}} {request.kv_cache_dtype}: choose one of {', '.join(KV_CACHE_DTYPES)}", "kv_cache_dtype"
+        )
+    if profile.is_cpu and request.nodes > 1:
+        raise PlanError(
+            f"{{nodes}} {request.nodes}: the CPU profile plans one machine; drop {{nodes}} (or plan a GPU profile)",
+            "nodes",
         )
     if request.kv_cache_gib is not None and not profile.is_cpu:
         raise PlanError(
@@ -306,7 +364,12 @@ def check_request(request: PlanRequest, profile: Profile) -> None:
 
 
 def device_facts(
-    profile: Profile, model: ModelInfo, adapters: list[LoraAdapter], request: PlanRequest, warnings: list[str]
+    profile: Profile,
+    model: ModelInfo,
+    adapters: list[LoraAdapter],
+    request: PlanRequest,
+    warnings: list[str],
+    pp: int = 1,
 ) -> Device:
     """Dtypes, block size, LoRA buffers and batch sizes: what the later steps share."""
     dtype_bytes = DTYPE_BYTES[_serving_dtype(model, profile)]
@@ -324,7 +387,66 @@ def device_facts(
         lora=_plan_lora(model, adapters, dtype_bytes) if adapters else None,
         batch=batch_sizes(profile, model, request.max_num_seqs, request.max_num_batched_tokens),
         gpu_memory_utilization=None if profile.is_cpu else request.gpu_memory_utilization or _gpu_util(profile),
+        pp=pp,
     )
+
+
+def choose_pipeline_parallel(
+    profile: Profile,
+    model: ModelInfo,
+    request: PlanRequest,
+    reasons: list[Reason],
+    warnings: list[str],
+    lora: bool = False,
+) -> int:
+    """One pipeline stage per node (tensor parallelism stays inside a node, on its fast links), or the
+    requested size; the layers split as vLLM splits them."""
+    nodes, layers = request.nodes, len(model.layers)
+    pp = request.pipeline_parallel_size or nodes
+    if pp > layers:
+        raise PlanError(
+            f"{{pipeline_parallel_size}} {pp}: {model.path.name} has {layers} layers and each stage needs at "
+            f"least one; largest feasible: {{pipeline_parallel_size}} {layers}",
+            "pipeline_parallel_size",
+        )
+    if nodes > 1 and pp != nodes:
+        raise PlanError(
+            f"{{pipeline_parallel_size}} {pp} with {{nodes}} {nodes}: the plan puts one pipeline stage on each "
+            f"node; give {{pipeline_parallel_size}} {nodes} or leave it out",
+            "pipeline_parallel_size",
+        )
+    if profile.is_cpu and pp > 1 and lora:
+        raise PlanError(
+            f"{{pipeline_parallel_size}} {pp} with adapters: vLLM 0.32's CPU build runs LoRA in eager mode only, "
+            "and in eager mode pipeline parallelism dies on the last rank (sync_and_gather_intermediate_tensors); "
+            "use {tensor_parallel_size} 2 instead, or merge the adapter (`lcserve adapters merge`)",
+            "pipeline_parallel_size",
+        )
+    if profile.is_cpu and pp > (profile.cores or 1):
+        raise PlanError(
+            f"{{pipeline_parallel_size}} {pp}: the CPU profile has {profile.cores or 1} core(s), one or more per "
+            f"rank; largest feasible: {{pipeline_parallel_size}} {profile.cores or 1}",
+            "pipeline_parallel_size",
+        )
+    if profile.is_cpu and pp > 1:
+        warnings.append(
+            "pipeline parallelism on vLLM's CPU build works compiled only: start vLLM without --enforce-eager "
+            "(which `lcserve serve` adds on the CPU build); the compile warm-up costs about a minute on 2 "
+            "cores (benchmarks/bench_parallel_cpu.py measures it)"
+        )
+    if pp > 1:
+        parts = pp_partitions(layers, pp)
+        source = f"one stage per node (--nodes {nodes})" if nodes > 1 else "requested"
+        reasons.append(
+            Reason(
+                "pipeline_parallel_size",
+                str(pp),
+                f"{source}; {layers} layers split {parts} (vLLM's get_pp_indices: even "
+                "shares, the remainder to the stages before the last); the plan sizes the stage with the most "
+                "layers",
+            )
+        )
+    return pp
 
 
 def has_room(device: Device, tp: int, max_model_len: int) -> bool:
@@ -337,11 +459,20 @@ def choose_tensor_parallel(device: Device, request: PlanRequest, limit: int, ful
     fits the target at full length, else the smallest that fits anything, else the largest."""
     profile, model = device.profile, device.model
     if request.tensor_parallel_size is not None:
-        return _checked_tp(profile, model, request.tensor_parallel_size)
+        return _checked_tp(profile, model, request.tensor_parallel_size, device.pp, request.nodes)
     if profile.is_cpu:
         return 1
+    if request.nodes > 1:  # every GPU of every node: a stage per node, TP across the node's GPUs
+        return _checked_tp(profile, model, profile.count, device.pp, request.nodes)
     target_len = request.max_model_len or limit
-    candidates = [t for t in (1, 2, 4, 8, 16, 32) if t <= profile.count and _heads_ok(model, t)]
+    per_stage = profile.count // device.pp
+    if per_stage < 1:
+        raise PlanError(
+            f"{{pipeline_parallel_size}} {device.pp}: the profile has {profile.count} GPU(s), fewer than the "
+            f"stages; largest feasible: {{pipeline_parallel_size}} {profile.count}",
+            "pipeline_parallel_size",
+        )
+    candidates = [t for t in (1, 2, 4, 8, 16, 32) if t <= per_stage and _heads_ok(model, t)]
     for t in candidates:
         kv_bytes = device.kv_budget(t, target_len)[0]
         if has_room(device, t, target_len) and fits(
@@ -475,6 +606,76 @@ def size_kv_cache(
     return kv_bytes, {}, util
 
 
+def choose_executor(device: Device, tp: int, nodes: int, env: dict[str, str], reasons: list[Reason]) -> str | None:
+    """How vLLM starts its ranks: one process (None: vLLM's default), multiprocessing on one machine,
+    Ray across nodes. On the CPU build each rank gets its own cores."""
+    profile, ranks = device.profile, tp * device.pp
+    if profile.is_cpu and ranks > 1:
+        bind = cpu_threads_bind(profile, ranks)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        reasons.append(
+            Reason(
+                "distributed_executor_backend",
+                "mp",
+                "CPU build: vLLM's multiprocessing executor, one worker process per rank (its CPU platform "
+                "replaces the single-process executor with mp, which sets each rank's OpenMP environment)",
+            )
+        )
+        reasons.append(
+            Reason(
+                "VLLM_CPU_OMP_THREADS_BIND",
+                bind,
+                f"{profile.cores} core(s) split into {ranks} lists, one per rank (vLLM requires as many lists "
+                "as local ranks, '|' between them)",
+            )
+        )
+        return "mp"
+    if nodes > 1:
+        reasons.append(
+            Reason(
+                "distributed_executor_backend",
+                "ray",
+                f"{ranks} ranks on {nodes} nodes: Ray places them across the group's pods, as vLLM's multi-node "
+                f"guide does (leader: Ray head and the server; workers: join). The alternative is vLLM's "
+                f"multiprocessing multi-node mode (--nnodes {nodes} --node-rank R --master-addr LEADER on every "
+                "node, no Ray), which needs a different command per node",
+            )
+        )
+        return "ray"
+    return None
+
+
+def cpu_threads_bind(profile: Profile, ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` ranks: the profile's CPUs in equal runs, e.g. '0|1'."""
+    cores = profile.cores or 1
+    ids = list(profile.cpu_ids)[:cores] if len(profile.cpu_ids) >= cores else list(range(cores))
+    each = len(ids) // ranks
+    groups = [ids[i * each : (i + 1) * each] for i in range(ranks)]
+    return "|".join(",".join(map(str, g)) for g in groups)
+
+
+def choose_replicas(device: Device, cap: Capacity, request: PlanRequest, tp: int, reasons: list[Reason]) -> int:
+    """Replicas for a target number of full-length requests served at once (1 without a target)."""
+    target = request.target_concurrency
+    if target is None:
+        return 1
+    per_replica = min(int(cap.max_concurrency), device.batch.max_num_seqs)
+    replicas = -(-target // per_replica)
+    devices = tp * device.pp
+    unit = "core group(s)" if device.profile.is_cpu else "GPU(s)"
+    reasons.append(
+        Reason(
+            "replicas",
+            str(replicas),
+            f"ceil(target {target} requests / {per_replica} per replica) where a replica holds "
+            f"min(floor({cap.max_concurrency:.2f} at max_model_len {cap.max_model_len}), max_num_seqs "
+            f"{device.batch.max_num_seqs}); {replicas} x {devices} {unit} (TP {tp} x PP {device.pp}) = "
+            f"{replicas * devices} in all",
+        )
+    )
+    return replicas
+
+
 def max_num_seqs_fit_len(
     device: Device,
     layout: KVLayout,
@@ -536,10 +737,12 @@ def explain_choices(
     why(
         "weights",
         _gib(memory["weights"]),
-        f"per device: {model.param_count:,} parameters / TP {tp}; "
+        f"per device: {model.param_count:,} parameters"
+        + (f" x {device.stage_layers}/{len(model.layers)} layers (largest PP stage)" if device.pp > 1 else "")
+        + f" / TP {tp}; "
         f"{model.weights_source} ({model.weights_source_reason})",
     )
-    why("tensor_parallel_size", tp, _tp_reason(profile, model, tp, request.tensor_parallel_size))
+    why("tensor_parallel_size", tp, _tp_reason(profile, model, tp, request.tensor_parallel_size, request.nodes))
     why(
         "block_size",
         device.block_size,
@@ -641,7 +844,8 @@ def _explain_kv(
     why(
         "bytes per block",
         layout.bytes_per_block,
-        f"{max(g.layers for g in layout.groups)} layers x block {layout.block_size} tokens x {layout.bytes_per_token_layer} B",
+        f"{layout.block_layers} layers x block {layout.block_size} tokens x {layout.bytes_per_token_layer} B"
+        + (" (the widest group's layers on the fullest pipeline rank)" if layout.stage_layers else ""),
     )
     why("num_blocks", cap.num_blocks, f"floor({cap.kv_bytes} B KV cache / {layout.bytes_per_block} B per block)")
     why(
@@ -741,17 +945,23 @@ def _heads_ok(model: ModelInfo, t: int) -> bool:
     return kv % t == 0 or t % kv == 0
 
 
-def _checked_tp(profile: Profile, model: ModelInfo, tp: int) -> int:
-    if profile.is_cpu and tp != 1:
-        raise PlanError(
-            f"{{tensor_parallel_size}} {tp}: the CPU profile plans one engine (tensor parallel size 1)",
-            "tensor_parallel_size",
+def _checked_tp(profile: Profile, model: ModelInfo, tp: int, pp: int = 1, nodes: int = 1) -> int:
+    """The requested TP, or PlanError: within one node's GPUs (per stage) or the CPU's cores, and heads that divide."""
+    if profile.is_cpu:
+        limit = (profile.cores or 1) // pp
+        room = f"the CPU profile has {profile.cores or 1} core(s), one or more per rank" + (
+            f" of {pp} pipeline stages" if pp > 1 else ""
         )
-    feasible = [t for t in range(1, profile.count + 1) if _heads_ok(model, t)]
-    if tp > profile.count or not _heads_ok(model, tp):
+    elif nodes > 1:
+        limit, room = profile.count, f"the profile has {profile.count} GPU(s) per node"
+    else:
+        limit = profile.count // pp
+        room = f"the profile has {profile.count} GPU(s)" + (f" for {pp} pipeline stages" if pp > 1 else "")
+    feasible = [t for t in range(1, limit + 1) if _heads_ok(model, t)] or [1]
+    if tp > limit or not _heads_ok(model, tp):
         problem = (
-            f"the profile has {profile.count} GPU(s)"
-            if tp > profile.count
+            room
+            if tp > limit
             else f"{model.num_attention_heads} attention heads / {model.num_kv_heads} KV heads are not divisible by it"
         )
         raise PlanError(
@@ -761,12 +971,16 @@ def _checked_tp(profile: Profile, model: ModelInfo, tp: int) -> int:
     return tp
 
 
-def _tp_reason(profile: Profile, model: ModelInfo, t: int, requested: int | None) -> str:
+def _tp_reason(profile: Profile, model: ModelInfo, t: int, requested: int | None, nodes: int = 1) -> str:
     heads = f"{model.num_attention_heads} heads, {model.num_kv_heads} KV heads divisible"
+    if model.num_kv_heads < t and not model.mla:
+        heads += f"; vLLM replicates the {model.num_kv_heads} KV head(s) so each of the {t} ranks holds one"
     if requested:
         return f"requested {requested} ({heads})"
     if profile.is_cpu:
         return "CPU engine: one process"
+    if nodes > 1:
+        return f"all {profile.count} GPUs of each node, on the node's own links; the nodes split the layers ({heads})"
     return f"smallest power of two <= {profile.count} GPU(s) whose KV budget fits the target ({heads})"
 
 
@@ -799,7 +1013,8 @@ def _does_not_fit(device: Device, t: int, memory: dict[str, int], kv_budget: int
     hint = (
         f"largest feasible on {profile.count} GPU(s): none; it fits from --gpus {enough_tp} {{tensor_parallel_size}} {enough_tp}"
         if enough_tp
-        else "largest feasible: none up to TP 32; use a quantized model"
+        else "largest feasible: none up to TP 32; split the layers over nodes ({nodes} 2: one pipeline stage per "
+        "node) or use a quantized model"
     )
     return (
         f"{model.path.name} does not fit {profile.count} x {profile.name} at any context with TP {t}: per GPU {used} "

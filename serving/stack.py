@@ -43,6 +43,7 @@ class Stack:
         ready_timeout_s: float = 900.0,
         probe: ProbeSchedule | None = None,
         allowed_adapter_dirs: tuple[str | Path, ...] = (),
+        embedding_policies: dict[str, str] | None = None,
     ):
         if (spec is None) == (upstream_url is None):
             raise ValueError("give exactly one of spec (launch vLLM) and upstream_url (front a running vLLM)")
@@ -59,7 +60,11 @@ class Stack:
         else:
             self.engine = ExternalEngine(upstream_url)
         self.gateway = Gateway(
-            self.engine, api_key=api_key, training_lengths=training_lengths, allowed_adapter_dirs=allowed_adapter_dirs
+            self.engine,
+            api_key=api_key,
+            training_lengths=training_lengths,
+            allowed_adapter_dirs=allowed_adapter_dirs,
+            embedding_policies=embedding_policies,
         )
         self.gateway_host = gateway_host
         self.gateway_port = gateway_port
@@ -126,6 +131,7 @@ def run_stack(
     on_ready: Callable[[Stack], None] | None = None,
     probe: ProbeSchedule | None = None,
     allowed_adapter_dirs: tuple[str | Path, ...] = (),
+    embedding_policies: dict[str, str] | None = None,
 ) -> None:
     """Run the stack until SIGINT/SIGTERM, then stop the gateway and the engine's whole process
     group (no orphans, both ports released). A signal while vLLM is still starting stops it too.
@@ -143,6 +149,7 @@ def run_stack(
         ready_timeout_s=ready_timeout_s,
         probe=probe,
         allowed_adapter_dirs=allowed_adapter_dirs,
+        embedding_policies=embedding_policies,
     )
 
     def on_signal(signum, _frame):

@@ -1,10 +1,13 @@
 """The gateway's probe schedule against the real engine: a run on start-up lands as the
 `lcserve_probe_*` gauges on the gateway's /metrics, for the base and the mounted adapter."""
 
+from dataclasses import replace
+
 import httpx
 import pytest
 
 from lcserve.serving.probe_schedule import ProbeSchedule
+from lcserve.serving.probes.plan import TIERS
 from lcserve.serving.probes.runner import ProbeConfig
 from lcserve.serving.stack import Stack
 from tests.unit.test_metrics import value
@@ -12,10 +15,14 @@ from tests.unit.test_metrics import value
 pytestmark = pytest.mark.integration
 
 
-def test_probe_on_start_publishes_gauges(engine, tmp_path):
-    # one rung at the adapter's training length and a small budget (trimmed depths and continuation):
-    # the wiring, not the figures. The budget leaves room for a slow engine's calibration estimate.
-    config = ProbeConfig(base=engine.base_model, lengths=(256,), budget_minutes=3.0)
+def test_probe_on_start_publishes_gauges(engine, tmp_path, monkeypatch):
+    # the wiring, not the figures: one rung at the adapter's training length, one depth per task and
+    # no long continuation, so the run is short on any machine without a time budget to miss
+    small = replace(
+        TIERS["quick"], passkey_depths=(0.5,), needle_depths=(0.5,), generation_tokens=0, budget_minutes=None
+    )
+    monkeypatch.setitem(TIERS, "quick", small)
+    config = ProbeConfig(base=engine.base_model, lengths=(256,))
     probe = ProbeSchedule(config, tmp_path, on_start=True)
     stack = Stack(upstream_url=engine.url, gateway_port=0, probe=probe)
     stack.start()

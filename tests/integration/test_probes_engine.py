@@ -1,6 +1,7 @@
 """`lcserve probe` against the real vLLM CPU engine: a tiny ladder end to end, and the one-line errors."""
 
 import json
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -9,7 +10,7 @@ from click.testing import CliRunner
 from lcserve.cli import LcserveGroup
 from lcserve.serving.cli import probe
 from lcserve.serving.probes import gauge_samples
-from lcserve.serving.probes.plan import REPETITION_WINDOW
+from lcserve.serving.probes.plan import REPETITION_WINDOW, TIERS
 from lcserve.serving.probes.tasks import ANSWER_TOKENS
 
 pytestmark = pytest.mark.integration
@@ -23,7 +24,9 @@ def lcserve_probe(*args):
     return CliRunner().invoke(group, ["probe", *args])
 
 
-def test_tiny_ladder_end_to_end(engine, tmp_path):
+def test_tiny_ladder_end_to_end(engine, tmp_path, monkeypatch):
+    # two repetition windows instead of the quick tier's four: the continuation is most of the run's time
+    monkeypatch.setitem(TIERS, "quick", replace(TIERS["quick"], generation_tokens=2 * REPETITION_WINDOW))
     # the probe takes every adapter the engine mounts on the base (none, or some when the engine has LoRA on)
     served = httpx.get(f"{engine.url}/v1/models", timeout=30).json()["data"]
     adapters = [m["id"] for m in served if m.get("parent") == engine.base_model]

@@ -1114,6 +1114,13 @@ HTTP_CASES = [
         400,
         ('`model` is ["base"]', "must be a string naming a served model"),
     ),
+    HttpCase(  # the embedding model's own refusals: tests/unit/test_embedding.py, tests/integration/test_embedding_engine.py
+        "embeddings-to-a-generative-model",
+        "/v1/embeddings",
+        {"model": "base", "input": "hi"},
+        400,
+        ("model 'base' is a generative model", "name an embedding model"),
+    ),
 ]
 
 

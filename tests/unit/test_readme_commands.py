@@ -71,6 +71,11 @@ COVERED = {
     "$L serve --probe-on-start": "test_serve_dry_run_options",
     "$L gateway": "test_gateway_alone_in_front_of_an_engine",
     "$L probe": "test_probe_quick_tier_writes_its_report",
+    "E=$($L embedded path --embedding)": "tests/unit/test_embedding.py",
+    "$L serve $E": "tests/unit/test_embedding.py",
+    "curl -s localhost:8000/v1/embeddings": "tests/integration/test_embedding_engine.py",
+    "$L deploy plan --model /models/llama-3.1-": "tests/unit/test_deploy_parallel.py",
+    "$L deploy render": "tests/unit/test_deploy_render.py",
 }
 
 

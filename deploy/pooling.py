@@ -1,0 +1,230 @@
+"""The plan of an embedding model (vLLM's pooling runner), pure like `plan.py`.
+
+An encoder keeps no KV cache: each input is embedded in one forward pass and forgotten. So
+there is no context capacity to size; what remains is the runner, max_model_len (which vLLM
+caps at sentence-transformers' max_seq_length, and which the model's absolute positions bound
+for good), the tokens of one batch, and whether the weights fit. Every choice has its Reason.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+from lcserve.errors import PlanError
+from lcserve.model_config import ModelInfo
+from lcserve.vllm_rules import option_args
+
+from .hardware import Profile
+from .plan import PlanRequest, Reason, batch_sizes
+
+GIB = 1024**3
+
+
+@dataclass
+class PoolingPlan:
+    model: ModelInfo
+    profile: Profile
+    max_model_len: int
+    max_num_batched_tokens: int
+    max_num_seqs: int | None  # None: vLLM's default
+    dtype: str | None  # None: vLLM's choice
+    training_len: int | None
+    policy: str
+    hf_overrides: dict | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    reasons: list[Reason] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def vllm_options(self) -> dict:
+        opts = {"runner": "pooling", "max-model-len": self.max_model_len}
+        opts["max-num-batched-tokens"] = self.max_num_batched_tokens
+        if self.max_num_seqs is not None:
+            opts["max-num-seqs"] = self.max_num_seqs
+        if self.dtype:
+            opts["dtype"] = self.dtype
+        if self.hf_overrides:
+            opts["hf-overrides"] = self.hf_overrides
+        return opts
+
+    def vllm_args(self) -> list[str]:
+        return [a for key, value in self.vllm_options().items() for a in option_args(key, value)]
+
+    def shell_args(self) -> str:
+        """The environment and arguments as one shell line."""
+        return " ".join([*(f"{k}={v}" for k, v in self.env.items()), *map(shlex.quote, self.vllm_args())])
+
+    def to_json(self) -> dict:
+        return {
+            "model": str(self.model.path),
+            "profile": self.profile.name,
+            "runner": "pooling",
+            "max_model_len": self.max_model_len,
+            "derived_max_len": self.model.derived_max_len,
+            "max_position_embeddings": self.model.max_position_embeddings,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "max_num_seqs": self.max_num_seqs,
+            "kv_cache_tokens": 0,
+            "training_len": self.training_len,
+            "embedding_policy": self.policy,
+            "pooling": {
+                "mode": self.model.pooling.pooling_mode,
+                "normalize": self.model.pooling.normalize,
+                "max_seq_length": self.model.pooling.max_seq_length,
+                "dimension": self.model.pooling.dimension,
+            },
+            "vllm_args": self.vllm_args(),
+            "env": self.env,
+            "reasons": [{"setting": r.setting, "value": r.value, "why": r.why} for r in self.reasons],
+            "warnings": self.warnings,
+        }
+
+    def summary(self) -> list[str]:
+        """The lines `serve` prints before it starts."""
+        return [
+            f"plan ({self.profile.name}): embedding model, pooling runner, no KV cache; max_model_len "
+            f"{self.max_model_len}, {self.max_num_batched_tokens:,} tokens per batch, long inputs: {self.policy}",
+            *(f"{r.setting} = {r.value}: {r.why}" for r in self.reasons),
+            *(f"warning: {w}" for w in self.warnings),
+        ]
+
+
+def plan_pooling(
+    profile: Profile, model: ModelInfo, request: PlanRequest, policy: str, training_len: int | None = None
+) -> PoolingPlan:
+    """The pooling runner's settings for an embedding model; PlanError naming the setting when one cannot be met."""
+    pooling = model.pooling
+    reasons = [Reason("runner", "pooling", f"{model.architecture} is an embedding model ({_pooling_words(model)})")]
+    trained = training_len or pooling.training_len
+    source = "--training-len" if training_len else pooling.training_len_source
+    reasons.append(Reason("training_len", str(trained), source))
+    positions = model.max_position_embeddings
+    derived = model.derived_max_len
+    wanted = request.max_model_len or derived
+    if positions and wanted > positions:
+        raise PlanError(
+            f"{{max_model_len}} {wanted} is beyond the {positions} positions of {model.path.name} "
+            f"(max_position_embeddings; absolute positions cannot be extended): serve at most {positions}, "
+            "and embed longer texts with --embedding-policy chunk",
+            "max_model_len",
+        )
+    overrides = None
+    if wanted > derived:
+        overrides = {"model_max_length": wanted}
+        reasons.append(
+            Reason(
+                "max_model_len",
+                str(wanted),
+                f"requested; vLLM caps it at {model.derived_max_len_reason}, and --hf-overrides "
+                f"model_max_length={wanted} lifts that cap (vLLM allows a max_model_len up to the config's "
+                f"model_max_length), within the model's {positions} positions",
+            )
+        )
+    else:
+        reasons.append(
+            Reason(
+                "max_model_len",
+                str(wanted),
+                "requested" if request.max_model_len else f"vLLM's derived maximum ({model.derived_max_len_reason})",
+            )
+        )
+    warnings = []
+    if trained and wanted > trained and policy == "reject":
+        warnings.append(
+            f"inputs between {trained} (the training length) and {wanted} tokens are embedded whole, beyond what "
+            "the model was trained on; `lcserve probe` measures whether retrieval holds there "
+            "(--embedding-policy truncate or chunk keeps every window within the training length)"
+        )
+    batch = batch_sizes(profile, model, request.max_num_seqs, request.max_num_batched_tokens)
+    batched = request.max_num_batched_tokens or max(batch.default_batched, wanted)
+    if batched < wanted:
+        raise PlanError(
+            f"{{max_num_batched_tokens}} {batched} is below {{max_model_len}} {wanted}: vLLM's pooling runner does not "
+            "split an input across batches (no chunked prefill); raise it to at least max_model_len",
+            "max_num_batched_tokens",
+        )
+    reasons.append(
+        Reason(
+            "max_num_batched_tokens",
+            str(batched),
+            "requested"
+            if request.max_num_batched_tokens
+            else f"{batch.why_batched.split(',')[0]}, at least max_model_len "
+            "(the pooling runner embeds each input in one pass)",
+        )
+    )
+    reasons.append(
+        Reason(
+            "kv_cache",
+            "none",
+            "encoder-only attention keeps no KV cache (vLLM allocates none for it); memory is the weights "
+            f"({model.weight_bytes / GIB:.2f} GiB) and the activations of one batch",
+        )
+    )
+    dtype = None
+    if profile.is_cpu and set(model.param_bytes_by_dtype) - {"I64", "I32"} == {"F32"}:
+        dtype = "float32"
+        reasons.append(
+            Reason(
+                "dtype",
+                dtype,
+                "the checkpoint is float32; vLLM would downcast it to float16, which its CPU build runs several "
+                "times slower (all-MiniLM-L6-v2 here: about 700 against 2,000 to 5,000 prompt tokens/s)",
+            )
+        )
+    env = {}
+    if profile.is_cpu:
+        fixed = request.kv_cache_gib
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(fixed or 1)
+        reasons.append(
+            Reason(
+                "VLLM_CPU_KVCACHE_SPACE",
+                str(fixed or 1),
+                "from the environment"
+                if fixed
+                else "the smallest whole GiB: the encoder uses none of it, and without it vLLM's CPU worker "
+                "refuses to start unless gpu_memory_utilization (0.92) of the machine's RAM is free",
+            )
+        )
+    if model.weight_bytes > profile.memory_bytes * profile.count:
+        raise PlanError(
+            f"{model.path.name} has {model.weight_bytes / GIB:.1f} GiB of weights, more than {profile.name} holds; "
+            "choose a larger --profile"
+        )
+    return PoolingPlan(
+        model=model,
+        profile=profile,
+        max_model_len=wanted,
+        max_num_batched_tokens=batched,
+        max_num_seqs=request.max_num_seqs,
+        dtype=dtype,
+        training_len=trained,
+        policy=policy,
+        hf_overrides=overrides,
+        env=env,
+        reasons=reasons,
+        warnings=warnings,
+    )
+
+
+def _pooling_words(model: ModelInfo) -> str:
+    p = model.pooling
+    parts = [f"{p.pooling_mode} pooling", "normalized" if p.normalize else "not normalized"]
+    if p.dimension:
+        parts.append(f"{p.dimension} dimensions")
+    if p.max_seq_length:
+        parts.append(f"max_seq_length {p.max_seq_length}")
+    return ", ".join(parts)
+
+
+def pooling_plan_for(model_dir, profile, gpus, adapter_dirs, training_len, train_ratio_warn, **request):
+    """`deploy plan` on an embedding model: its PoolingPlan (the long-input policy is chosen at serve
+    time; reject here); None for any other model, which the KV planner plans."""
+    from lcserve.model_config import is_embedding_model
+
+    from .inputs import read_plan_inputs
+
+    if model_dir is None or not is_embedding_model(model_dir):
+        return None
+    hardware, model, _ = read_plan_inputs(model_dir, profile, (), gpus)
+    return plan_pooling(hardware, model, PlanRequest(**request), "reject", training_len)
