@@ -10,6 +10,7 @@ import yaml
 from rich.console import Console
 
 from lcserve import options
+from lcserve.errors import PlanError
 from lcserve.output import emit, json_option
 
 from . import render
@@ -139,6 +140,11 @@ def build_plan(model_dir, profile, gpus, adapter_dirs, training_len, train_ratio
 
         model_dir = embedded_model_path()
     hardware, model, adapters = read_plan_inputs(model_dir, profile, adapter_dirs, gpus, training_len)
+    if model.pooling is not None:  # `deploy plan` takes these to deploy/pooling.py before coming here
+        raise PlanError(
+            f"{model_dir} is an embedding model: `deploy render` and `deploy check` know generative models "
+            "(a KV cache) only so far; `lcserve deploy plan --model` prints its plan and `lcserve serve` serves it"
+        )
     return plan_deployment(hardware, model, adapters, PlanRequest(training_ratio_warn=train_ratio_warn, **request))
 
 

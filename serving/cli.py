@@ -515,6 +515,12 @@ def _run_until_signal(engine: EngineProcess, max_model_len: int | None, ready_ti
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of needles, keys and the bootstrap.")
 @click.option(
+    "--no-repetition",
+    is_flag=True,
+    help="Leave out the long continuation (repetition by window): on a CPU engine the slowest task, and the "
+    "only one that decodes more than a few tokens. Retrieval and loss by position still run.",
+)
+@click.option(
     "--concurrency",
     type=click.IntRange(1, 64),
     default=1,
@@ -534,6 +540,7 @@ def probe(
     training_length,
     threshold,
     seed,
+    no_repetition,
     concurrency,
     as_json,
 ):
@@ -572,6 +579,7 @@ def probe(
             threshold=threshold,
             seed=seed,
             concurrency=concurrency,
+            repetition=not no_repetition,
             console=console,
         )
     )

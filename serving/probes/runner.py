@@ -76,6 +76,7 @@ class ProbeConfig:
     threshold: float = 0.8
     seed: int = 0
     concurrency: int = 1
+    repetition: bool = True  # the long continuation (rep-n); False leaves it out
     console: Console | None = field(default=None, repr=False)  # progress and notes; None: silent
 
 
@@ -224,6 +225,8 @@ def _run(client: ProbeClient, config: ProbeConfig) -> dict:
     else:
         lengths = ladder(reference, min(max_model_len, tier.max_length or max_model_len))
     plan = make_plan(tier, models, lengths, reference, max_model_len)
+    if not config.repetition:
+        plan = replace(plan, generation_tokens=0)
 
     document = load_document()
     count = lru_cache(maxsize=None)(lambda text: client.count(config.base, text))

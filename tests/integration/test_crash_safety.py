@@ -298,7 +298,8 @@ def test_merge_killed_at_random_points(tmp_path, embedded_model_dir, demo_adapte
 
 
 def test_probe_killed_at_random_points(tmp_path, engine):
-    """Against the shared engine, a tiny ladder (base only, one rung)."""
+    """Against the shared engine, a tiny ladder (base only, one rung, no long continuation: short on
+    any machine, with no time budget to miss)."""
     out, log = tmp_path / "out", tmp_path / "probe.log"
     probe = [
         "probe",
@@ -309,8 +310,7 @@ def test_probe_killed_at_random_points(tmp_path, engine):
         "--base-only",
         "--lengths",
         "256",
-        "--budget-minutes",
-        "3",
+        "--no-repetition",
         "--out",
         str(out),
     ]
@@ -335,6 +335,9 @@ def test_probe_killed_at_random_points(tmp_path, engine):
     assert json.loads((out / "summary.json").read_text()) == summary
     assert len((out / "records.jsonl").read_text().splitlines()) == summary["requests"]
     assert (out / "report.md").read_text().startswith("# lcserve probe")
+    assert summary["plan"]["generation_tokens"] == 0 and "repetition" not in {
+        json.loads(line)["task"] for line in (out / "records.jsonl").read_text().splitlines()
+    }
     assert leftovers(tmp_path) == [], leftovers(tmp_path)  # the killed runs' partial folders are gone
     finished = tree_hash(out)
 

@@ -280,3 +280,11 @@ def test_deploy_plan_on_an_embedding_model_plans_no_kv_cache():
 def test_serve_refuses_the_generative_probe_schedule_on_an_embedding_model(tmp_path):
     r = CliRunner().invoke(cli, ["serve", str(MINILM), "--probe-on-start"], env={"LCSERVE_HOME": str(tmp_path)})
     assert r.exit_code == 2 and "lcserve probe --url" in r.output
+
+
+def test_deploy_render_refuses_an_embedding_model_instead_of_planning_a_kv_cache(tmp_path):
+    out = tmp_path / "out"
+    args = ["deploy", "render", "--model", str(MINILM), "--profile", "l4", "--target", "k8s", "--out", str(out)]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and "is an embedding model" in r.output and "deploy plan" in r.output, r.output
+    assert not out.exists()
