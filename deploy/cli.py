@@ -11,13 +11,14 @@ from rich.console import Console
 
 from lcserve import options
 from lcserve.errors import PlanError
+from lcserve.model_config import is_embedding_model
 from lcserve.output import emit, json_option
 
 from . import render
 from .hardware import detect, list_profiles
 from .inputs import read_plan_inputs
 from .plan import TRAINING_RATIO_WARN, PlanRequest, ServePlan, plan_deployment
-from .pooling import pooling_plan_for
+from .pooling import PoolingPlan, plan_pooling
 from .targets import TARGETS
 
 FORMATS = ("table", "json", "args", "yaml", "env", "shell")
@@ -133,19 +134,31 @@ def plan_options(f):
     return f
 
 
-def build_plan(model_dir, profile, gpus, adapter_dirs, training_len, train_ratio_warn, **request) -> ServePlan:
-    """Read the inputs and plan; `request` holds the PlanRequest fields the options set."""
+def read_and_plan(
+    model_dir, profile, gpus, adapter_dirs, training_len, train_ratio_warn, **request
+) -> ServePlan | PoolingPlan:
+    """Read the inputs and plan; `request` holds the PlanRequest fields the options set. An embedding
+    model gets its PoolingPlan (no KV cache; the long-input policy is chosen at serve time)."""
     if model_dir is None:
         from lcserve.embedded import embedded_model_path
 
         model_dir = embedded_model_path()
+    if is_embedding_model(model_dir):
+        hardware, model, _ = read_plan_inputs(model_dir, profile, (), gpus)
+        return plan_pooling(hardware, model, PlanRequest(**request), "reject", training_len)
     hardware, model, adapters = read_plan_inputs(model_dir, profile, adapter_dirs, gpus, training_len)
-    if model.pooling is not None:  # `deploy plan` takes these to deploy/pooling.py before coming here
+    return plan_deployment(hardware, model, adapters, PlanRequest(training_ratio_warn=train_ratio_warn, **request))
+
+
+def build_plan(**kwargs) -> ServePlan:
+    """The KV-cache plan of a generative model, for the commands that know no other."""
+    result = read_and_plan(**kwargs)
+    if isinstance(result, PoolingPlan):
         raise PlanError(
-            f"{model_dir} is an embedding model: `deploy render` and `deploy check` know generative models "
+            f"{result.model.path} is an embedding model: `deploy render` and `deploy check` know generative models "
             "(a KV cache) only so far; `lcserve deploy plan --model` prints its plan and `lcserve serve` serves it"
         )
-    return plan_deployment(hardware, model, adapters, PlanRequest(training_ratio_warn=train_ratio_warn, **request))
+    return result
 
 
 @deploy.command()
@@ -169,14 +182,14 @@ def plan(as_json: bool, fmt: str, config_out: Path | None, port: int, **kwargs) 
     that fits at no context, a TP size the heads do not divide) fail with the largest
     feasible value.
     """
-    pooled = pooling_plan_for(**kwargs)  # an embedding model: no KV cache to plan (deploy/pooling.py)
-    if pooled is not None:
+    result = read_and_plan(**kwargs)
+    if isinstance(result, PoolingPlan):
+        pooled = result
         if fmt not in ("table", "json", "args") or config_out:
             raise click.UsageError("an embedding model's plan prints as --format table, json or args")
         lines = [pooled.shell_args()] if fmt == "args" else [*pooled.summary(), "vLLM: " + pooled.shell_args()]
         emit(pooled.to_json(), as_json or fmt == "json", lambda: click.echo("\n".join(lines)))
         return
-    result = build_plan(**kwargs)
     if config_out:
         if not config_out.parent.is_dir():
             raise click.BadParameter(

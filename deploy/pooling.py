@@ -215,16 +215,3 @@ def _pooling_words(model: ModelInfo) -> str:
     if p.max_seq_length:
         parts.append(f"max_seq_length {p.max_seq_length}")
     return ", ".join(parts)
-
-
-def pooling_plan_for(model_dir, profile, gpus, adapter_dirs, training_len, train_ratio_warn, **request):
-    """`deploy plan` on an embedding model: its PoolingPlan (the long-input policy is chosen at serve
-    time; reject here); None for any other model, which the KV planner plans."""
-    from lcserve.model_config import is_embedding_model
-
-    from .inputs import read_plan_inputs
-
-    if model_dir is None or not is_embedding_model(model_dir):
-        return None
-    hardware, model, _ = read_plan_inputs(model_dir, profile, (), gpus)
-    return plan_pooling(hardware, model, PlanRequest(**request), "reject", training_len)
