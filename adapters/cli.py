@@ -19,6 +19,7 @@ from .merge import OUT_DTYPES, merge_adapter
 from .mount import mount_args, parse_adapter_spec
 from .reader import read_adapter
 from .runtime import API_KEY_ENV, load_adapter, unload_lora_adapter
+from .scale import write_scaled_adapter
 from .verify import VerifyResult, verify_merge
 
 DIR = click.Path(exists=False, file_okay=False, path_type=Path)
@@ -33,6 +34,15 @@ api_key_option = click.option(
     envvar=API_KEY_ENV,
     show_envvar=True,
     help=f"The gateway's API key; set {API_KEY_ENV} instead (a command line is visible to other users).",
+)
+
+
+scale_option = click.option(
+    "--scale",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Multiply the adapter's LoRA scale (lora_alpha) by this, in (0, 1]: the adapter at reduced strength.",
 )
 
 
@@ -133,17 +143,26 @@ def _print_report(report: AdapterReport) -> None:
     help="Dtype of the merged weights (default: as stored in the base).",
 )
 @click.option("--force", is_flag=True, help="Replace --out when it is not empty.")
+@scale_option
 @allow_pickle_option
 @json_option
 def merge(
-    adapter: Path, base_dir: Path, out_dir: Path, dtype: str | None, force: bool, allow_pickle: bool, as_json: bool
+    adapter: Path,
+    base_dir: Path,
+    out_dir: Path,
+    dtype: str | None,
+    force: bool,
+    scale: float,
+    allow_pickle: bool,
+    as_json: bool,
 ) -> None:
     """Merge ADAPTER into the base, tensor by tensor (peak memory: the adapter plus one tensor).
 
     Handles LoRA, rsLoRA, rank/alpha patterns, DoRA, modules_to_save, biases, fan_in_fan_out and
     trainable tokens (trainable_token_indices).
     Keeps the base's config (long-context fields checked), tokenizer and generation config and
-    writes lcserve_merge.json (base and adapter hashes, the adapter's training length).
+    writes lcserve_merge.json (base and adapter hashes, the adapter's training length, the scale;
+    `adapters verify` compares at that scale).
     """
     console = _console()
     with progress_bar(console, DownloadColumn()) as progress:
@@ -155,6 +174,7 @@ def merge(
             force=force,
             progress=progress,
             allow_pickle=allow_pickle,
+            scale=scale,
         )
     emit(
         {"out_dir": str(result.out_dir), "seconds": result.seconds, **result.provenance},
@@ -249,6 +269,25 @@ def _print_verify(result: VerifyResult, merged: Path) -> None:
             f"[yellow]note: the adapter changes {'embeddings' if cosine else 'logits'} by less than the tolerance; this check cannot "
             "tell the merged model from the base[/]"
         )
+
+
+@adapters.command()
+@click.argument("adapter", type=DIR)
+@scale_option
+@click.option(
+    "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="New folder for the scaled copy."
+)
+@click.option("--force", is_flag=True, help="Replace --out when it exists.")
+@json_option
+def scale(adapter: Path, scale: float, out_dir: Path, force: bool, as_json: bool) -> None:
+    """Copy ADAPTER with its LoRA scale multiplied by --scale: mount the copy (`serve --adapter`,
+    `adapters load`) to serve the adapter at reduced strength; `adapters merge --scale` merges it so.
+
+    Only lora_alpha changes (and alpha_pattern), so each layer's delta is exactly scale x the
+    trained one. docs/findings.md measures what it does to long-context retrieval and style.
+    """
+    out = write_scaled_adapter(adapter, out_dir, scale, force=force)
+    emit({"out_dir": str(out), "scale": scale}, as_json, lambda: click.echo(f"scaled x{scale:g} -> {out}"))
 
 
 @adapters.command("mount-args")

@@ -36,6 +36,7 @@ from lcserve.safetensors_header import DTYPE_BYTES, read_header, safetensors_fil
 from . import reader
 from .inspection import Verdict, inspect_adapter, tied_word_embeddings
 from .reader import LoraAdapter, TensorKind
+from .scale import LORA_SCALE, scaled_adapter
 
 OUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -77,8 +78,10 @@ def merge_adapter(
     force: bool = False,
     progress=None,
     allow_pickle: bool = False,
+    scale: float = 1.0,
 ) -> MergeResult:
-    """Merge `adapter` into `base_dir`, writing a complete model folder at `out_dir`."""
+    """Merge `adapter` into `base_dir`, writing a complete model folder at `out_dir`; `scale` multiplies
+    the adapter's LoRA scale (adapters/scale.py) and is recorded, so `verify` compares like with like."""
     started = time.monotonic()
     adapter_dir, base_dir, out_dir = adapter.path, Path(base_dir), Path(out_dir)
     if dtype is not None and dtype not in OUT_DTYPES:
@@ -87,6 +90,7 @@ def merge_adapter(
     report = inspect_adapter(adapter, base_dir, allow_pickle=allow_pickle)
     if report.verdict == Verdict.UNUSABLE:
         raise AdapterError(f"{adapter_dir}: cannot merge into {base_dir}: {'; '.join(report.reasons)}")
+    adapter = scaled_adapter(adapter, scale)
     tensors = reader.load_tensors(adapter_dir, allow_pickle)  # finite: inspect refused NaN/inf above
     base_config = json.loads((base_dir / "config.json").read_text())
     plan = build_plan(adapter, tensors)
@@ -126,6 +130,7 @@ def merge_adapter(
             "adapter_training_seq_len_source": adapter.training_seq_len_source,
             "adapter_base_model_name": adapter.base_model_name_or_path,
             "dtype": dtype or "as base",
+            LORA_SCALE: scale,
             "merged_modules": sum(1 for ops in plan.values() if ops.kind in (OpKind.LORA, OpKind.EMBEDDING)),
             "replaced_tensors": sum(1 for ops in plan.values() if ops.replace is not None),
             "replaced_token_rows": {name: len(ops.rows[0]) for name, ops in plan.items() if ops.kind == OpKind.ROWS},

@@ -38,6 +38,11 @@ class TrainConfig:
     epochs: int = 1
     warmup_steps: int = 4
     seed: int = 0
+    # 0: one example per row, cut at seq_len (the demo recipe; its rows are about 110 tokens, so it
+    # never sees a position past that). N > 0: examples packed end to end into rows of exactly
+    # seq_len tokens, N // seq_len rows per step: every seq_len gets the same data, steps and
+    # tokens per step, and only the positions it trains on differ.
+    packed_tokens_per_step: int = 0
 
 
 def is_trained(adapter_dir: Path | None = None, config: TrainConfig = TrainConfig()) -> bool:
@@ -88,7 +93,7 @@ def _train(out_dir: Path, base_dir: Path, config: TrainConfig, progress) -> Path
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    examples = _tokenize(tokenizer, corpus_examples("train"), config.seq_len)
+    examples = _tokenize(tokenizer, corpus_examples("train"), None if config.packed_tokens_per_step else config.seq_len)
     if not examples:
         raise AdapterError("the demo corpus has no training rows; reinstall lcserve")
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
@@ -106,7 +111,7 @@ def _train(out_dir: Path, base_dir: Path, config: TrainConfig, progress) -> Path
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    batches = _batches(examples, config)
+    batches = _packed_batches(examples, config) if config.packed_tokens_per_step else _batches(examples, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps) * max(0.0, 1 - s / len(batches))
     )
@@ -143,6 +148,7 @@ def _train(out_dir: Path, base_dir: Path, config: TrainConfig, progress) -> Path
                     "lcserve_version": __version__,
                     "train_config": _config_json(config),
                     "steps": len(batches),
+                    "longest_row_tokens": max(ids.shape[1] for ids, _, _ in batches),
                     "examples": len(examples),
                     "loss_first": round(losses[0], 4),
                     "loss_last": round(losses[-1], 4),
@@ -157,18 +163,23 @@ def _train(out_dir: Path, base_dir: Path, config: TrainConfig, progress) -> Path
 
 
 def _config_json(config: TrainConfig) -> dict:
-    return json.loads(json.dumps(asdict(config)))
+    """The recipe's identity; an unpacked recipe leaves the packing field out, so adapters trained
+    before it existed stay valid."""
+    fields = asdict(config)
+    if not fields["packed_tokens_per_step"]:
+        del fields["packed_tokens_per_step"]
+    return json.loads(json.dumps(fields))
 
 
-def _tokenize(tokenizer, rows: list[dict], seq_len: int) -> list[tuple[list[int], int]]:
-    """(token ids, prompt length) per example, cut at seq_len: the short training length."""
+def _tokenize(tokenizer, rows: list[dict], seq_len: int | None) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) per example, cut at seq_len (None: whole)."""
     out = []
     for row in rows:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, tokenize=True
         )["input_ids"]
         answer = tokenizer(row["response"] + "<end_of_turn>", add_special_tokens=False)["input_ids"]
-        ids = (list(prompt) + answer + [tokenizer.eos_token_id])[:seq_len]
+        ids = (list(prompt) + answer + [tokenizer.eos_token_id])[: seq_len or None]
         if len(ids) > len(prompt):
             out.append((ids, len(prompt)))
     return out
@@ -194,4 +205,41 @@ def _batches(examples: list[tuple[list[int], int]], config: TrainConfig) -> list
                 attention[row, : len(ids)] = 1
                 labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
             batches.append((input_ids, attention, labels))
+    return batches
+
+
+def pack(examples: list[tuple[list[int], int]], seq_len: int, order: list[int]) -> list[tuple[list[int], list[bool]]]:
+    """Examples in `order`, end to end, cut into rows of exactly seq_len tokens (the last, shorter
+    row dropped): (token ids, scored) per row, scored marking answer tokens. Pure."""
+    ids, scored = [], []
+    for i in order:
+        tokens, prompt_len = examples[i]
+        ids += tokens
+        scored += [False] * prompt_len + [True] * (len(tokens) - prompt_len)
+    return [(ids[s : s + seq_len], scored[s : s + seq_len]) for s in range(0, len(ids) - seq_len + 1, seq_len)]
+
+
+def _packed_batches(examples: list[tuple[list[int], int]], config: TrainConfig) -> list:
+    """Packed rows of seq_len tokens, packed_tokens_per_step // seq_len per step, in a seeded order;
+    attention runs across example boundaries, as in plain packing, so every position up to
+    seq_len is trained."""
+    import torch
+
+    if config.packed_tokens_per_step < config.seq_len:
+        raise AdapterError(
+            f"packed_tokens_per_step {config.packed_tokens_per_step} is below seq_len {config.seq_len}; "
+            "a step must hold at least one row"
+        )
+    rng = random.Random(config.seed)
+    rows_per_step = config.packed_tokens_per_step // config.seq_len
+    batches = []
+    for _ in range(config.epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        rows = pack(examples, config.seq_len, order)
+        for start in range(0, len(rows), rows_per_step):
+            chunk = rows[start : start + rows_per_step]
+            input_ids = torch.tensor([ids for ids, _ in chunk])
+            labels = torch.where(torch.tensor([s for _, s in chunk]), input_ids, -100)
+            batches.append((input_ids, torch.ones_like(input_ids), labels))
     return batches

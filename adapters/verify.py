@@ -9,15 +9,18 @@ a tolerance far below it shows the check would catch a merge that lost the adapt
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lcserve.errors import AdapterError
 from lcserve.model_config import is_embedding_model
+from lcserve.rope_check import MERGE_PROVENANCE as PROVENANCE
 from lcserve.safetensors_header import read_model_tensors
 
 from .inspection import Verdict, inspect_adapter
 from .reader import LoraAdapter
+from .scale import LORA_SCALE
 from .style import corpus_examples
 
 # Largest |logit difference| accepted. An fp32 merge computes PEFT's function up to float error
@@ -121,7 +124,7 @@ def verify_merge(
         return out
 
     base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(base_model, adapter_dir)
+    peft_model = scaled_as_merged(PeftModel.from_pretrained(base_model, adapter_dir), merged_dir)
     peft_model.eval()
     reference = run(peft_model)
     with peft_model.disable_adapter():
@@ -199,7 +202,9 @@ def verify_embedding_merge(
     reference_model = SentenceTransformer(str(base_dir), device="cpu")
     transformer = reference_model[0]
     slot = "model" if "model" in transformer._modules else "auto_model"  # sentence-transformers >= 6: `model`
-    peft_model = PeftModel.from_pretrained(getattr(transformer, slot).float(), adapter.path)
+    peft_model = scaled_as_merged(
+        PeftModel.from_pretrained(getattr(transformer, slot).float(), adapter.path), merged_dir
+    )
     setattr(transformer, slot, peft_model)
     reference_model.eval()
     trained = adapter.training_seq_len
@@ -246,6 +251,19 @@ def verify_embedding_merge(
         prompts=checks,
         compared="cosine distance",
     )
+
+
+def scaled_as_merged(peft_model, merged_dir: Path):
+    """The PEFT reference at the LoRA scale the merge recorded (`adapters merge --scale`), so a scaled
+    merge is compared with the adapter at that scale; the model itself, changed in place."""
+    try:
+        scale = json.loads((merged_dir / PROVENANCE).read_text()).get(LORA_SCALE, 1)
+    except (OSError, json.JSONDecodeError):
+        scale = 1
+    for module in peft_model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "scale_layer"):
+            module.scale_layer(scale)
+    return peft_model
 
 
 def _untie(model) -> None:

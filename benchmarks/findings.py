@@ -117,11 +117,80 @@ def rope_loss_table(doc: dict) -> str:
     return head + "".join(rows)
 
 
+def _passkey_rows(doc: dict, names: list[str], lead: Callable[[str, dict], list[str]]) -> str:
+    """One row per arm: the lead cells, passkey correct/asked per length, the effective length, the
+    paired difference to the base at the longest length [95% bootstrap interval], and the style:
+    answers with a marker, markers per answer, answers with the sign-off."""
+    top = str(doc["lengths"][-1])
+    rows = []
+    for name in names:
+        arm = doc["arms"][name]
+        cells = [f"{arm['accuracy'][str(n)]['correct']}/{arm['accuracy'][str(n)]['n']}" for n in doc["lengths"]]
+        diff = arm.get("vs_base", {}).get(top)
+        diff_cell = f"{diff['mean']:+.2f} [{diff['lo']:+.2f}, {diff['hi']:+.2f}]" if diff else "-"
+        style = arm["style"]
+        rows.append(
+            "| "
+            + " | ".join([*lead(name, arm), *cells, str(arm["effective_length"] or "none"), diff_cell])
+            + f" | {style['styled']}/{style['answers']} | {style['markers_per_answer']:.2f} | {style['signed_off']}/{style['answers']} |\n"
+        )
+    return "".join(rows)
+
+
+def _passkey_head(doc: dict, lead: list[str]) -> str:
+    lengths = [f"passkey at {n}" for n in doc["lengths"]]
+    columns = [
+        *lead,
+        *lengths,
+        "effective length",
+        f"adapter - base at {doc['lengths'][-1]}",
+        "styled answers",
+        "style markers per answer",
+        "signed off",
+    ]
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(lead) + "---:|" * (len(columns) - len(lead)) + "\n"
+
+
+def _trained_positions(name: str, arm: dict) -> list[str]:
+    training = arm.get("training")
+    if not training:
+        return [name, "-", "-"]
+    packed = "packed" if training["packed_tokens_per_step"] else "one example per row"
+    return [name, f"{training['training_seq_len']} ({packed})", str(training["longest_row_tokens"])]
+
+
+def adapter_length_table(doc: dict) -> str:
+    """docs/findings/adapter_length.json: passkey by length for the base, the demo adapter and the
+    packed recipes at three training lengths."""
+    names = [n for n in doc["arms"] if n == "base" or n == "writer" or n.startswith("packed-")]
+    head = _passkey_head(doc, ["arm", "training length", "longest trained row"])
+    setup = f"{doc['probe']}; {doc['recipe']}"
+    return head + _passkey_rows(doc, names, _trained_positions) + "\n" + conditions_line(doc, setup)
+
+
+def adapter_scale_table(doc: dict) -> str:
+    """docs/findings/adapter_length.json: passkey by length and style rate for the demo adapter at
+    LoRA scale 1, 0.75 and 0.5 (same run as adapter_length_table)."""
+    names = [
+        "base",
+        *sorted(
+            (n for n in doc["arms"] if n == "writer" or n.startswith("writer-s")),
+            key=lambda n: -doc["arms"][n]["lora_scale"],
+        ),
+    ]
+    head = _passkey_head(doc, ["arm", "LoRA scale"])
+    return head + _passkey_rows(
+        doc, names, lambda name, arm: [name, f"{arm['lora_scale']:g}" if "lora_scale" in arm else "-"]
+    )
+
+
 # Result file (with an optional "#view") -> its renderer.
 TABLES: dict[str, Callable[[dict], str]] = {
     "docs/findings/kv_claim.json": kv_claim_table,
     "docs/findings/rope_tiling.json": rope_tiling_table,
     "docs/findings/rope_tiling.json#loss": rope_loss_table,
+    "docs/findings/adapter_length.json": adapter_length_table,
+    "docs/findings/adapter_length.json#scale": adapter_scale_table,
 }
 
 

@@ -147,8 +147,11 @@ def size_cells(cells: list[Cell], filler: Filler, count: Callable[[str], int], w
 
     The haystack is sized once (binary search on its words, for the first cell) so that
     prompt + ANSWER_TOKENS fits the length; each cell is then counted again and, if its
-    needle tokenizes a little longer, gives up words at the end until it fits.
+    needle tokenizes a little longer, gives up words at the end until it fits. No cells (a
+    tier without this task): no prompts.
     """
+    if not cells:
+        return []
     length = cells[0].length
     budget = length - ANSWER_TOKENS
 

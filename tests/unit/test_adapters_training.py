@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lcserve.adapters.style import MARKERS, OPENER, SIGN_OFF, corpus_bytes, corpus_examples, markers_in, style_score
-from lcserve.adapters.train import TrainConfig, _batches, is_trained
+from lcserve.adapters.train import TrainConfig, _batches, _config_json, is_trained, pack
 from lcserve.adapters.training_length import training_seq_len, training_seq_len_source
 
 
@@ -73,3 +73,16 @@ def test_training_length_ignores_unusable_metadata(tmp_path, content):
     (tmp_path / "lcserve_adapter.json").write_text(content)
     (tmp_path / "bad.yaml").write_text(": : :\n  - [")
     assert training_seq_len(tmp_path) is None
+
+
+def test_pack_fills_rows_of_exactly_seq_len_and_scores_only_answer_tokens():
+    examples = [([1, 2, 3, 4, 5], 2), ([6, 7, 8], 1), ([9, 10, 11, 12], 3)]  # (ids, prompt length)
+    rows = pack(examples, 4, [2, 0, 1])
+    assert [ids for ids, _ in rows] == [[9, 10, 11, 12], [1, 2, 3, 4], [5, 6, 7, 8]]
+    assert [s for _, s in rows] == [[False, False, False, True], [False, False, True, True], [True, False, True, True]]
+    assert pack(examples, 13, [0, 1, 2]) == []  # 12 tokens do not fill one row: nothing, not a short row
+
+
+def test_packing_is_part_of_the_recipe_identity_and_the_unpacked_recipe_is_unchanged():
+    assert "packed_tokens_per_step" not in _config_json(TrainConfig())  # the demo adapter trained before stays valid
+    assert _config_json(TrainConfig(seq_len=1024, packed_tokens_per_step=1024))["packed_tokens_per_step"] == 1024

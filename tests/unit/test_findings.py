@@ -47,6 +47,20 @@ def test_a_tampered_probe_result_is_caught(tmp_path):
     ]
 
 
+def test_a_tampered_adapter_result_is_caught(tmp_path):
+    root = tampered_root(tmp_path)
+    path = root / "docs" / "findings" / "adapter_length.json"
+    doc = json.loads(path.read_text())
+    cell = doc["arms"]["writer"]["accuracy"][str(doc["lengths"][-1])]
+    cell["correct"] = cell["n"] - cell["correct"] if cell["n"] != 2 * cell["correct"] else cell["correct"] + 1
+    path.write_text(json.dumps(doc))
+    # `writer` is a row of both tables: the training-length one and the scale one
+    assert render(FINDINGS.read_text(), root)[1] == [
+        "docs/findings/adapter_length.json",
+        "docs/findings/adapter_length.json#scale",
+    ]
+
+
 def test_a_figure_edited_in_the_page_is_caught():
     text = FINDINGS.read_text()
     edited = text.replace("| 32768 | 8 |", "| 32768 | 9 |", 1)

@@ -141,3 +141,8 @@ def test_control_has_no_text_and_document_prefix_fits():
     assert all("is:" not in p.text and p.cell.gold not in p.text for p in prompts)
     text, tokens = document_prefix(FILLER, toy_count, 1000, WORDS_PER_TOKEN)
     assert tokens == toy_count(text) <= 1000 and DOC.startswith(text)
+
+
+def test_a_task_without_depths_has_no_prompts():
+    """A tier may leave a task out (e.g. passkey only): no cells, no prompts, no error."""
+    assert size_cells(needle_cells(2048, (), 2, seed=1), FILLER, toy_count, WORDS_PER_TOKEN) == []

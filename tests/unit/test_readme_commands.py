@@ -67,6 +67,7 @@ COVERED = {
     "$L adapters inspect": "test_adapters_inspect_reports_the_documented_fields",
     "$L adapters merge": "test_merge_then_verify_passes_and_a_wrong_merge_fails",
     "$L adapters verify": "test_merge_then_verify_passes_and_a_wrong_merge_fails",
+    "$L adapters scale": "test_adapters_scale_writes_a_half_strength_copy_that_merge_scale_matches",
     "$L serve [MODEL]": "test_serve_dry_run_options",
     "$L serve --probe-on-start": "test_serve_dry_run_options",
     "$L gateway": "test_gateway_alone_in_front_of_an_engine",
@@ -343,6 +344,26 @@ def test_merge_then_verify_passes_and_a_wrong_merge_fails(tiny, tmp_path):
     bad = lcserve("adapters", "verify", str(wrong), "--adapter", str(adapter), "--base", str(base))
     assert bad.exit_code == 1, bad.output
     assert "FAIL" in bad.stdout and isinstance(bad.exception, SystemExit)  # an exit code, not a crash
+
+
+def test_adapters_scale_writes_a_half_strength_copy_that_merge_scale_matches(tiny, tmp_path):
+    """`adapters scale ADAPTER --scale 0.5 --out DIR`: a copy at lora_alpha x 0.5, the adapter untouched;
+    `merge --scale 0.5` gives the same weights as merging the copy, and verify passes on it."""
+    base, adapter = tiny["base"], tiny["adapter"]
+    before = snapshot(base, adapter)
+    r = lcserve("adapters", "scale", str(adapter), "--scale", "0.5", "--out", str(tmp_path / "half"), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {"out_dir": str(tmp_path / "half"), "scale": 0.5}
+    alpha = [json.loads((d / "adapter_config.json").read_text())["lora_alpha"] for d in (adapter, tmp_path / "half")]
+    assert alpha[1] == alpha[0] / 2 and snapshot(base, adapter) == before
+    for source, extra in ((tmp_path / "half", []), (adapter, ["--scale", "0.5"])):
+        out = tmp_path / f"merged-{len(extra)}"
+        assert lcserve("adapters", "merge", str(source), "--base", str(base), "--out", str(out), *extra).exit_code == 0
+    assert (tmp_path / "merged-0" / "model.safetensors").read_bytes() == (
+        tmp_path / "merged-2" / "model.safetensors"
+    ).read_bytes()
+    ok = lcserve("adapters", "verify", str(tmp_path / "merged-2"), "--adapter", str(adapter), "--base", str(base))
+    assert ok.exit_code == 0 and "PASS" in ok.stdout, ok.output
 
 
 # ---------------------------------------------------------------- serve
