@@ -38,8 +38,8 @@ class TrainConfig:
     epochs: int = 1
     warmup_steps: int = 4
     seed: int = 0
-    # 0: one example per row, cut at seq_len (the demo recipe; its rows are about 110 tokens, so it
-    # never sees a position past that). N > 0: examples packed end to end into rows of exactly
+    # 0: one example per row, cut at seq_len (the demo recipe; its longest row is 94 tokens, so it
+    # never trains a position past that: `longest_row_tokens` in its metadata). N > 0: examples packed end to end into rows of exactly
     # seq_len tokens, N // seq_len rows per step: every seq_len gets the same data, steps and
     # tokens per step, and only the positions it trains on differ.
     packed_tokens_per_step: int = 0

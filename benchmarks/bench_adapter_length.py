@@ -191,36 +191,60 @@ def run(args, console: Console) -> dict:
 
 
 def plot(doc: dict, path: Path) -> None:
-    """Left: passkey accuracy by length per arm (the training-length arms). Right: the scale arms. A small PNG."""
+    """Left: against the positions each adapter trained on, the passkey gap to the base at the longest
+    length (95% interval) and the effective length. Right: the same gap and the style markers per
+    answer against the LoRA scale. A small PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=100, sharey=True)
-    groups = (
-        ("training length", ["base", "writer", *(f"packed-{n}" for n in PACKED_LENGTHS)]),
-        ("LoRA scale (writer)", ["base", "writer", *(f"writer-s{s:g}" for s in SCALES)]),
-    )
-    for ax, (title, names) in zip(axes, groups):
-        for name in names:
-            if name not in doc["arms"]:
-                continue
-            cells = doc["arms"][name]["accuracy"]
-            xs = sorted(int(n) for n in cells)
-            ax.plot(
-                xs,
-                [cells[str(x)]["correct"] / cells[str(x)]["n"] for x in xs],
-                "-o",
-                label=name,
-                linewidth=3 if name == "base" else 1.5,
-                color="black" if name == "base" else None,
+    top = str(doc["lengths"][-1])
+    arms = doc["arms"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=100, sharey=True)
+
+    def gap(ax, xs: list[float], names: list[str]) -> None:
+        diffs = [arms[n]["vs_base"][top] for n in names]
+        means = [d["mean"] for d in diffs]
+        errors = [[m - d["lo"] for m, d in zip(means, diffs)], [d["hi"] - m for m, d in zip(means, diffs)]]
+        ax.errorbar(xs, means, yerr=errors, fmt="-o", color="tab:red", capsize=3, label=f"passkey gap at {top}")
+        ax.axhline(0, color="grey", linewidth=1, linestyle=":")
+        for x, name in zip(xs, names):
+            ax.annotate(
+                name, (x, arms[name]["vs_base"][top]["mean"]), fontsize=6, xytext=(3, -9), textcoords="offset points"
             )
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="context length (tokens)", ylim=(-0.05, 1.05), title=title)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("passkey accuracy")
-    fig.suptitle("Gemma 3 270M + LoRA: passkey retrieval by length", fontsize=10)
+
+    trained = sorted(
+        (arms[n]["training"]["longest_row_tokens"], n) for n in arms if n == "writer" or n.startswith("packed-")
+    )
+    gap(left, [x for x, _ in trained], [n for _, n in trained])
+    left.set_xscale("log", base=2)
+    left.set_xlim(64, 2048)  # room for the labels
+    left.set(xlabel="longest trained row (tokens)", ylabel="adapter - base (95% interval)", ylim=(-1.05, 0.25))
+    left.set_title("training length", fontsize=9)
+    effective = left.twinx()
+    effective.plot(
+        [x for x, _ in trained],
+        [arms[n]["effective_length"] or 0 for _, n in trained],
+        "s--",
+        color="tab:blue",
+        label="effective length",
+    )
+    effective.set_yscale("log", base=2)
+    effective.set_ylabel("effective length (tokens)", color="tab:blue")
+
+    scaled = sorted((arms[n]["lora_scale"], n) for n in arms if n == "writer" or n.startswith("writer-s"))
+    gap(right, [x for x, _ in scaled], [n for _, n in scaled])
+    right.set(xlabel="LoRA scale s")
+    right.set_title("LoRA scale (writer)", fontsize=9)
+    style = right.twinx()
+    style.plot(
+        [x for x, _ in scaled], [arms[n]["style"]["markers_per_answer"] for _, n in scaled], "s--", color="tab:green"
+    )
+    style.set_ylabel("style markers per answer", color="tab:green")
+    style.set_ylim(0, None)
+    left.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Gemma 3 270M + LoRA: passkey retrieval against the base", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
