@@ -169,8 +169,8 @@ def adapter_length_table(doc: dict) -> str:
 
 
 def adapter_scale_table(doc: dict) -> str:
-    """docs/findings/adapter_length.json: passkey by length and style rate for the demo adapter at
-    LoRA scale 1, 0.75 and 0.5 (same run as adapter_length_table)."""
+    """docs/findings/adapter_length.json#scale: passkey by length and style for the demo adapter at
+    each LoRA scale of the run, largest first (the same run as adapter_length_table)."""
     names = [
         "base",
         *sorted(
