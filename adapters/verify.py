@@ -9,13 +9,12 @@ a tolerance far below it shows the check would catch a merge that lost the adapt
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lcserve.errors import AdapterError
 from lcserve.model_config import is_embedding_model
-from lcserve.rope_check import MERGE_PROVENANCE as PROVENANCE
+from lcserve.rope_check import merge_provenance
 from lcserve.safetensors_header import read_model_tensors
 
 from .inspection import Verdict, inspect_adapter
@@ -256,10 +255,7 @@ def verify_embedding_merge(
 def scaled_as_merged(peft_model, merged_dir: Path):
     """The PEFT reference at the LoRA scale the merge recorded (`adapters merge --scale`), so a scaled
     merge is compared with the adapter at that scale; the model itself, changed in place."""
-    try:
-        scale = json.loads((merged_dir / PROVENANCE).read_text()).get(LORA_SCALE, 1)
-    except (OSError, json.JSONDecodeError):
-        scale = 1
+    scale = merge_provenance(merged_dir).get(LORA_SCALE, 1)
     for module in peft_model.modules():
         if hasattr(module, "lora_A") and hasattr(module, "scale_layer"):
             module.scale_layer(scale)

@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from benchmarks.findings import RESULTS, adapter_length_table, adapter_scale_table, run_conditions
+from benchmarks.findings import RESULTS, adapter_length_table, adapter_scale_table, correct_per_length, run_conditions
 from lcserve import embedded
 from lcserve.adapters.mount import mount_args
 from lcserve.adapters.scale import write_scaled_adapter
@@ -121,10 +121,7 @@ def arm_figures(summary: dict, name: str, folder: Path | None) -> dict:
     entry = summary["models"][name]
     passkey = entry["tasks"]["passkey"]
     figures = {
-        "accuracy": {
-            length: {"correct": round(cell["accuracy"] * cell["n"]), "n": cell["n"]}
-            for length, cell in passkey["by_length"].items()
-        },
+        "accuracy": correct_per_length(passkey["by_length"]),
         "effective_length": passkey["effective_length"],
     }
     comparison = summary.get("comparisons", {}).get(name)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from benchmarks.findings import RESULTS, rope_loss_table, rope_tiling_table, run_conditions
+from benchmarks.findings import RESULTS, correct_per_length, rope_loss_table, rope_tiling_table, run_conditions
 from lcserve import embedded
 from lcserve.engine import EngineProcess, EngineSpec, free_port
 from lcserve.paths import atomic_dir, lcserve_home
@@ -111,10 +111,7 @@ def arm_figures(summary: dict, model_dir: Path, env: dict, engine_seconds: int) 
         "model_dir": str(model_dir),
         "env": env,
         "accuracy": {
-            task: {
-                str(length): {"correct": round(cell["accuracy"] * cell["n"]), "n": cell["n"]}
-                for length, cell in tasks[task]["by_length"].items()
-            }
+            task: correct_per_length({str(k): v for k, v in tasks[task]["by_length"].items()})
             for task in ("passkey", "needle")
             if task in tasks
         },

@@ -54,6 +54,11 @@ def _lines(path: str) -> list[str]:
         return []
 
 
+def correct_per_length(by_length: dict) -> dict:
+    """{length: {correct, n}} from a probe summary's accuracy by length (correct counted back from the rate)."""
+    return {length: {"correct": round(c["accuracy"] * c["n"]), "n": c["n"]} for length, c in by_length.items()}
+
+
 def size(n: float) -> str:
     """Bytes in binary units with three significant figures (the tables' one format)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):

@@ -155,12 +155,18 @@ def read_config(folder: Path) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
+def merge_provenance(model_dir: Path) -> dict:
+    """A merged model's lcserve_merge.json; {} when the folder has none or it is unreadable."""
+    try:
+        provenance = json.loads((Path(model_dir) / MERGE_PROVENANCE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return provenance if isinstance(provenance, dict) else {}
+
+
 def recorded_base(model_dir: Path) -> Path | None:
     """The base a merged model records (`base_dir` of lcserve_merge.json), or None."""
-    try:
-        base = json.loads((Path(model_dir) / MERGE_PROVENANCE).read_text()).get("base_dir")
-    except (OSError, ValueError, AttributeError):
-        return None
+    base = merge_provenance(model_dir).get("base_dir")
     return Path(base) if isinstance(base, str) else None
 
 
