@@ -142,7 +142,7 @@ def _print_report(report: AdapterReport) -> None:
     default=None,
     help="Dtype of the merged weights (default: as stored in the base).",
 )
-@click.option("--force", is_flag=True, help="Replace --out when it is not empty.")
+@click.option("--force", is_flag=True, help="Replace --out when an earlier lcserve run wrote it (never other folders).")
 @scale_option
 @allow_pickle_option
 @json_option
@@ -277,7 +277,7 @@ def _print_verify(result: VerifyResult, merged: Path) -> None:
 @click.option(
     "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="New folder for the scaled copy."
 )
-@click.option("--force", is_flag=True, help="Replace --out when it exists.")
+@click.option("--force", is_flag=True, help="Replace --out when an earlier lcserve run wrote it (never other folders).")
 @json_option
 def scale(adapter: Path, scale: float, out_dir: Path, force: bool, as_json: bool) -> None:
     """Copy ADAPTER with its LoRA scale multiplied by --scale: mount the copy (`serve --adapter`,

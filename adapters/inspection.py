@@ -17,6 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from lcserve.errors import ModelError
+from lcserve.model_facts import text_config, tied_embeddings
 from lcserve.rope_check import adapter_findings
 from lcserve.safetensors_header import read_model_tensors
 from lcserve.vllm_rules import (
@@ -250,12 +251,6 @@ def nonfinite_reason(names: list[str]) -> str:
     )
 
 
-def tied_word_embeddings(config: dict) -> bool:
-    """The base shares one matrix between its input embedding and lm_head (config.json says so)."""
-    text = config.get("text_config") or {}
-    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings")))
-
-
 def check_fit(
     tensors: list[AdapterTensor],
     base_shapes: dict[str, tuple[int, ...]],
@@ -331,7 +326,7 @@ def token_rows_target(module: str, base_shapes: dict, base_config: dict) -> str 
     lm_head of a tied base (no lm_head tensor of its own), the input embedding it shares (pure)."""
     if f"{module}.weight" in base_shapes:
         return f"{module}.weight"
-    if module.rsplit(".", 1)[-1] == "lm_head" and tied_word_embeddings(base_config):
+    if module.rsplit(".", 1)[-1] == "lm_head" and tied_embeddings(base_config):
         return next((name for name in base_shapes if name.endswith("embed_tokens.weight")), None)
     return None
 
@@ -407,8 +402,7 @@ def _base_vocab(base_config: dict, base_shapes: dict) -> int | None:
     for name, shape in base_shapes.items():
         if name.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")) and len(shape) == 2:
             return int(shape[0])
-    text = base_config.get("text_config") or {}
-    return base_config.get("vocab_size") or text.get("vocab_size")
+    return text_config(base_config).get("vocab_size") or base_config.get("vocab_size")
 
 
 def _read_base_config(base_dir: Path) -> dict:

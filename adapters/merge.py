@@ -29,20 +29,41 @@ from pathlib import Path
 from lcserve import __version__
 from lcserve.embedded import MARKER as EMBEDDED_MARKER
 from lcserve.errors import AdapterError, ModelError
-from lcserve.paths import atomic_dir
-from lcserve.rope_check import MERGE_PROVENANCE as PROVENANCE
-from lcserve.safetensors_header import DTYPE_BYTES, read_header, safetensors_files
+from lcserve.model_facts import (
+    DTYPE_BYTES,
+    FLOAT_DTYPES,
+    TORCH_NAMES,
+    MergeProvenance,
+    dtype_code,
+    tied_embeddings,
+    untied_config,
+    write_merge_provenance,
+)
+from lcserve.model_facts import MERGE_PROVENANCE as PROVENANCE
+from lcserve.paths import check_output, output_dir
+from lcserve.safetensors_header import read_header, safetensors_files
 
 from . import reader
-from .inspection import Verdict, inspect_adapter, tied_word_embeddings
+from .inspection import Verdict, inspect_adapter
 from .reader import LoraAdapter, TensorKind
-from .scale import LORA_SCALE, scaled_adapter
+from .scale import scaled_adapter
 
-OUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+OUT_DTYPES = {name: dtype_code(name) for name in ("bf16", "fp16", "fp32")}  # --dtype -> safetensors code
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 COPY_CHUNK_BYTES = 16 << 20
+# The adapter's features (as `adapters inspect` reports them) that lcserve_merge.json records.
+PROVENANCE_FEATURES = (
+    "use_rslora",
+    "use_dora",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "bias",
+    "lora_bias",
+    "fan_in_fan_out",
+    "trainable_token_indices",
+)
 # config.json fields that decide long-context behaviour: a merge must not change any of them.
 LONG_CONTEXT_KEYS = (
     "max_position_embeddings",
@@ -105,7 +126,7 @@ def merge_adapter(
     task = progress.add_task("merging", total=total) if progress else None
 
     base_hashes: dict[str, str] = {}
-    with atomic_dir(out_dir) as tmp:
+    with output_dir(out_dir, force) as tmp:
         for layout in layouts:
             base_hashes[layout.path.name] = _write_shard(layout, plan, tmp / layout.path.name, progress, task)
         weight_map = {name: layout.path.name for layout in layouts for name, *_ in layout.entries}
@@ -119,47 +140,51 @@ def merge_adapter(
             )
         out_config = _copy_model_files(base_dir, tmp, base_config, dtype, untie)
         _check_long_context(base_config, out_config)
-        inspected = report.to_json()
-        provenance = {
-            "lcserve_version": __version__,
-            "base_dir": str(base_dir.resolve()),
-            "base_safetensors_sha256": base_hashes,
-            "adapter_dir": str(adapter_dir.resolve()),
-            "adapter_sha256": reader.adapter_sha256(adapter_dir, allow_pickle),
-            "adapter_training_seq_len": adapter.training_seq_len,
-            "adapter_training_seq_len_source": adapter.training_seq_len_source,
-            "adapter_base_model_name": adapter.base_model_name_or_path,
-            "dtype": dtype or "as base",
-            LORA_SCALE: scale,
-            "merged_modules": sum(1 for ops in plan.values() if ops.kind in (OpKind.LORA, OpKind.EMBEDDING)),
-            "replaced_tensors": sum(1 for ops in plan.values() if ops.replace is not None),
-            "replaced_token_rows": {name: len(ops.rows[0]) for name, ops in plan.items() if ops.kind == OpKind.ROWS},
-            "untied_lm_head": untie,
-            "features": {
-                k: inspected[k]
-                for k in (
-                    "use_rslora",
-                    "use_dora",
-                    "rank_pattern",
-                    "alpha_pattern",
-                    "modules_to_save",
-                    "bias",
-                    "lora_bias",
-                    "fan_in_fan_out",
-                    "trainable_token_indices",
-                )
-            },
-        }
-        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+        adapter_hash = reader.adapter_sha256(adapter_dir, allow_pickle)
+        provenance = _provenance(
+            adapter, adapter_hash, base_dir, base_hashes, plan, report.to_json(), dtype, scale, untie
+        )
+        write_merge_provenance(tmp, provenance)
     if progress:
         progress.update(task, completed=total, description="merged")
     return MergeResult(
         out_dir,
-        provenance["merged_modules"],
-        provenance["replaced_tensors"],
+        provenance.merged_modules,
+        provenance.replaced_tensors,
         dtype or "as base",
         round(time.monotonic() - started, 2),
-        provenance,
+        provenance.to_json(),
+    )
+
+
+def _provenance(
+    adapter: LoraAdapter,
+    adapter_hash: str,
+    base_dir: Path,
+    base_hashes: dict[str, str],
+    plan: dict,
+    inspected: dict,
+    dtype: str | None,
+    scale: float,
+    untie: bool,
+) -> MergeProvenance:
+    """What lcserve_merge.json records: the bytes merged (hashes), how, and the adapter's training length."""
+    return MergeProvenance(
+        lcserve_version=__version__,
+        base_dir=str(base_dir.resolve()),
+        base_safetensors_sha256=base_hashes,
+        adapter_dir=str(adapter.path.resolve()),
+        adapter_sha256=adapter_hash,
+        adapter_training_seq_len=adapter.training_seq_len,
+        adapter_training_seq_len_source=adapter.training_seq_len_source,
+        adapter_base_model_name=adapter.base_model_name_or_path,
+        dtype=dtype or "as base",
+        lora_scale=scale,
+        merged_modules=sum(1 for ops in plan.values() if ops.kind in (OpKind.LORA, OpKind.EMBEDDING)),
+        replaced_tensors=sum(1 for ops in plan.values() if ops.replace is not None),
+        replaced_token_rows={name: len(ops.rows[0]) for name, ops in plan.items() if ops.kind == OpKind.ROWS},
+        untied_lm_head=untie,
+        features={k: inspected[k] for k in PROVENANCE_FEATURES},
     )
 
 
@@ -257,7 +282,7 @@ def _needs_untie(plan: dict[str, TensorOps], base_config: dict, adapter: LoraAda
     rows given for lm_head alone to the output side only. Token rows of the input embedding keep
     the tie: PEFT's tied token adapter gives lm_head the same rows (and its merge writes them to
     the one shared matrix)."""
-    if not tied_word_embeddings(base_config):
+    if not tied_embeddings(base_config):
         return False
     if "lm_head.weight" in plan:
         return True
@@ -266,21 +291,6 @@ def _needs_untie(plan: dict[str, TensorOps], base_config: dict, adapter: LoraAda
 
 
 # ---------------------------------------------------------------- streaming safetensors I/O
-
-_TORCH_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
 
 
 @dataclass
@@ -301,7 +311,7 @@ def _shard_layout(path: Path, plan: dict, out_dtype: str | None, untie: bool) ->
     entries = []
     for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         src = meta["dtype"]
-        if src not in _TORCH_DTYPES:  # the dtypes this merge can read and write
+        if src not in TORCH_NAMES:  # the dtypes this merge can read and write
             raise ModelError(f"{path}: tensor {name} has dtype {src}, which lcserve cannot merge")
         dst = out_dtype if (out_dtype and src in FLOAT_DTYPES) else src
         entries.append((name, name, src, dst, tuple(meta["shape"]), tuple(meta["data_offsets"])))
@@ -380,14 +390,14 @@ def _from_bytes(data: bytes, dtype: str, shape: tuple[int, ...]):
     import torch
 
     if not data:
-        return torch.empty(shape, dtype=getattr(torch, _TORCH_DTYPES[dtype]))
-    return torch.frombuffer(bytearray(data), dtype=getattr(torch, _TORCH_DTYPES[dtype])).reshape(shape)
+        return torch.empty(shape, dtype=getattr(torch, TORCH_NAMES[dtype]))
+    return torch.frombuffer(bytearray(data), dtype=getattr(torch, TORCH_NAMES[dtype])).reshape(shape)
 
 
 def _to_bytes(tensor, dtype: str) -> bytes:
     import torch
 
-    t = tensor.to(getattr(torch, _TORCH_DTYPES[dtype])).contiguous()
+    t = tensor.to(getattr(torch, TORCH_NAMES[dtype])).contiguous()
     return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
@@ -403,10 +413,7 @@ def _check_destination(out_dir: Path, base_dir: Path, adapter_dir: Path, force: 
         )
     if out == adapter or adapter in out.parents or out in adapter.parents:
         raise AdapterError(f"--out {out_dir}: overlaps the adapter folder {adapter_dir}; choose a new folder")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise AdapterError(f"--out {out_dir}: exists and is not a folder; choose a new folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise AdapterError(f"--out {out_dir}: folder is not empty; pass --force to replace it")
+    check_output(out_dir, force)  # a file, the working directory, a folder lcserve did not write
 
 
 def _copy_model_files(base_dir: Path, out_dir: Path, base_config: dict, dtype: str | None, untie: bool) -> dict:
@@ -425,14 +432,12 @@ def _copy_model_files(base_dir: Path, out_dir: Path, base_config: dict, dtype: s
         shutil.copy2(path, out_dir / path.name)
     config = json.loads(json.dumps(base_config))
     if dtype:
-        torch_name = _TORCH_DTYPES[OUT_DTYPES[dtype]]
+        torch_name = TORCH_NAMES[OUT_DTYPES[dtype]]
         for key in ("dtype", "torch_dtype"):
             if key in config or key == "dtype":
                 config[key] = torch_name
     if untie:
-        config["tie_word_embeddings"] = False
-        if isinstance(config.get("text_config"), dict):
-            config["text_config"]["tie_word_embeddings"] = False
+        config = untied_config(config)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config
 

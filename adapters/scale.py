@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 
 from lcserve.errors import AdapterError
-from lcserve.paths import atomic_dir
+from lcserve.paths import output_dir
 
-from .reader import LoraAdapter, read_adapter
+from .reader import LoraAdapter, read_adapter, read_tensor_infos
 from .training_length import LCSERVE_METADATA
 
 # The multiplier on the trained LoRA scale: in a scaled copy's lcserve_adapter.json (the product of
@@ -71,12 +71,11 @@ def scaled_metadata(metadata: dict, scale: float) -> dict:
 def write_scaled_adapter(adapter_dir: Path, out_dir: Path, scale: float, force: bool = False) -> Path:
     """Copy `adapter_dir` to `out_dir` (atomically) with its LoRA scale multiplied by `scale`."""
     check_scale(read_adapter(adapter_dir), scale)  # AdapterError for anything that is not a readable LoRA
+    read_tensor_infos(adapter_dir)  # and for missing, empty or corrupt weights (the copy would not load)
     out_dir = Path(out_dir)
     source = Path(adapter_dir).resolve()
     if source == out_dir.resolve() or source in out_dir.resolve().parents:
         raise AdapterError(f"--out {out_dir}: is or lies inside the adapter folder {adapter_dir}; choose a new folder")
-    if out_dir.exists() and not force:
-        raise AdapterError(f"--out {out_dir}: already exists; pass --force to replace it, or another folder")
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     try:
         metadata = json.loads((Path(adapter_dir) / LCSERVE_METADATA).read_text())
@@ -86,7 +85,7 @@ def write_scaled_adapter(adapter_dir: Path, out_dir: Path, scale: float, force: 
         "adapter_config.json": scaled_config(config, scale),
         LCSERVE_METADATA: scaled_metadata(metadata, scale),
     }
-    with atomic_dir(out_dir) as tmp:
+    with output_dir(out_dir, force, inputs=(("adapter", source),)) as tmp:
         for path in sorted(Path(adapter_dir).iterdir()):
             if path.is_file() and path.name not in rewritten:
                 shutil.copy2(path, tmp / path.name)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from lcserve.errors import AdapterError
 from lcserve.model_config import is_embedding_model
-from lcserve.rope_check import merge_provenance
+from lcserve.model_facts import TORCH_NAMES, MergeProvenance, read_merge_provenance
 from lcserve.safetensors_header import read_model_tensors
 
 from .inspection import Verdict, inspect_adapter
+from .merge import OUT_DTYPES
 from .reader import LoraAdapter
-from .scale import LORA_SCALE
 from .style import corpus_examples
 
 # Largest |logit difference| accepted. An fp32 merge computes PEFT's function up to float error
@@ -30,8 +30,11 @@ from .style import corpus_examples
 # fixed 1.0-logit bf16 allowance this replaces passed the latter on adapters with a small floor.
 MIN_TOLERANCE = 1e-3
 FLOOR_MARGIN = 1.5
-FLOAT_DTYPES = ("F32", "BF16", "F16")
-TORCH_DTYPES = {"BF16": "bfloat16", "F16": "float16"}
+# The dtypes a merge stores its weights in (`merge --dtype`): the only ones `merged_dtype` reports
+# (F64, which merge can keep "as base", is not one verify has a floor for). FP32 is exact; the
+# others round every merged weight once.
+MERGE_DTYPES = tuple(OUT_DTYPES.values())
+ROUNDING_DTYPES = ("BF16", "F16")
 MIN_TOP1_AGREEMENT = 0.95
 COMPARED_POSITIONS = 64
 SHORT_PROMPTS = (
@@ -109,7 +112,7 @@ def verify_merge(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     prompts = prompt_set(tokenizer, long_tokens or max(2 * (trained or 512), 600))
     dtype = merged_dtype(merged_dir)
-    rounded = TORCH_DTYPES.get(dtype)
+    rounded = TORCH_NAMES[dtype] if dtype in ROUNDING_DTYPES else None
     task = progress.add_task("verifying", total=(4 if rounded else 3) * len(prompts)) if progress else None
 
     def run(model) -> list:
@@ -255,7 +258,7 @@ def verify_embedding_merge(
 def scaled_as_merged(peft_model, merged_dir: Path):
     """The PEFT reference at the LoRA scale the merge recorded (`adapters merge --scale`), so a scaled
     merge is compared with the adapter at that scale; the model itself, changed in place."""
-    scale = merge_provenance(merged_dir).get(LORA_SCALE, 1)
+    scale = (read_merge_provenance(merged_dir) or MergeProvenance()).lora_scale
     for module in peft_model.modules():
         if hasattr(module, "lora_A") and hasattr(module, "scale_layer"):
             module.scale_layer(scale)
@@ -316,5 +319,5 @@ def merged_dtype(model_dir: Path) -> str:
     sizes: dict[str, int] = {}
     for info in read_model_tensors(model_dir).values():
         sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
-    floats = {k: v for k, v in sizes.items() if k in FLOAT_DTYPES}
+    floats = {k: v for k, v in sizes.items() if k in MERGE_DTYPES}
     return max(floats, key=floats.get) if floats else "BF16"

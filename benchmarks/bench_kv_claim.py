@@ -31,9 +31,10 @@ from pathlib import Path
 from benchmarks.findings import RESULTS, kv_claim_table, run_conditions
 from lcserve.deploy.hardware import GIB, resolve_profile
 from lcserve.deploy.measure import measure_capacity
-from lcserve.deploy.plan import DTYPE_BYTES, PlanRequest, plan_deployment
+from lcserve.deploy.plan import PlanRequest, plan_deployment
 from lcserve.embedded import prepare
 from lcserve.model_config import ModelInfo, read_model
+from lcserve.model_facts import DTYPE_BYTES, dtype_code
 
 FORMULAS = {
     "quadratic_bytes": "batch x L^2 x num_attention_heads x head_dim x num_layers x dtype bytes (the claim)",
@@ -45,7 +46,7 @@ FORMULAS = {
 
 def formula_bytes(model: ModelInfo, length: int, batch: int) -> dict[str, int]:
     """The two closed-form figures, quadratic and linear (pure)."""
-    elem = DTYPE_BYTES[model.dtype]
+    elem = DTYPE_BYTES[dtype_code(model.dtype)]
     return {
         "quadratic_bytes": batch * length**2 * model.num_attention_heads * model.head_dim * model.num_layers * elem,
         "linear_full_bytes": batch * length * model.num_layers * 2 * model.num_kv_heads * model.head_dim * elem,

@@ -6,7 +6,7 @@ VLLM_CPU_KVCACHE_SPACE; the real vLLM CPU build is started with exactly the plan
 arguments and stopped as soon as it logs "CPU KV cache size: N tokens, Maximum
 concurrency for L tokens per request: Xx". The table shows both figures and the error.
 
-    python benchmarks/bench_planner_vs_vllm.py [--only NAME ...] [--kv-gib 1] [--out DIR]
+    python -m benchmarks.bench_planner_vs_vllm [--only NAME ...] [--kv-gib 1] [--out DIR]
 
 Engine starts dominate (about a minute each on 2 cores); this is a benchmark, not a test.
 """
@@ -28,7 +28,7 @@ from lcserve.deploy.hardware import GIB, resolve_profile  # noqa: E402
 from lcserve.deploy.measure import measure_capacity  # noqa: E402
 from lcserve.deploy.plan import PlanRequest, plan_deployment  # noqa: E402
 from lcserve.model_config import read_model  # noqa: E402
-from lcserve.tiny_models import BUILDERS, build_tiny_model  # noqa: E402
+from tests.support.tiny_models import BUILDERS, build_tiny_model  # noqa: E402
 
 # (row name, model, KV dtype)
 CASES = [(name, name, "auto") for name in BUILDERS] + [

@@ -18,7 +18,8 @@ request, KV cache released) at the end, and the gateway's RSS flat.
     python benchmarks/bench_soak.py --minutes 5
     python benchmarks/bench_soak.py --minutes 10 --kill-every 30 90 --workers 6
 
-tests/integration/test_soak.py runs a short version (one kill) in the integration tier.
+The integration tier kills the engine under load once (tests/integration/test_serving_restart.py);
+the soak's minutes of mixed traffic are left to this benchmark, outside CI.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from lcserve import options
 from lcserve.errors import PlanError
-from lcserve.model_config import is_embedding_model
+from lcserve.model_config import is_embedding_model, require_weights
 from lcserve.output import emit, json_option
 
 from . import render
@@ -131,6 +131,32 @@ def plan_options(f):
         ]
     ):
         f = decorate(f)
+    return speed_options(f)
+
+
+def speed_options(f):
+    """The options of the speed predictions: the load they are for, and latency targets."""
+    for decorate in reversed(
+        [
+            click.option(
+                "--slo-ttft-ms",
+                type=float,
+                help="Median time to first token to meet (ms): the plan chooses max_num_seqs (and, with "
+                "--target-concurrency, the replicas) from its speed model, or refuses with the best achievable.",
+            ),
+            click.option(
+                "--slo-itl-ms", type=float, help="Median inter-token latency to meet (ms); see --slo-ttft-ms."
+            ),
+            click.option(
+                "--expected-prompt-len",
+                type=int,
+                help="Prompt tokens of the load the speed predictions are for (default: the adapter's training "
+                "length, else min(1024, max_model_len / 2)).",
+            ),
+            click.option("--expected-output-len", type=int, help="Output tokens of that load (default 128)."),
+        ]
+    ):
+        f = decorate(f)
     return f
 
 
@@ -215,7 +241,7 @@ def plan(as_json: bool, fmt: str, config_out: Path | None, port: int, **kwargs) 
 @plan_options
 @click.option("--target", required=True, metavar="|".join(TARGETS), help="What to render (see the README).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write (must not exist).")
-@click.option("--force", is_flag=True, help="Replace --out when it exists.")
+@click.option("--force", is_flag=True, help="Replace --out when an earlier lcserve run wrote it (never other folders).")
 @click.option("--name", default="lcserve", show_default=True, help="Name of the Kubernetes objects.")
 @click.option("--image", default="lcserve:gpu", show_default=True, help="Image with lcserve (see --target dockerfile).")
 @click.option("--served-model-name", help="Name clients use (default: the model folder's name).")
@@ -239,14 +265,21 @@ def render_command(target, out, force, name, image, served_model_name, as_json, 
             dashboard=(monitoring / "grafana-dashboard.json").read_text(),
         )
         files = render_target(result, release, target)
-    write_target(files, out, force)
+    inputs = [("model", kwargs["model_dir"])] if kwargs["model_dir"] else []
+    write_target(files, out, force, tuple(inputs + [("adapter", d) for d in kwargs["adapter_dirs"]]))
     summary = {"target": target, "out": str(out), "files": sorted(files), "plan": result and result.to_json()}
     emit(summary, as_json, lambda: click.echo(f"{target}: wrote {', '.join(sorted(files))} to {out}"))
 
 
 @deploy.command()
 @plan_options
-@click.option("--timeout", type=float, default=900, show_default=True, help="Seconds to wait for vLLM.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=900,
+    show_default=True,
+    help="Seconds to wait for vLLM.",
+)
 @json_option
 def check(timeout: float, as_json: bool, **kwargs) -> None:
     """Start vLLM on this machine with the plan, read its own KV capacity, compare with the plan.
@@ -256,6 +289,7 @@ def check(timeout: float, as_json: bool, **kwargs) -> None:
     from .measure import measure_capacity
 
     result = build_plan(**kwargs)
+    require_weights(result.model)  # before vLLM starts: a folder planned from config.json alone cannot load
     measured = measure_capacity(result.model.path, result, timeout_s=timeout)
     rows = {
         "kv_cache_tokens": (result.kv_tokens, measured.kv_tokens),
@@ -274,3 +308,100 @@ def check(timeout: float, as_json: bool, **kwargs) -> None:
 
 def _err(predicted: float, measured: float) -> float:
     return 100.0 * (predicted - measured) / measured if measured else float("inf")
+
+
+def _engine_plan(model_dir, adapter_dir, no_adapter, profile, max_model_len):
+    """The plan a measuring command serves: the embedded model with its demo adapter by default."""
+    from lcserve.paths import demo_adapter_dir
+
+    if adapter_dir is None and model_dir is None and not no_adapter and demo_adapter_dir().is_dir():
+        adapter_dir = demo_adapter_dir()
+    adapter = None if no_adapter else adapter_dir
+    plan = build_plan(
+        model_dir=model_dir,
+        profile=profile,
+        gpus=None,
+        adapter_dirs=(adapter,) if adapter else (),
+        training_len=None,
+        train_ratio_warn=TRAINING_RATIO_WARN,
+        max_model_len=max_model_len,
+    )
+    return plan, Path(adapter) if adapter else None
+
+
+def engine_options(f):
+    """The options of the commands that measure speed on a real engine."""
+    for decorate in reversed(
+        [
+            click.option(
+                "--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (default: embedded)."
+            ),
+            click.option(
+                "--adapter",
+                "adapter_dir",
+                type=click.Path(path_type=Path),
+                help="Adapter to mount and measure (default with the embedded model: its demo adapter).",
+            ),
+            click.option("--no-adapter", is_flag=True, help="Measure the base model alone."),
+            options.profile,
+            click.option("--max-model-len", type=click.IntRange(min=256), default=4096, show_default=True),
+            click.option("--url", help="Measure this running vLLM server (it must be idle) instead of starting one."),
+        ]
+    ):
+        f = decorate(f)
+    return f
+
+
+@deploy.command()
+@engine_options
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Profile file to write (default: $LCSERVE_HOME/profiles/PROFILE-calibrated.yaml; use it with --profile).",
+)
+@json_option
+def calibrate(model_dir, adapter_dir, no_adapter, profile, max_model_len, url, out, as_json) -> None:
+    """Fit the speed model's constants on the real engine (a few short points, about 3 minutes on a
+    small CPU) and write them into a calibrated profile, with the fit's residuals."""
+    from lcserve.paths import lcserve_home
+
+    from .calibrate import run_calibration
+
+    plan, adapter = _engine_plan(model_dir, adapter_dir, no_adapter, profile, max_model_len)
+    out = out or lcserve_home() / "profiles" / f"{plan.profile.name}-calibrated.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = run_calibration(plan, adapter, url, out, lambda line: click.echo(line, err=True))
+    emit(result, as_json, lambda: click.echo(yaml.safe_dump(result, sort_keys=False, width=120), nl=False))
+
+
+@deploy.command()
+@engine_options
+@click.option("--users", default="1,4,16", show_default=True, help="Concurrencies to drive, comma-separated.")
+@click.option("--prompt-len", default="256", show_default=True, help="Prompt lengths in tokens, comma-separated.")
+@click.option("--output-len", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True, help="Requests per user.")
+@json_option
+def bench(
+    model_dir, adapter_dir, no_adapter, profile, max_model_len, url, users, prompt_len, output_len, rounds, as_json
+):
+    """Drive real load (closed loop, streamed) at each concurrency and print the speed model's
+    prediction against the measured median TTFT, ITL and output tokens/s, with the error of each."""
+    from .calibrate import bench_line, calibration_warnings, run_bench
+
+    counts, prompts = _counts(users, "--users"), _counts(prompt_len, "--prompt-len")
+    plan, adapter = _engine_plan(model_dir, adapter_dir, no_adapter, profile, max_model_len)
+    for w in calibration_warnings(plan) + [w for w in plan.warnings if w.startswith("speed calibration")]:
+        click.echo(f"warning: {w}", err=True)
+    loads = [(n, p) for p in prompts for n in counts]
+    result = run_bench(plan, adapter, url, loads, output_len, rounds, lambda s: click.echo(s, err=True))
+    emit(result, as_json, lambda: [click.echo(bench_line(r)) for r in result["rows"]])
+
+
+def _counts(text: str, hint: str) -> list[int]:
+    try:
+        counts = [int(u) for u in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text}: give whole numbers like 1,4,16", param_hint=hint) from None
+    if min(counts) < 1:
+        raise click.BadParameter(f"{text}: every number must be at least 1", param_hint=hint)
+    return counts

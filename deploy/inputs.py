@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lcserve.adapters.reader import LoraAdapter, read_adapter
+from lcserve.errors import PlanError
 from lcserve.model_config import ModelInfo, read_model
 
 from .hardware import Profile, resolve_profile
@@ -27,3 +28,21 @@ def read_plan_inputs(
         read_model(model_dir),
         [read_adapter(d, training_seq_len) for d in adapter_dirs],
     )
+
+
+CPU_KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+
+
+def cpu_kv_cache_space(environ: dict[str, str]) -> int | None:
+    """`VLLM_CPU_KVCACHE_SPACE` in whole GiB, None when unset or empty (vLLM's own reading); PlanError,
+    naming the variable as the user set it, for a value vLLM would crash on (int()) or start without
+    a KV cache (0)."""
+    value = environ.get(CPU_KV_CACHE_ENV, "")
+    if value == "":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise PlanError(
+            f"{CPU_KV_CACHE_ENV}={value!r}: must be a whole number of GiB, at least 1 (the CPU build's KV "
+            f"cache size); set e.g. {CPU_KV_CACHE_ENV}=4, or unset it and the plan sizes the KV cache"
+        )
+    return int(value)

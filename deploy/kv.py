@@ -19,10 +19,7 @@ from dataclasses import dataclass
 
 from lcserve.errors import PlanError
 from lcserve.model_config import ModelInfo
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from lcserve.model_facts import cdiv
 
 
 @dataclass(frozen=True)

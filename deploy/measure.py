@@ -1,4 +1,5 @@
-"""Ask the real engine: start vLLM with a plan's arguments and read its own KV accounting.
+"""Ask the real engine: start vLLM with a plan's arguments and read its own KV accounting, or
+drive streamed requests at it and time them (the load check and the speed calibration).
 
 vLLM logs `<DEVICE> KV cache size: N tokens, Maximum concurrency for L tokens per request: Xx`
 once the cache is sized, before warm-up and before the server is ready, so the engine is
@@ -7,13 +8,21 @@ stopped as soon as that line appears. No request is sent.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import os
+import random
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
+from lcserve.adapters.mount import lora_module
 from lcserve.engine import EngineProcess, EngineSpec, free_port
 from lcserve.errors import EngineError
 
@@ -73,5 +82,159 @@ def measure_capacity(
                 )
             time.sleep(0.5)
         raise EngineError(f"vLLM did not report its KV cache size within {timeout_s:.0f} s; log: {log_path}")
+    finally:
+        engine.stop(timeout_s=20)
+
+
+# --- load: streamed completions at a stated concurrency ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadRun:
+    """What a closed-loop load measured: each request's TTFT and every inter-token gap (seconds)."""
+
+    users: int
+    prompt: int
+    output: int
+    rounds: int
+    ttfts: tuple[float, ...]
+    itls: tuple[float, ...]
+    output_tokens: int
+    seconds: float
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+_PROMPTS = itertools.count()  # every prompt of this process is drawn from a new seed
+
+
+def prompt_ids(prompt: int, vocab_size: int) -> list[int]:
+    """`prompt` token ids drawn from the ordinary vocabulary, from a seed no other prompt of this
+    process used: no prompt shares a cached prefix block with another (vLLM caches prefixes by default)."""
+    rng = random.Random(f"lcserve-{os.getpid()}-{next(_PROMPTS)}")
+    return [rng.randrange(1000, max(vocab_size - 1000, 1001)) for _ in range(prompt)]
+
+
+async def _stream(client: httpx.AsyncClient, url: str, model: str, ids: list[int], output: int) -> tuple:
+    """(TTFT, gaps) of one streamed completion of exactly `output` tokens."""
+    body = {
+        "model": model,
+        "prompt": ids,
+        "max_tokens": output,
+        "min_tokens": output,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
+    start = time.perf_counter()
+    stamps: list[float] = []
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            detail = (await response.aread()).decode(errors="replace")[:300]
+            raise EngineError(f"{url}: completion failed with HTTP {response.status_code}: {detail}")
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                stamps.append(time.perf_counter())
+    if not stamps:
+        raise EngineError(f"{url}: the completion streamed no token")
+    return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+async def _load(url: str, model: str, users: int, prompt: int, output: int, rounds: int, vocab: int):
+    limits = httpx.Limits(max_connections=users + 2, max_keepalive_connections=users + 2)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
+
+        async def user(u: int) -> list:
+            return [await _stream(client, url, model, prompt_ids(prompt, vocab), output) for _ in range(rounds)]
+
+        return await asyncio.gather(*(user(u) for u in range(users)))
+
+
+def run_load(
+    url: str, model: str, users: int, prompt: int, output: int, rounds: int = 1, vocab_size: int = 32000
+) -> LoadRun:
+    """`users` closed-loop users, each sending `rounds` requests one after another (prompt and output
+    lengths exact, distinct prompts); EngineError when the server does not answer."""
+    start = time.perf_counter()
+    try:
+        results = asyncio.run(_load(url, model, users, prompt, output, rounds, vocab_size))
+    except httpx.HTTPError as e:
+        raise EngineError(f"{url}: no answer from the server ({type(e).__name__}: {e}); is it running?") from None
+    seconds = time.perf_counter() - start
+    flat = [r for per_user in results for r in per_user]
+    return LoadRun(
+        users,
+        prompt,
+        output,
+        rounds,
+        tuple(t for t, _ in flat),
+        tuple(g for _, gaps in flat for g in gaps),
+        users * rounds * output,
+        seconds,
+    )
+
+
+def server_state(url: str) -> dict:
+    """The served models and the running/waiting request counts; EngineError when unreachable."""
+    try:
+        models = httpx.get(f"{url}/v1/models", timeout=10).json()
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    except (httpx.HTTPError, ValueError) as e:
+        raise EngineError(f"{url}: unreachable ({type(e).__name__}); start the server or fix --url") from None
+    counts = {}
+    for name in ("num_requests_running", "num_requests_waiting"):
+        found = re.findall(rf"^vllm:{name}{{[^}}]*}} ([\d.e+-]+)$", metrics, re.M)
+        counts[name] = sum(float(v) for v in found)
+    data = models.get("data", [])
+    return {"models": [m["id"] for m in data], "adapters": [m["id"] for m in data if m.get("parent")], **counts}
+
+
+def start_engine(model_dir: Path, plan: ServePlan, extra_args: list[str], env: dict, log_path: Path) -> EngineProcess:
+    """vLLM with `plan` on this machine (eager on the CPU build), ready to serve; EngineError if not."""
+    bind = {} if "VLLM_CPU_OMP_THREADS_BIND" in os.environ else {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    eager = ["--enforce-eager"] if plan.profile.is_cpu else []
+    spec = EngineSpec(
+        model=str(model_dir),
+        served_model_name=Path(model_dir).name,
+        port=free_port(),
+        args=[*eager, *plan.vllm_args(), *extra_args],
+        env={**bind, **plan.env, **env},
+    )
+    engine = EngineProcess(spec, log_path)
+    engine.start()
+    try:
+        engine.wait_ready(timeout_s=600)
+    except BaseException:
+        engine.stop(timeout_s=20)
+        raise
+    return engine
+
+
+@contextlib.contextmanager
+def engine_session(
+    plan: ServePlan, adapter: Path | None, url: str | None, log_path: Path, progress
+) -> Iterator[tuple[str, str, str | None]]:
+    """(url, served base name, served adapter name or None): the server at `url` when given (it must be
+    idle), else vLLM started here with `plan` (and `adapter` mounted), stopped on exit."""
+    base, lora = plan.model.path.name, adapter.name if adapter else None
+    if url:
+        state = server_state(url)
+        busy = state["num_requests_running"] + state["num_requests_waiting"]
+        if busy:
+            raise EngineError(f"{url}: busy ({busy:g} requests running or waiting); measure an idle engine")
+        bases = [m for m in state["models"] if m not in state["adapters"]]
+        base = base if base in bases else (bases[0] if bases else base)
+        if lora and lora not in state["adapters"]:  # served under another name: the server's one adapter
+            lora = state["adapters"][0] if len(state["adapters"]) == 1 else None
+        yield url, base, lora
+        return
+    extra = ["--lora-modules", lora_module(lora, str(adapter), base)] if adapter else []
+    env = {"LCSERVE_CPU_LORA_OPS": "segmented"} if adapter and plan.profile.is_cpu else {}  # as `lcserve serve` does
+    progress(f"starting vLLM on {base} (log: {log_path})")
+    engine = start_engine(plan.model.path, plan, extra, env, log_path)
+    try:
+        yield engine.url, base, lora
     finally:
         engine.stop(timeout_s=20)

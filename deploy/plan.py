@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from lcserve.adapters.reader import LoraAdapter
 from lcserve.errors import PlanError
 from lcserve.model_config import ModelInfo
+from lcserve.model_facts import DTYPE_BYTES, DTYPE_NAMES, GIB, TORCH_NAMES, cdiv, dtype_code
 from lcserve.vllm_rules import ALLOWED_MAX_LORA_RANKS, KV_CACHE_DTYPES, lora_options, option_args, round_max_lora_rank
 
 from . import estimates as est
-from .hardware import GIB, Profile
+from .hardware import Profile
 from .kv import Capacity, KVLayout, capacity, fits, kv_layout, largest_fitting_len, pp_partitions
 
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 TRAINING_RATIO_WARN = 4.0
 # vLLM packs these projections into one wrapped layer (qkv_proj, gate_up_proj): targeting
 # any member allocates LoRA buffers for all of them.
@@ -72,6 +72,8 @@ class ServePlan:
     layers_per_stage: tuple[int, ...] = ()
     warnings: list[str] = field(default_factory=list)
     reasons: list[Reason] = field(default_factory=list)
+    in_flight_tokens: int = 0  # tokens in flight per request on sliding-window layers (kv.py)
+    speed: dict | None = None  # the speed predictions (deploy/speed.py); None without speed figures
 
     @property
     def kv_tokens(self) -> int:
@@ -165,6 +167,7 @@ class ServePlan:
             "vllm_args": self.vllm_args(),
             "warnings": self.warnings,
             "reasons": [{"setting": r.setting, "value": r.value, "why": r.why} for r in self.reasons],
+            "speed": self.speed,
         }
 
 
@@ -186,6 +189,10 @@ class PlanRequest:
     rope_scaling: str | None = None
     kv_cache_gib: int | None = None  # CPU: fixes VLLM_CPU_KVCACHE_SPACE instead of sizing it
     training_ratio_warn: float = TRAINING_RATIO_WARN
+    slo_ttft_ms: float | None = None  # median time to first token to meet: chooses max_num_seqs (deploy/speed.py)
+    slo_itl_ms: float | None = None  # median inter-token latency to meet
+    expected_prompt_len: int | None = None  # the load the speed predictions are for (default: training length)
+    expected_output_len: int | None = None
 
 
 @dataclass(frozen=True)
@@ -296,7 +303,7 @@ def plan_deployment(
     replicas = choose_replicas(device, cap, request, tp, reasons)
     ratio = _training_ratio(list(adapters), max_len, request.training_ratio_warn, reasons, warnings)
     warnings += model.rope_findings
-    return ServePlan(
+    plan = ServePlan(
         model=model,
         profile=profile,
         max_model_len=max_len,
@@ -323,7 +330,11 @@ def plan_deployment(
         replicas=replicas,
         distributed_executor_backend=backend,
         layers_per_stage=tuple(pp_partitions(len(model.layers), pp)),
+        in_flight_tokens=device.in_flight_tokens(max_len),
     )
+    from .speed_plan import with_predictions  # speed_plan.py builds on this module
+
+    return with_predictions(plan, request, list(adapters), lambda r: plan_deployment(profile, model, adapters, r))
 
 
 # --- the steps, in the order plan_deployment takes them ----------------------------------------
@@ -342,10 +353,17 @@ def check_request(request: PlanRequest, profile: Profile) -> None:
         "block_size",
         "pipeline_parallel_size",
         "target_concurrency",
+        "expected_prompt_len",
+        "expected_output_len",
         "nodes",
     ):
         if getattr(request, setting) is not None and getattr(request, setting) < 1:
             raise PlanError(f"{{{setting}}} {getattr(request, setting)}: must be at least 1", setting)
+    for setting in ("slo_ttft_ms", "slo_itl_ms"):
+        if getattr(request, setting) is not None and not getattr(request, setting) > 0:
+            raise PlanError(
+                f"{{{setting}}} {getattr(request, setting):g}: a latency target must be above 0 ms", setting
+            )
     if request.kv_cache_dtype not in KV_CACHE_DTYPES:
         raise PlanError(
             f"{{kv_cache_dtype}} {request.kv_cache_dtype}: choose one of {', '.join(KV_CACHE_DTYPES)}", "kv_cache_dtype"
@@ -372,7 +390,7 @@ def device_facts(
     pp: int = 1,
 ) -> Device:
     """Dtypes, block size, LoRA buffers and batch sizes: what the later steps share."""
-    dtype_bytes = DTYPE_BYTES[_serving_dtype(model, profile)]
+    dtype_bytes = DTYPE_BYTES[dtype_code(_serving_dtype(model, profile))]
     kv_element_bytes = KV_CACHE_DTYPES[request.kv_cache_dtype] or dtype_bytes
     if kv_element_bytes == 1 and not profile.fp8 and not profile.is_cpu:
         warnings.append(
@@ -574,7 +592,7 @@ def size_kv_cache(
     if profile.is_cpu:
         n = request.full_context_requests or profile.default_concurrency
         per_request = layout.blocks_per_request(max_len, device.in_flight_tokens(max_len))
-        need = -(-((n * per_request + 1) * layout.bytes_per_block) // GIB)
+        need = cdiv((n * per_request + 1) * layout.bytes_per_block, GIB)
         gib = max(1, min(need, kv_bytes // GIB))
         source = "--full-context-requests" if request.full_context_requests else "profile default_concurrency"
         capped = "" if gib == max(1, need) else f", capped at what RAM allows ({gib} GiB)"
@@ -660,7 +678,7 @@ def choose_replicas(device: Device, cap: Capacity, request: PlanRequest, tp: int
     if target is None:
         return 1
     per_replica = min(int(cap.max_concurrency), device.batch.max_num_seqs)
-    replicas = -(-target // per_replica)
+    replicas = cdiv(target, per_replica)
     devices = tp * device.pp
     unit = "core group(s)" if device.profile.is_cpu else "GPU(s)"
     reasons.append(
@@ -867,9 +885,7 @@ def _explain_kv(
 
 def _serving_dtype(model: ModelInfo, profile: Profile) -> str:
     """vLLM's "auto" dtype: the config dtype, float32 downcast, bf16 only where supported."""
-    dtype = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}.get(model.dtype, model.dtype)
-    if dtype not in DTYPE_BYTES:
-        dtype = "bfloat16"
+    dtype = TORCH_NAMES[DTYPE_NAMES.get(model.dtype, "BF16")]
     if dtype == "float32" or (dtype == "bfloat16" and not profile.bf16):
         dtype = "bfloat16" if profile.bf16 else "float16"
     return dtype
@@ -1123,7 +1139,7 @@ def _original_len(model: ModelInfo) -> int:
 
 
 def _yarn_factor(model: ModelInfo, context: int) -> float:
-    return -(-100 * context // _original_len(model)) / 100
+    return cdiv(100 * context, _original_len(model)) / 100
 
 
 def yarn_overrides(model: ModelInfo, context: int) -> dict:

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 
 from lcserve.errors import PlanError
 from lcserve.model_config import ModelInfo
+from lcserve.model_facts import GIB
 from lcserve.vllm_rules import option_args
 
 from .hardware import Profile
 from .plan import PlanRequest, Reason, batch_sizes
-
-GIB = 1024**3
 
 
 @dataclass

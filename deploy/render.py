@@ -16,9 +16,33 @@ from .hardware import GIB, SHIPPED_DIR, Profile
 from .plan import ServePlan
 
 
+class YamlDumper(yaml.SafeDumper):
+    """The writer of every YAML file lcserve renders: no anchors or aliases (a value used twice is
+    written twice, so each document reads on its own, as a hand-written one does), and multi-line
+    strings (the profile file, the dashboard) as literal blocks, readable in review."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+YamlDumper.add_representer(
+    str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None)
+)
+
+
+def to_yaml(data, **options) -> str:
+    """`data` as one YAML document, keys in their order (`options`: PyYAML's, e.g. width)."""
+    return yaml.dump(data, Dumper=YamlDumper, sort_keys=False, **options)
+
+
+def to_yaml_documents(docs: list, **options) -> str:
+    """Several YAML documents in one file, separated by `---`."""
+    return yaml.dump_all(docs, Dumper=YamlDumper, sort_keys=False, **options)
+
+
 def vllm_config_yaml(plan: ServePlan) -> str:
     """A vLLM `--config` file (long option names as keys; vLLM adds model/port from the command line)."""
-    return yaml.safe_dump(plan.vllm_options(), sort_keys=False, default_flow_style=False)
+    return to_yaml(plan.vllm_options())
 
 
 def env_lines(plan: ServePlan) -> str:
@@ -101,9 +125,12 @@ def print_plan(plan: ServePlan, console: Console, port: int = 8000) -> None:
 
 
 def print_profiles(profiles: list[Profile], detected: Profile, console: Console) -> None:
+    """The profiles table. Names are what users copy into --profile: never cut; the other columns
+    wrap to fit the terminal."""
     table = Table(header_style="bold")
-    for col in ("name", "kind", "GiB/device", "count", "GB/s", "bf16", "fp8", "interconnect", "source"):
-        table.add_column(col)
+    table.add_column("name", no_wrap=True, min_width=max((len(p.name) for p in profiles), default=4))
+    for col in ("kind", "GiB/device", "count", "GB/s", "bf16", "fp8", "interconnect", "source"):
+        table.add_column(col, overflow="fold")
     for p in profiles:
         source = "shipped" if Path(p.source).parent == SHIPPED_DIR else p.source
         table.add_row(

@@ -13,16 +13,16 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from lcserve.adapters.mount import lora_module
 from lcserve.errors import PlanError
-from lcserve.paths import atomic_dir
-from lcserve.vllm_rules import option_args
+from lcserve.model_facts import GIB, cdiv
+from lcserve.paths import output_dir
+from lcserve.vllm_rules import TESTED_VLLM, option_args
 
 from . import estimates as est
-from .hardware import GIB, profile_document
+from .hardware import profile_document
 from .plan import Reason, ServePlan
+from .render import to_yaml, to_yaml_documents
 
 TARGETS = ("k8s", "lws", "kserve", "production-stack", "compose", "dockerfile")
 PORT = 8000  # the gateway (lcserve serve) in every pod
@@ -31,14 +31,16 @@ MODEL_DIR = "/models/model"
 ADAPTER_ROOT = "/models/adapters"
 PROFILE_FILE = "/etc/lcserve/profile/profile.yaml"
 API_KEY_FILE = "/etc/lcserve/api-key/api-key"
-VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"  # the release lcserve is tested with (lcserve.engine.SUPPORTED_VLLM)
+VLLM_IMAGE = f"vllm/vllm-openai:v{TESTED_VLLM}"
 # /dev/shm: NCCL (GPU) and the CPU build's shared-memory all-reduce need more than the runtime's 64 MiB.
 SHM_SIZE = {"gpu": "16Gi", "cpu": "2Gi"}
 PRESTOP_SECONDS = 15  # endpoints stop sending new requests before SIGTERM reaches the gateway
 DRAIN_SECONDS = 300  # in-flight streams of long-context requests finish within this
 PROBE_PERIOD_SECONDS = 10
-SCALE_QUEUE_PER_REPLICA = 4  # waiting requests per replica before KEDA adds one
-SCALE_KV_USAGE = 0.85  # KV cache usage that adds a replica
+# KEDA scales on the gateway's saturation figure (serving/capacity.py: the largest of KV usage, requests
+# queued per request running, and observed ITL over 1.5x the plan's): summed over replicas, one replica
+# per SCALE_SATURATION of it, so replicas are added before any of them reaches 1.0 (saturated).
+SCALE_SATURATION = 0.8
 STACK_CPUS_PER_GPU = 4  # production-stack requests CPU and RAM explicitly
 STACK_MEMORY_MARGIN_GIB = 16  # beyond the node's weights: the server, tokenizer, Python
 
@@ -74,11 +76,10 @@ def render_target(plan: ServePlan, release: Release, target: str) -> dict[str, s
     return render[target](plan, release)
 
 
-def write_target(files: dict[str, str], out: Path, force: bool = False) -> None:
-    """Write the files into `out` as a whole (atomically); an existing folder only with force."""
-    if out.exists() and not force:
-        raise PlanError(f"--out {out}: already exists; choose a new folder or pass --force to replace it")
-    with atomic_dir(out) as tmp:
+def write_target(files: dict[str, str], out: Path, force: bool = False, inputs: tuple = ()) -> None:
+    """Write the files into `out` as a whole (atomically); over an earlier rendering only with force
+    (`lcserve.paths.check_output`), never over `inputs` ((what, folder) pairs: the model, adapters)."""
+    with output_dir(out, force, inputs) as tmp:
         for name, text in files.items():
             (tmp / name).write_text(text)
 
@@ -106,7 +107,7 @@ def node_weight_bytes(plan: ServePlan) -> int:
 
 def startup_failures(plan: ServePlan) -> int:
     """Startup probe periods before the pod is restarted: twice the estimated load time."""
-    return -(-2 * est.load_seconds(node_weight_bytes(plan)) // PROBE_PERIOD_SECONDS)
+    return cdiv(2 * est.load_seconds(node_weight_bytes(plan)), PROBE_PERIOD_SECONDS)
 
 
 def cluster_reasons(plan: ServePlan) -> list[Reason]:
@@ -138,17 +139,8 @@ def cluster_reasons(plan: ServePlan) -> list[Reason]:
     return reasons
 
 
-class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (the profile file, the dashboard) as literal blocks, readable in review."""
-
-
-_Dumper.add_representer(
-    str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None)
-)
-
-
 def dump(plan: ServePlan, title: str, docs: list[dict]) -> str:
-    return header(plan, title) + yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, width=1000)
+    return header(plan, title) + to_yaml_documents(docs, width=1000)
 
 
 def labels(release: Release) -> dict[str, str]:
@@ -181,7 +173,7 @@ def resources(plan: ServePlan) -> dict:
     """GPUs: equal requests and limits (extended resources allow nothing else). CPU: the planned cores."""
     if plan.profile.is_cpu:
         cpus = str(plan.profile.cores or 1)
-        memory = f"{plan.profile.memory_bytes // 1024**3}Gi"
+        memory = f"{plan.profile.memory_bytes // GIB}Gi"
         return {"requests": {"cpu": cpus, "memory": memory}, "limits": {"cpu": cpus, "memory": memory}}
     gpus = str(plan.gpus_per_node)
     return {"requests": {"nvidia.com/gpu": gpus}, "limits": {"nvidia.com/gpu": gpus}}
@@ -252,7 +244,7 @@ def pod_spec(plan: ServePlan, release: Release, containers: list[dict]) -> dict:
 
 def profile_configmap(plan: ServePlan, release: Release) -> dict:
     count = plan.gpus_per_node or 1
-    text = yaml.safe_dump(profile_document(plan.profile, count), sort_keys=False)
+    text = to_yaml(profile_document(plan.profile, count))
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -299,7 +291,8 @@ def monitoring(release: Release) -> list[dict]:
 
 
 def scaled_object(plan: ServePlan, release: Release, kind: str) -> dict:
-    """KEDA: more replicas when requests queue or the KV cache fills (the gateway's own gauges)."""
+    """KEDA: more replicas as the replicas approach saturation (the gateway's lcserve_saturation_ratio,
+    which rises when requests queue, the KV cache fills or decoding slows past the plan)."""
     where = f'{{service="{release.name}"}}'
     trigger = {"type": "prometheus", "metadata": {"serverAddress": release.prometheus_url}}
     return {
@@ -318,13 +311,11 @@ def scaled_object(plan: ServePlan, release: Release, kind: str) -> dict:
             "triggers": [
                 trigger
                 | {
-                    "metadata": trigger["metadata"]
-                    | {"query": f"sum(lcserve_requests_waiting{where})", "threshold": str(SCALE_QUEUE_PER_REPLICA)}
-                },
-                trigger
-                | {
-                    "metadata": trigger["metadata"]
-                    | {"query": f"avg(lcserve_kv_cache_usage_ratio{where})", "threshold": str(SCALE_KV_USAGE)}
+                    "metadata": {
+                        **trigger["metadata"],
+                        "query": f"sum(lcserve_saturation_ratio{where})",
+                        "threshold": str(SCALE_SATURATION),
+                    }
                 },
             ],
         },
@@ -492,7 +483,7 @@ def production_stack(plan: ServePlan, release: Release) -> dict[str, str]:
         "replicaCount": plan.replicas,
         # the chart requires both: host RAM for the weights loading through it, and CPU for the server
         "requestCPU": STACK_CPUS_PER_GPU * max(plan.gpus_per_node, 1),
-        "requestMemory": f"{-(-plan.memory['weights'] * plan.ranks // GIB) + STACK_MEMORY_MARGIN_GIB}Gi",
+        "requestMemory": f"{cdiv(plan.memory['weights'] * plan.ranks, GIB) + STACK_MEMORY_MARGIN_GIB}Gi",
         "requestGPU": plan.gpus_per_node,
         "pvcStorage": "200Gi",
         "shmSize": SHM_SIZE["gpu"],
@@ -540,7 +531,7 @@ def compose(plan: ServePlan, release: Release) -> dict[str, str]:
             }
         }
     doc = {"services": {"lcserve": svc}, "secrets": {"api-key": {"file": "./api-key"}}}
-    profile = yaml.safe_dump(profile_document(plan.profile, plan.gpus_per_node or 1), sort_keys=False)
+    profile = to_yaml(profile_document(plan.profile, plan.gpus_per_node or 1))
     return {"compose.yaml": dump(plan, "Docker compose, one host", [doc]), "profile.yaml": profile}
 
 

@@ -10,23 +10,13 @@ and, for quantized checkpoints, the tensors vLLM's loaders take (`auto_awq.py`, 
 
 from __future__ import annotations
 
-import math
 import re
 
 from .errors import ModelError
+from .model_facts import DTYPE_NAMES, cdiv, config_dtype, text_config, tied_embeddings
 from .safetensors_header import TensorInfo
 
 FIX = "put the *.safetensors files (their headers suffice) or model.safetensors.index.json in the model folder"
-DTYPES = {
-    "bfloat16": "BF16",
-    "bf16": "BF16",
-    "float16": "F16",
-    "fp16": "F16",
-    "half": "F16",
-    "float32": "F32",
-    "fp32": "F32",
-    "float": "F32",
-}
 KNOWN_MODEL_TYPES = (
     "llama",
     "mistral",
@@ -41,18 +31,11 @@ KNOWN_MODEL_TYPES = (
     "deepseek_v2",
     "deepseek_v3",
 )
-TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3_text")  # transformers' config-class defaults; the rest: untied
 FOUR_NORMS = ("gemma2", "gemma3_text")  # pre/post feed-forward norms besides the usual two
 PER_HEAD_QK_NORM = ("qwen3", "qwen3_moe", "gemma3_text")
 MLA = ("deepseek_v2", "deepseek_v3")
 ROUTERS = ("gate", "shared_expert_gate")  # MoE routing linears: never quantized
 QUANT_SCALE_DTYPE = "F16"  # AutoAWQ and AutoGPTQ/GPTQModel store scales as float16
-
-
-def text_config(config: dict) -> dict:
-    """The decoder's fields: a multimodal config's `text_config` over the top level."""
-    inner = config.get("text_config")
-    return {**config, **inner} if isinstance(inner, dict) else config
 
 
 def checkpoint_tensors(config: dict) -> dict[str, TensorInfo]:
@@ -75,17 +58,12 @@ def unquantized_tensors(config: dict) -> dict[str, TensorInfo]:
 
 def checkpoint_dtype(c: dict) -> str:
     """Safetensors dtype of the unquantized tensors (config `dtype`/`torch_dtype`, else bfloat16)."""
-    name = c.get("dtype") or c.get("torch_dtype") or "bfloat16"
-    if str(name) not in DTYPES:
+    name = config_dtype(c)
+    if name not in DTYPE_NAMES:
         raise ModelError(
-            f"config.json: dtype {name!r} is not a checkpoint dtype lcserve knows ({', '.join(sorted(DTYPES))}); {FIX}"
+            f"config.json: dtype {name!r} is not a checkpoint dtype lcserve knows ({', '.join(sorted(DTYPE_NAMES))}); {FIX}"
         )
-    return DTYPES[str(name)]
-
-
-def tied_embeddings(c: dict) -> bool:
-    """lm_head shares embed_tokens (no lm_head tensor); a missing key means the class default."""
-    return bool(c.get("tie_word_embeddings", c.get("model_type") in TIED_BY_DEFAULT))
+    return DTYPE_NAMES[name]
 
 
 def expert_count(c: dict) -> int:
@@ -316,9 +294,7 @@ def fp8_linear_tensors(module: str, out_features: int, in_features: int, quant: 
     block = quant.get("weight_block_size")
     if block:
         bn, bk = (int(b) for b in block)
-        out.update(
-            _tensor(f"{module}.weight_scale_inv", "F32", math.ceil(out_features / bn), math.ceil(in_features / bk))
-        )
+        out.update(_tensor(f"{module}.weight_scale_inv", "F32", cdiv(out_features, bn), cdiv(in_features, bk)))
     else:
         out.update(_tensor(f"{module}.weight_scale", "F32"))
     if quant.get("activation_scheme") == "static":

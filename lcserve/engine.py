@@ -31,8 +31,9 @@ import httpx
 
 from lcserve import __version__
 from lcserve.errors import EngineError
+from lcserve.vllm_rules import TESTED_VLLM
 
-SUPPORTED_VLLM = (0, 32)  # the minor release the kit is tested with; pyproject's extras pin the same
+SUPPORTED_VLLM = tuple(int(part) for part in TESTED_VLLM.split(".")[:2])  # any patch release of that minor
 ANY_VLLM_ENV = "LCSERVE_ALLOW_ANY_VLLM"  # set to 1 to run with another vLLM anyway
 
 

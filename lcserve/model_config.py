@@ -20,7 +20,9 @@ from pathlib import Path
 
 from . import config_weights as cw
 from .errors import ModelError
-from .safetensors_header import DTYPE_BYTES, index_total_size, read_model_tensors, safetensors_files
+from .model_facts import DTYPE_BYTES, config_dtype, rope_parameters, text_config, tied_embeddings
+from .rope_check import served_model_findings
+from .safetensors_header import index_total_size, read_model_tensors, safetensors_files
 
 # vLLM `derive_max_model_len_and_key`: the smallest of these keys is the derived maximum.
 MAX_LEN_KEYS = (
@@ -156,44 +158,34 @@ def read_model(model_dir: str | Path) -> ModelInfo:
     if not config_path.exists():
         raise ModelError(f"{config_path}: missing; pass a Hugging Face model folder (config.json + *.safetensors)")
     config = _read_json(config_path)
-    text = cw.text_config(config)
+    text = text_config(config)
 
     def need(key: str, *alternatives: str) -> int:
-        for k in (key, *alternatives):
-            if text.get(k) is not None:
-                return int(text[k])
-        raise ModelError(f"{config_path}: field {key!r} is missing; the model folder is incomplete or not a decoder LM")
+        return positive_field(text, config_path, key, *alternatives)
 
     num_layers = need("num_hidden_layers", "n_layer", "num_layers")
     hidden = need("hidden_size", "n_embd", "d_model")
     heads = need("num_attention_heads", "n_head")
-    kv_heads = int(text.get("num_key_value_heads") or heads)
+    kv_heads = need("num_key_value_heads") if text.get("num_key_value_heads") is not None else heads
+    check_heads(config_path, hidden, heads, kv_heads, text.get("head_dim"))
     head_dim = int(text.get("head_dim") or hidden // heads)
     mla = None
     if text.get("kv_lora_rank") is not None:
         mla = MLADims(int(text["kv_lora_rank"]), int(text.get("qk_rope_head_dim") or 0))
 
     weights = model_weights(model_dir, config)
-    rope = _rope_parameters(text)
+    rope = rope_parameters(text)
     derived, reason = derived_max_len(text, rope, _tokenizer_max_len(model_dir))
     pooling = read_pooling(model_dir, config)
     if pooling is not None and pooling.max_seq_length is not None:  # vLLM: encoder_config wins (config/model.py)
         derived = pooling.max_seq_length
         reason = f"max_seq_length={derived} in sentence_bert_config.json (vLLM caps an embedding model there)"
     quant = config.get("quantization_config")
-    from .rope_check import served_model_findings  # here, not on top: rope_check reads configs with this module
-
     return ModelInfo(
         path=model_dir,
         architecture=(config.get("architectures") or [config.get("model_type", "unknown")])[0],
         model_type=str(text.get("model_type") or config.get("model_type") or "unknown"),
-        dtype=str(
-            text.get("dtype")
-            or text.get("torch_dtype")
-            or config.get("dtype")
-            or config.get("torch_dtype")
-            or "bfloat16"
-        ),
+        dtype=config_dtype(config),
         num_layers=num_layers,
         hidden_size=hidden,
         intermediate_size=int(text.get("intermediate_size") or 4 * hidden),
@@ -214,7 +206,7 @@ def read_model(model_dir: str | Path) -> ModelInfo:
             if isinstance(quant, dict)
             else None
         ),
-        tie_word_embeddings=cw.tied_embeddings(text),
+        tie_word_embeddings=tied_embeddings(config),
         linear_shapes=weights.linear_shapes,
         rope_findings=tuple(f.message for f in served_model_findings(model_dir)),
         weights_source=weights.source,
@@ -270,6 +262,39 @@ def read_pooling(model_dir: Path, config: dict) -> PoolingInfo | None:
     )
 
 
+def positive_field(text: dict, path: Path, key: str, *alternatives: str) -> int:
+    """The first of these config fields present, as a positive integer; ModelError naming it otherwise
+    (a zero, a word or a negative would divide by zero or plan nonsense further on)."""
+    for k in (key, *alternatives):
+        value = text.get(k)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
+            raise ModelError(
+                f"{path}: field {k!r} is {value!r}; it must be a positive integer: fix config.json or "
+                "re-download the model folder"
+            )
+        return int(value)
+    raise ModelError(f"{path}: field {key!r} is missing; the model folder is incomplete or not a decoder LM")
+
+
+def check_heads(path: Path, hidden: int, heads: int, kv_heads: int, head_dim) -> None:
+    """ModelError for attention heads vLLM cannot split: KV heads that do not divide the query heads,
+    or a hidden size the heads do not divide when no head_dim says otherwise."""
+    if heads % kv_heads:
+        raise ModelError(
+            f"{path}: num_key_value_heads {kv_heads} does not divide num_attention_heads {heads}; "
+            "fix config.json or re-download the model folder"
+        )
+    if head_dim is None and hidden % heads:
+        raise ModelError(
+            f"{path}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} and no head_dim "
+            "is given; fix config.json (set head_dim) or re-download the model folder"
+        )
+    if head_dim is not None:
+        positive_field({"head_dim": head_dim}, path, "head_dim")
+
+
 def is_embedding_model(model_dir: Path) -> bool:
     """Whether a folder holds an embedding model (never raises: the gateway asks it of served folders)."""
     try:
@@ -307,6 +332,12 @@ def model_weights(model_dir: Path, config: dict) -> Weights:
     index's total_size (count and shapes from config.json); else config.json arithmetic."""
     files = safetensors_files(model_dir)
     if any(f.exists() for f in files):  # a partial download fails on the missing shard, naming it
+        missing = [f for f in files if not f.exists()]
+        if missing:
+            raise ModelError(
+                f"{missing[0]}: file not found, though model.safetensors.index.json names it ({len(missing)} of "
+                f"{len(files)} shards missing: a partial download?); re-download the model folder"
+            )
         tensors = read_model_tensors(model_dir)
         return Weights(
             cw.bytes_by_dtype(tensors),
@@ -348,7 +379,7 @@ def model_weights(model_dir: Path, config: dict) -> Weights:
 def _weights_from_index(total: int, config: dict) -> Weights:
     """An unquantized model's figures from its index: bytes = total_size, count = total / dtype
     bytes; linear shapes from config.json when its architecture is known."""
-    dtype = cw.checkpoint_dtype(cw.text_config(config))
+    dtype = cw.checkpoint_dtype(text_config(config))
     reason = (
         f"no *.safetensors in the folder; metadata.total_size of the index ({total:,} bytes); "
         f"parameter count = total / {DTYPE_BYTES[dtype]} bytes ({dtype})"
@@ -362,12 +393,12 @@ def _weights_from_index(total: int, config: dict) -> Weights:
 
 def _config_summary(config: dict) -> str:
     """What the config arithmetic assumed, in a few words."""
-    text = cw.text_config(config)
+    text = text_config(config)
     parts = [str(text.get("model_type")), cw.checkpoint_dtype(text)]
     quant = config.get("quantization_config")
     if quant:
         parts.append(f"{quant.get('quant_method')} quantized")
-    if cw.tied_embeddings(text):
+    if tied_embeddings(config):
         parts.append("tied embeddings")
     if text.get("num_nextn_predict_layers"):
         parts.append("MTP layers not counted: vLLM loads them only for speculative decoding")
@@ -391,8 +422,7 @@ def base_training_len(model_dir: Path) -> int | None:
             trained = None
         if trained:
             return trained
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    value = text.get("max_position_embeddings") or config.get("max_position_embeddings")
+    value = text_config(config).get("max_position_embeddings") or config.get("max_position_embeddings")
     return value if isinstance(value, int) else None
 
 
@@ -433,31 +463,6 @@ def _implicit_layer_types(text: dict, num_layers: int, window: int | None) -> li
     return ["sliding_attention" if window else "full_attention"] * num_layers
 
 
-def _rope_parameters(text: dict) -> dict:
-    """RoPE parameters keyed by layer type ("default" when one set covers all layers).
-
-    Accepts the transformers 5 `rope_parameters` (flat or nested per layer type) and the
-    older `rope_scaling` + `rope_theta` pair; `type` is normalised to `rope_type`.
-    """
-    params = text.get("rope_parameters")
-    if params is None:
-        params = dict(text.get("rope_scaling") or {})
-        if text.get("rope_theta") is not None:
-            params.setdefault("rope_theta", text["rope_theta"])
-    if not isinstance(params, dict):
-        return {}
-    nested = params and all(isinstance(v, dict) for v in params.values())
-    groups = params if nested else {"default": params}
-    out = {}
-    for key, p in groups.items():
-        p = dict(p)
-        if "type" in p and "rope_type" not in p:
-            p["rope_type"] = p.pop("type")
-        p.setdefault("rope_type", "default")
-        out[key] = p
-    return out
-
-
 def derived_max_len(text: dict, rope: dict, tokenizer_max: int | None) -> tuple[int, str]:
     """vLLM's derived max_model_len (config/model.py `_get_and_verify_max_len`) and why."""
     found = {k: int(text[k]) for k in MAX_LEN_KEYS if isinstance(text.get(k), (int, float))}
@@ -493,7 +498,7 @@ def _tokenizer_max_len(model_dir: Path) -> int | None:
 def _read_json_any(path: Path):
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON, or bytes that are not UTF-8
         raise ModelError(f"{path}: unreadable JSON ({e}); re-create or re-download the model folder") from None
 
 

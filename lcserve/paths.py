@@ -1,5 +1,6 @@
-"""Where lcserve keeps its cache (prepared models, demo adapter), and how it writes folders there:
-atomically (a partial folder is never taken for a complete one) and one builder at a time."""
+"""Where lcserve keeps its cache (prepared models, demo adapter), and how it writes folders there
+and at a user's `--out`: atomically (a partial folder is never taken for a complete one), one
+builder at a time, and over an existing `--out` only when lcserve wrote it (its marker file)."""
 
 import fcntl
 import glob
@@ -23,6 +24,62 @@ def embedded_model_dir() -> Path:
 
 def demo_adapter_dir() -> Path:
     return lcserve_home() / "adapters" / "gemma-3-270m-writer"
+
+
+# The file in every folder an lcserve `--out` wrote (merge, scale, render, probe, ...): `--force`
+# replaces a folder only when it carries one, so it never deletes what lcserve did not write.
+OUTPUT_MARKER = ".lcserve-output"
+MARKER_TEXT = "written by lcserve; `--force` may replace this folder with a new output\n"
+
+
+def check_output(out: Path, force: bool, inputs: tuple[tuple[str, Path], ...] = (), flag: str = "--out") -> None:
+    """LcserveError unless `out` may become a new output folder: new, empty, or (with `force`) an
+    earlier output of lcserve; never a file, the working directory or a folder above it, or one of
+    the command's inputs (`inputs`: (what, folder) pairs), nor a folder inside or around them."""
+    out = Path(out)
+    where, cwd = out.resolve(), Path.cwd().resolve()
+    if where == cwd or where in cwd.parents:
+        raise LcserveError(
+            f"{flag} {out}: is the working directory or a folder above it; lcserve never replaces it, pick a new {flag}"
+        )
+    for what, path in inputs:
+        path = Path(path).resolve()
+        if where == path or path in where.parents or where in path.parents:
+            raise LcserveError(
+                f"{flag} {out}: is the {what} folder {path} (or lies inside or around it), an input of "
+                f"this command; lcserve never writes its inputs, pick a new {flag}"
+            )
+    if out.exists() and not out.is_dir():
+        raise LcserveError(
+            f"{flag} {out}: exists and is not a folder; lcserve replaces only folders it wrote, pick a new {flag}"
+        )
+    try:
+        if not out.is_dir() or not any(out.iterdir()):
+            return  # new, or empty: nothing to lose
+    except OSError as e:
+        raise LcserveError(f"{flag} {out}: cannot read it ({e.strerror or e}); pick a new {flag}") from None
+    if not (out / OUTPUT_MARKER).is_file():
+        raise LcserveError(
+            f"{flag} {out}: holds files lcserve did not write (no {OUTPUT_MARKER} in it; outputs of older "
+            f"lcserve have none), and --force replaces only lcserve's own; remove the folder yourself or "
+            f"pick a new {flag}"
+        )
+    if not force:
+        raise LcserveError(f"{flag} {out}: holds an earlier lcserve output; pass --force to replace it")
+
+
+def mark_output(folder: Path) -> None:
+    """Write the marker that lets a later `--force` replace `folder`."""
+    (Path(folder) / OUTPUT_MARKER).write_text(MARKER_TEXT)
+
+
+@contextmanager
+def output_dir(out: Path, force: bool, inputs: tuple[tuple[str, Path], ...] = (), flag: str = "--out"):
+    """`atomic_dir` for a user's `--out`: checked first (`check_output`), and marked as lcserve's."""
+    check_output(out, force, inputs, flag)
+    with atomic_dir(out) as tmp:
+        mark_output(tmp)
+        yield tmp
 
 
 def tmp_prefix(target: Path) -> str:
@@ -52,20 +109,45 @@ def atomic_dir(target: Path):
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should read like any folder
         yield tmp
-        if target.exists() or target.is_symlink():
-            old = tmp.with_name(tmp.name + ".old")  # moved aside in one step, then removed: never half-deleted
-            target.rename(old)
-            tmp.rename(target)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-        else:
-            tmp.rename(target)
+        _commit(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         os.close(lock)
+
+
+def _commit(tmp: Path, target: Path) -> None:
+    """Put `tmp` in `target`'s place: the old one is moved aside in one step, then removed (never
+    half-deleted); LcserveError when the system refuses the rename (a mount point, a busy folder)."""
+    old = tmp.with_name(tmp.name + ".old")
+    try:
+        if target.exists() or target.is_symlink():
+            target.rename(old)
+            try:
+                tmp.rename(target)
+            except OSError:
+                _put_back(old, target)
+                raise
+        else:
+            tmp.rename(target)
+    except OSError as e:
+        raise LcserveError(
+            f"{target}: cannot replace it ({e.strerror or e}); nothing was changed, choose another folder"
+        ) from None
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.is_symlink() or old.exists():
+        old.unlink()
+
+
+def _put_back(old: Path, target: Path) -> None:
+    try:
+        old.rename(target)
+    except OSError as e:
+        raise LcserveError(
+            f"{target}: cannot replace it, nor put the earlier one back ({e.strerror or e}); it is at {old}: "
+            f"move it back to {target} before running lcserve again"
+        ) from None
 
 
 def _locked_tmp(target: Path) -> tuple[Path, int]:

@@ -19,11 +19,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config_weights import text_config
-from .model_config import _rope_parameters
+from .model_facts import read_merge_provenance, rope_parameters, text_config
 
 TILING_KEY = "lcserve_rope_tiling"  # {"original_length": L0} in config.json: rows past L0 reuse rows from 0
-MERGE_PROVENANCE = "lcserve_merge.json"  # written by `lcserve adapters merge`; its base_dir is the recorded base
 ADAPTER = "adapter"  # the subject is an adapter: vLLM serves it under the base's config
 MODEL = "model"  # the subject is a model folder vLLM serves with its own config
 
@@ -42,7 +40,7 @@ def rope_settings(config: dict) -> tuple[int | None, dict[str, dict]]:
     """(max_position_embeddings, RoPE parameters by layer type) as `lcserve.model_config` reads them."""
     text = text_config(config)
     positions = text.get("max_position_embeddings")
-    return (positions if isinstance(positions, int) else None), _rope_parameters(text)
+    return (positions if isinstance(positions, int) else None), rope_parameters(text)
 
 
 def tiling_length(config: dict) -> int | None:
@@ -155,19 +153,10 @@ def read_config(folder: Path) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
-def merge_provenance(model_dir: Path) -> dict:
-    """A merged model's lcserve_merge.json; {} when the folder has none or it is unreadable."""
-    try:
-        provenance = json.loads((Path(model_dir) / MERGE_PROVENANCE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return provenance if isinstance(provenance, dict) else {}
-
-
 def recorded_base(model_dir: Path) -> Path | None:
     """The base a merged model records (`base_dir` of lcserve_merge.json), or None."""
-    base = merge_provenance(model_dir).get("base_dir")
-    return Path(base) if isinstance(base, str) else None
+    provenance = read_merge_provenance(model_dir)
+    return Path(provenance.base_dir) if provenance and provenance.base_dir else None
 
 
 def adapter_findings(adapter_dir: Path, base_config: dict | None, base: str = "the base") -> list[RopeFinding]:

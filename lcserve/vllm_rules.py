@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+TESTED_VLLM = "0.32.0"  # the release these facts are read from: pyproject's extras and the rendered image pin it
 # vllm/config/lora.py MaxLoRARanks
 MaxLoRARanks = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 ALLOWED_MAX_LORA_RANKS: tuple[int, ...] = get_args(MaxLoRARanks)

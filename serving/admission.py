@@ -4,7 +4,8 @@ vLLM leaves its runtime adapter routes unauthenticated and answers nothing usefu
 restarts; a prompt that cannot fit max_model_len is cheaper to refuse here, with a message that
 says by how much, than to send. So: 401 without the API key, 403 for adapter load/unload when no
 key is configured, 503 with Retry-After while the engine is down, 400 when prompt + requested
-output exceeds max_model_len. Every refusal has vLLM's (OpenAI's) error shape, so clients parse it
+output exceeds max_model_len, and 400 for a request vLLM would refuse anyway (an empty body, a
+Content-Type other than JSON, no messages or prompt, max_tokens below 1). Every refusal has vLLM's (OpenAI's) error shape, so clients parse it
 like an engine error, and the engine-side ones count in `lcserve_gateway_errors_total`.
 """
 
@@ -70,6 +71,8 @@ class BadBody(ValueError):
 def json_object(raw: bytes) -> dict:
     """The request body as a JSON object; BadBody naming the problem otherwise (invalid UTF-8,
     invalid JSON, nesting deeper than Python's parser goes, another JSON type)."""
+    if not raw.strip():
+        raise BadBody('the request body is empty; send one JSON object such as {"model": ..., "prompt": ...}')
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -96,6 +99,37 @@ def json_object(raw: bytes) -> dict:
             'send one JSON object such as {"model": ..., "prompt": ...}'
         )
     return body
+
+
+def content_type_problem(content_type: str | None) -> str | None:
+    """Why a declared Content-Type is refused (vLLM takes application/json only), or None. A request
+    that declares none is left to the engine, which answers it in its own words."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if not media_type or media_type == "application/json":
+        return None
+    return (
+        f"Content-Type {media_type} is not accepted: vLLM reads application/json only; "
+        "send the body as JSON with the header 'Content-Type: application/json'"
+    )
+
+
+def request_problem(body: dict, chat: bool) -> str | None:
+    """What a generation request lacks or gets wrong that vLLM would refuse anyway (no messages or
+    prompt, no room for one output token), said with the fix; None when it may go on. Fields of the
+    wrong type are the engine's to judge: its message quotes its own schema."""
+    if chat and "messages" not in body:
+        return 'the chat request has no `messages`; send "messages": [{"role": "user", "content": "..."}]'
+    if chat and not isinstance(body["messages"], list):
+        return f'`messages` is {json.dumps(body["messages"])[:60]}; send a list such as [{{"role": "user", "content": "..."}}]'
+    if not chat and body.get("prompt") is None and body.get("prompt_embeds") is None:
+        return (
+            'the completion request has no `prompt`; send "prompt": "..." (or token ids), or use /v1/chat/completions'
+        )
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            return f"`{key}` is {value}; it must be at least 1 (the most tokens to generate), or left out"
+    return None
 
 
 def nesting_exceeds(value, limit: int) -> bool:
@@ -236,6 +270,14 @@ class Admission:
                 "PermissionDeniedError",
             )
         return self.check_key(request)
+
+    def check_request(self, request: web.Request, body: dict) -> web.Response | None:
+        """The 400 for a generation request vLLM would refuse (see `request_problem`)."""
+        problem = request_problem(body, chat=request.path == "/v1/chat/completions")
+        if problem is None:
+            return None
+        self.metrics.errors.labels("bad_input").inc()
+        return error_response(400, problem, "BadRequestError")
 
     def check_engine(self, count: bool = True) -> web.Response | None:
         """The 503 while the engine is down; `count=False` for health checks, which are not requests."""

@@ -6,10 +6,10 @@ start, and starts it; `probe` and `gateway` wrap one library call each.
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import os
-import signal
+import socket
 import time
 from datetime import datetime
 from pathlib import Path
@@ -22,19 +22,22 @@ from rich.progress import TextColumn
 from lcserve import embedded as emb
 from lcserve import options
 from lcserve.adapters.inspection import inspect_adapter
-from lcserve.adapters.merge import PROVENANCE, merge_adapter
+from lcserve.adapters.merge import merge_adapter
 from lcserve.adapters.mount import MODES, parse_adapter_spec
 from lcserve.adapters.reader import LoraAdapter, adapter_sha256
-from lcserve.deploy.inputs import read_plan_inputs
+from lcserve.deploy.inputs import cpu_kv_cache_space, read_plan_inputs
 from lcserve.engine import EngineProcess, free_port, vllm_build
 from lcserve.errors import LcserveError, ModelError, PlanError, ProbeError
 from lcserve.model_config import require_weights
+from lcserve.model_facts import MergeProvenance, read_merge_provenance
 from lcserve.output import emit, json_option
-from lcserve.paths import demo_adapter_dir, lcserve_home
+from lcserve.paths import demo_adapter_dir, lcserve_home, mark_output
 from lcserve.progress import progress_bar
 
+from .capacity import predictions_from_plan
+from .cpu_lora import check_environment as check_cpu_lora_environment
 from .embeddings import DEFAULT_POLICY, POLICIES
-from .launch import Launch, ServeInputs, ServeOptions, describe_launch
+from .launch import Launch, ServedAdapter, ServeInputs, ServeOptions, describe_launch
 from .probe_schedule import ProbeSchedule
 from .probes.plan import TIERS, parse_lengths
 from .probes.report import rich_tables
@@ -42,15 +45,17 @@ from .probes.retrieval import markdown as retrieval_markdown
 from .probes.retrieval import run_retrieval_probe, served_embedding_model
 from .probes.runner import DEFAULT_BASE, DEFAULT_REFERENCE, ProbeConfig, run_probe
 from .security import allowed_dirs, exposure_warning, read_api_key
-from .stack import run_stack
+from .stack import run_stack, run_until_signal
 
 # How `lcserve serve` names the planner's settings in its errors, by who called it.
-ARGUMENT_NAMES = {
-    "options": {},
+ARGUMENT_NAMES = {  # serve has no --kv-cache-gib: the environment fixes the CPU KV cache
+    "options": {"kv_cache_gib": "VLLM_CPU_KVCACHE_SPACE"},
     "positional": {
         "max_model_len": "MAX_MODEL_LEN",
         "max_num_seqs": "MAX_NUM_SEQS",
         "gpu_memory_utilization": "GPU_MEM_UTIL",
+        "kv_cache_gib": "VLLM_CPU_KVCACHE_SPACE",
+        "port": "PORT",
     },
 }
 
@@ -116,15 +121,43 @@ def merged_dir(name: str, adapter: LoraAdapter, base_dir: Path) -> Path:
 def ensure_merged(adapter: LoraAdapter, base_dir: Path, out_dir: Path, console: Console) -> None:
     """Merge unless `out_dir` already holds this adapter's merge into this base (merging again is wasted
     work; a folder whose provenance names other adapter bytes or another base is merged again)."""
-    try:
-        provenance = json.loads((out_dir / PROVENANCE).read_text())
-    except (OSError, json.JSONDecodeError):
-        provenance = {}
-    if provenance.get("adapter_sha256") != adapter_sha256(adapter.path) or provenance.get("base_dir") != str(
-        base_dir.resolve()
-    ):
+    provenance = read_merge_provenance(out_dir) or MergeProvenance()
+    if provenance.adapter_sha256 != adapter_sha256(adapter.path) or provenance.base_dir != str(base_dir.resolve()):
         console.print(f"merging {adapter.path} into {base_dir} -> {out_dir}")
+        if out_dir.is_dir():  # the cache is lcserve's own (`merged_dir`), marked or not (older lcserve)
+            mark_output(out_dir)
         merge_adapter(adapter, base_dir, out_dir, force=True)
+
+
+def check_served_names(options: ServeOptions, default_name: str) -> None:
+    """Each adapter's served name once, and never the base's: vLLM would route one name to two models."""
+    base, seen = options.served_model_name or default_name, set()
+    for name, _ in options.adapters:
+        if name in seen:
+            raise LcserveError(
+                f"--adapter {name}=...: the name {name!r} is given twice; give each adapter its own NAME"
+            )
+        if name == base:
+            raise LcserveError(
+                f"--adapter {name}=...: {name!r} is already the base's served model name; rename the adapter, "
+                "or serve the base under another name with --served-model-name"
+            )
+        seen.add(name)
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """Refuse a port another process listens on before anything starts (vLLM would fail minutes later).
+    Other bind failures (an address this host does not have) are the gateway's to word when it opens,
+    which is still before vLLM starts, and after the warning about a non-loopback host."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise LcserveError(
+                    f"{flag} {port}: {host}:{port} is in use; stop what listens there or pick another {flag}"
+                ) from None
 
 
 def demo_adapter(console: Console, dry_run: bool) -> list[str]:
@@ -152,17 +185,24 @@ def read_inputs(options: ServeOptions, console: Console) -> ServeInputs:
     )
     if model is not None:
         require_weights(model)  # a folder with config.json alone plans (`deploy plan`), but vLLM needs weights
-    reports = tuple(inspect_adapter(adapter, base_dir=model_dir) for adapter in adapters)
+    build, environ = vllm_build(), dict(os.environ)
+    check_cpu_lora_environment(environ)
+    if build == "cpu" or (profile is not None and profile.is_cpu):
+        cpu_kv_cache_space(environ)  # a value vLLM would crash on, named as the user set it
+    served = tuple(
+        ServedAdapter(name, folder, inspect_adapter(adapter, base_dir=model_dir))
+        for (name, folder), adapter in zip(options.adapters, adapters)
+    )
     return ServeInputs(
         model_arg=model_arg,
         default_name=default_name,
         model=model,
-        build=vllm_build(),
+        build=build,
         profile=profile,
-        environ=dict(os.environ),
+        environ=environ,
         engine_port=free_port() if options.gateway else options.port,
-        reports=reports,
-        merged_dir=merged_dir(options.adapters[0][0], adapters[0], model_dir) if adapters else None,
+        adapters=served,
+        merged_dir=merged_dir(served[0].name, served[0].adapter, model_dir) if served else None,
     )
 
 
@@ -328,12 +368,15 @@ def serve(
         training_len=training_len,
     )
     try:
-        launch = describe_launch(options, read_inputs(options, console))
+        inputs = read_inputs(options, console)
+        check_served_names(options, inputs.default_name)
+        launch = describe_launch(options, inputs)
     except PlanError as e:  # name the setting as the user typed it
         raise LcserveError(e.worded(ARGUMENT_NAMES[argument_names])) from None
     if dry_run:
         emit(launch.to_json(), as_json=True)
         return
+    check_port_free(options.host, options.port, ARGUMENT_NAMES[argument_names].get("port", "--port"))
     if launch.embedding_policies and (probe_on_start or probe_every):
         raise click.UsageError(
             "--probe-on-start/--probe-every run the generative probes; for an embedding model run the "
@@ -391,7 +434,7 @@ def run(
         warning = exposure_warning(spec.host, False, "vLLM (--no-gateway: no lcserve key guards it)")
         if warning:
             console.print(f"[bold red]{warning}[/bold red]")
-        _run_until_signal(EngineProcess(spec, log_path), launch.max_model_len, ready_timeout, console)
+        _run_engine(EngineProcess(spec, log_path), launch.max_model_len, ready_timeout, console)
         return
     if api_key and allowed_adapter_dirs:  # the gateway's adapter loading needs vLLM's runtime LoRA API
         spec.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
@@ -420,6 +463,11 @@ def run(
         api_key=api_key,
         training_lengths=launch.training_lengths,
         embedding_policies=launch.embedding_policies,
+        predictions=predictions_from_plan(
+            getattr(launch.plan, "speed", None),
+            launch.max_model_len,
+            min(launch.training_lengths.values(), default=None),
+        ),
         log_path=log_path,
         ready_timeout_s=ready_timeout,
         probe=probe,
@@ -433,35 +481,32 @@ def run(
     console.print("stopped")
 
 
-def _run_until_signal(engine: EngineProcess, max_model_len: int | None, ready_timeout: int, console: Console) -> None:
-    """Start the engine, wait for readiness, then block until SIGINT/SIGTERM or the engine exits."""
-    stop = {"requested": False}
-
-    def on_signal(signum, _frame):
-        stop["requested"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+def _run_engine(engine: EngineProcess, max_model_len: int | None, ready_timeout: int, console: Console) -> None:
+    """--no-gateway: start the engine, wait for readiness, then serve until SIGINT/SIGTERM or the engine exits."""
     started = time.monotonic()
-    console.print(f"starting vLLM for {engine.spec.served_model_name} (log: {engine.log_path})")
-    engine.start()
-    try:
+
+    def start() -> None:
+        console.print(f"starting vLLM for {engine.spec.served_model_name} (log: {engine.log_path})")
+        engine.start()
         with console.status("waiting for vLLM to become ready..."):
             engine.wait_ready(ready_timeout)
         console.print(
             f"[green]ready[/green] in {time.monotonic() - started:.0f} s: {engine.url}/v1 serves "
             f"'{engine.spec.served_model_name}' (max_model_len {max_model_len}); Ctrl-C stops"
         )
-        while not stop["requested"] and engine.alive():
+
+    def wait() -> None:
+        while engine.alive():
             time.sleep(0.5)
-        if not engine.alive() and not stop["requested"]:
-            console.print(
-                f"[red]vLLM exited with code {engine.returncode}[/red]; last log lines:\n{engine.log_tail(20)}"
-            )
-            raise SystemExit(1)
-    finally:
-        console.print("stopping vLLM...")
+        console.print(f"[red]vLLM exited with code {engine.returncode}[/red]; last log lines:\n{engine.log_tail(20)}")
+        raise SystemExit(1)
+
+    def stop() -> None:
+        if engine.proc is not None:
+            console.print("stopping vLLM...")
         engine.stop()
+
+    run_until_signal(start, wait, stop)
 
 
 @click.command("probe")

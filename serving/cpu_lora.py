@@ -27,6 +27,7 @@ import torch
 
 ENV_VAR = "LCSERVE_CPU_LORA_OPS"
 SEGMENTED = "segmented"
+MODES = (SEGMENTED, "stock")  # anything else: register() would quietly run vLLM's stock ops
 INSTALLED = "lcserve: segment-wise CPU LoRA ops installed"
 FIRST_USE = "lcserve: segment-wise CPU LoRA ops ran"
 
@@ -130,6 +131,15 @@ def sgmv_expand_slice(
             output_tensor[rows, columns] += product
         else:
             output_tensor[rows, columns] = product
+
+
+def check_environment(environ) -> None:
+    """LcserveError for an `LCSERVE_CPU_LORA_OPS` that is neither mode (a typo would go unnoticed)."""
+    from lcserve.errors import LcserveError
+
+    value = environ.get(ENV_VAR)
+    if value is not None and value not in MODES:
+        raise LcserveError(f"{ENV_VAR}={value!r}: unknown; set it to {' or '.join(MODES)}, or unset it")
 
 
 def register() -> None:

@@ -31,7 +31,8 @@ from aiohttp import web
 
 from lcserve.errors import LcserveError
 
-from .admission import Admission, BadBody, error_response, json_object, tokenize_all
+from .admission import Admission, BadBody, content_type_problem, error_response, json_object, tokenize_all
+from .capacity import Predictions
 from .catalog import ModelCatalog
 from .embeddings import POLICY_HEADER, BadInput, choose_policy, embedding_inputs
 from .engine_scrape import EngineScrape
@@ -70,12 +71,14 @@ class Gateway:
         max_body_bytes: int = MAX_BODY_BYTES,
         send_timeout_s: float = SEND_TIMEOUT_S,
         embedding_policies: dict[str, str] | None = None,
+        predictions: Predictions | None = None,
     ):
         self.engine = engine
         self.training_lengths = dict(training_lengths or {})
         self.embedding_policies = dict(embedding_policies or {})  # served name -> long-input policy
         self.max_body_bytes = max_body_bytes
         self.metrics = GatewayMetrics(engine)
+        self.metrics.predictions = predictions  # the plan's speed, published beside the observed
         self.upstream = Upstream(engine, read_timeout_s)
         self.admission = Admission(self.upstream, self.metrics, api_key=api_key, retry_after_s=retry_after_s)
         self.adapter_gate = AdapterGate(allowed_adapter_dirs)
@@ -197,6 +200,10 @@ class Gateway:
 
     async def _json_body(self, request: web.Request) -> dict | web.Response:
         """The body as a JSON object, or the 400 that says what is wrong with it."""
+        problem = content_type_problem(request.headers.get("Content-Type"))
+        if problem:
+            self.metrics.errors.labels("bad_body").inc()
+            return error_response(400, problem, "BadRequestError")
         try:
             return json_object(await request.read())
         except BadBody as e:
@@ -213,6 +220,9 @@ class Gateway:
         if isinstance(body, web.Response):
             return body
         raw = await request.read()  # aiohttp keeps the body it read
+        refusal = self.admission.check_request(request, body)
+        if refusal:
+            return refusal
         if not isinstance(body.get("model"), str | None):
             return error_response(
                 400,
@@ -349,7 +359,7 @@ class Gateway:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self.metrics.set_models(list((await self.catalog.models()).values()))  # model series from the first scrape on
-        self.metrics.snapshot = await self.engine_scrape.latest()
+        self.metrics.observe(await self.engine_scrape.latest())
         return web.Response(body=self.metrics.render(), headers=EXPOSITION_HEADERS)
 
 

@@ -56,6 +56,19 @@ class ServeOptions:
 
 
 @dataclass(frozen=True)
+class ServedAdapter:
+    """One `--adapter NAME=FOLDER` and what inspect found in it, paired once where the inputs are read."""
+
+    name: str
+    folder: Path
+    report: AdapterReport
+
+    @property
+    def adapter(self) -> LoraAdapter:
+        return self.report.adapter
+
+
+@dataclass(frozen=True)
 class ServeInputs:
     """What the files and the machine say, read before the launch is described."""
 
@@ -66,7 +79,7 @@ class ServeInputs:
     profile: Profile | None
     environ: dict[str, str]  # the variables that reach vLLM from the environment
     engine_port: int
-    reports: tuple[AdapterReport, ...] = ()  # one per option adapter, in order (each holds its LoraAdapter)
+    adapters: tuple[ServedAdapter, ...] = ()  # the option adapters, in order
     merged_dir: Path | None = None  # where the merge of the first adapter is (or would be) cached
 
 
@@ -112,22 +125,18 @@ def describe_launch(options: ServeOptions, inputs: ServeInputs) -> Launch:
         inputs = dataclasses.replace(inputs, build="gpu")
     model_arg, model = inputs.model_arg, inputs.model
     served_name = options.served_model_name or inputs.default_name
-    mounted = list(options.adapters)
-    training_lengths = {
-        name: r.adapter.training_seq_len
-        for (name, _), r in zip(options.adapters, inputs.reports)
-        if r.adapter.training_seq_len
-    }
+    mounted = list(inputs.adapters)
+    training_lengths = {a.name: a.adapter.training_seq_len for a in inputs.adapters if a.adapter.training_seq_len}
     merge = None
-    if options.adapters:
+    if inputs.adapters:
         decision = adapter_mode(options, inputs)
         notes.append(f"adapters: {decision.mode} ({'; '.join(decision.reasons)})")
         if decision.mode == "merge":
-            (name, adapter_dir), merged_dir = options.adapters[0], inputs.merged_dir
-            notes.append(f"serving the merge of {adapter_dir} into {model.path}: {merged_dir}")
-            merge = (inputs.reports[0].adapter, model.path, merged_dir)
+            first, merged_dir = inputs.adapters[0], inputs.merged_dir
+            notes.append(f"serving the merge of {first.folder} into {model.path}: {merged_dir}")
+            merge = (first.adapter, model.path, merged_dir)
             model = dataclasses.replace(model, path=merged_dir)
-            model_arg, served_name, mounted = str(merged_dir), options.served_model_name or name, []
+            model_arg, served_name, mounted = str(merged_dir), options.served_model_name or first.name, []
     args, env, plan = planned_args(options, inputs, model, mounted, served_name, notes)
     passthrough = list(options.vllm_args)
     if inputs.build == "cpu" and "--enforce-eager" not in passthrough and "-O" not in " ".join(passthrough):
@@ -143,7 +152,7 @@ def describe_launch(options: ServeOptions, inputs: ServeInputs) -> Launch:
     )
     policies = {}
     if isinstance(plan, PoolingPlan):
-        policies = {name: plan.policy for name in [served_name, *(n for n, _ in mounted)]}
+        policies = {name: plan.policy for name in [served_name, *(a.name for a in mounted)]}
         if plan.training_len:
             training_lengths[served_name] = plan.training_len
     return Launch(
@@ -153,7 +162,7 @@ def describe_launch(options: ServeOptions, inputs: ServeInputs) -> Launch:
         notes=notes,
         training_lengths=training_lengths,
         plan=plan,
-        served_names=[served_name, *(n for n, _ in mounted)],
+        served_names=[served_name, *(a.name for a in mounted)],
         merge=merge,
         max_model_len=plan.max_model_len if plan else options.max_model_len,
         embedding_policies=policies,
@@ -165,14 +174,14 @@ def adapter_mode(options: ServeOptions, inputs: ServeInputs) -> ModeDecision:
         raise ModelError(
             f"{inputs.model_arg} is not a local folder; adapters need the base's folder to be checked against"
         )
-    return decide_mode(list(inputs.reports), options.mode, all_traffic=options.adapter_only)
+    return decide_mode([a.report for a in inputs.adapters], options.mode, all_traffic=options.adapter_only)
 
 
 def planned_args(
     options: ServeOptions,
     inputs: ServeInputs,
     model: ModelInfo | None,
-    mounted: list[tuple[str, Path]],
+    mounted: list[ServedAdapter],
     served_name: str,
     notes: list[str],
 ) -> tuple[list[str], dict[str, str], ServePlan | None]:
@@ -198,15 +207,11 @@ def planned_args(
         args, env = plan.vllm_args(), {k: v for k, v in plan.env.items() if k not in environ}
         notes += plan.summary()
         if mounted:  # vLLM 0.32's BertEmbeddingModel declares SupportsLoRA; it gave PEFT's vectors here
-            reports = list(inputs.reports[: len(mounted)])
-            rank = max(r.max_lora_rank or 16 for r in reports)
+            rank = max(a.report.max_lora_rank or 16 for a in mounted)
             args += options_to_args(lora_options(len(mounted), rank))
-            args += lora_modules_args([(name, r) for (name, _), r in zip(mounted, reports)], served_name)
+            args += lora_modules_args([(a.name, a.report) for a in mounted], served_name)
     else:
-        mounted_reports = list(inputs.reports[: len(mounted)])
-        plan = plan_deployment(
-            inputs.profile, model, [r.adapter for r in mounted_reports], plan_request(options, inputs)
-        )
+        plan = plan_deployment(inputs.profile, model, [a.adapter for a in mounted], plan_request(options, inputs))
         if build == "cpu" and not plan.profile.is_cpu:
             raise PlanError(
                 f"--profile {options.profile} is a GPU profile but this machine runs vLLM's CPU build; "
@@ -215,7 +220,7 @@ def planned_args(
             )
         args = plan.vllm_args()
         if mounted:  # the plan sizes LoRA capacity; the adapters themselves are named here
-            args += lora_modules_args([(name, r) for (name, _), r in zip(mounted, mounted_reports)], served_name)
+            args += lora_modules_args([(a.name, a.report) for a in mounted], served_name)
         env = {k: v for k, v in plan.env.items() if k not in environ}
         if mounted and build == "cpu" and CPU_LORA_ENV not in environ:
             env[CPU_LORA_ENV] = SEGMENTED

@@ -2,9 +2,11 @@
 
 Three sources meet here:
 - the engine's own `/metrics` (KV-cache use and capacity, running and queued sequences,
-  preemptions), read by the gateway at most once a second and summarised by
-  `parse_engine_metrics`; its `vllm:*` families are also passed through unchanged, so that the
-  gateway is the one scrape target (the engine port is internal);
+  preemptions, the TTFT and inter-token latency histograms), read by the gateway at most once a
+  second and summarised by `parse_engine_metrics`; its `vllm:*` families are also passed through
+  unchanged, so that the gateway is the one scrape target (the engine port is internal);
+- the plan's speed predictions, published beside the observed latency, and the saturation figure
+  built from both (`serving/capacity.py`);
 - what the gateway sees per request (prompt tokens against the model's training length);
 - the supervisor (engine up, restarts), NVML (GPU memory) and the long-context probes.
 """
@@ -12,12 +14,15 @@ Three sources meet here:
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
+
+from .capacity import HISTOGRAMS, LatencyWindow, Predictions, capacity_families, histogram_buckets
 
 # Prompt length / training length. Dense around 1 (the training length) and up to 128x, the
 # span of a 256-token adapter on a 32k base.
@@ -36,6 +41,7 @@ _SUMMARY_FAMILIES = frozenset(
         "vllm:num_preemptions",
         "vllm:num_preemptions_total",
         "vllm:cache_config_info",
+        *(f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("", "_bucket", "_count", "_sum", "_created")),
     }
 )
 
@@ -55,6 +61,7 @@ class EngineSnapshot:
     waiting: float | None
     preemptions: float | None
     passthrough: str = field(repr=False, default="")  # the `vllm:*` families, verbatim
+    histograms: dict = field(repr=False, default_factory=dict)  # TTFT and ITL: capacity.Buckets by name
 
     @property
     def kv_free_tokens(self) -> float | None:
@@ -78,9 +85,12 @@ def parse_engine_metrics(text: str) -> EngineSnapshot:
     values: dict[str, list[float]] = {}
     capacity: list[int] = []
     concurrency: list[float] = []
+    latency = []
     for family in text_string_to_metric_families(wanted):
         for sample in family.samples:
-            if sample.name == "vllm:cache_config_info":
+            if family.name in HISTOGRAMS:
+                latency.append(sample)
+            elif sample.name == "vllm:cache_config_info":
                 tokens = _cache_tokens(sample.labels)
                 if tokens is not None:
                     capacity.append(tokens)
@@ -99,6 +109,7 @@ def parse_engine_metrics(text: str) -> EngineSnapshot:
         waiting=_total(values, "vllm:num_requests_waiting"),
         preemptions=_total(values, "vllm:num_preemptions_total"),
         passthrough=passthrough + "\n" if passthrough else "",
+        histograms=histogram_buckets(latency),
     )
 
 
@@ -225,6 +236,8 @@ class GatewayMetrics:
             self.errors.labels(reason)
         self._longest: dict[str, int] = {}
         self.engine_max_model_len: int | None = None  # the same for every model of one engine
+        self.predictions: Predictions | None = None  # the plan's, when the gateway fronts a planned engine
+        self.latency = LatencyWindow()
         self._lock = threading.Lock()
         r.register(_LiveCollector(self))
 
@@ -261,6 +274,12 @@ class GatewayMetrics:
             prompt = usage["prompt_tokens"]
             total = usage.get("total_tokens")
             self.record(model, prompt, total if isinstance(total, int) else prompt)
+
+    def observe(self, snapshot: EngineSnapshot | None) -> None:
+        """The engine's state at this scrape; its latency histograms join the window."""
+        self.snapshot = snapshot
+        if snapshot is not None and snapshot.histograms:
+            self.latency.add(time.monotonic(), snapshot.histograms)
 
     def render(self) -> bytes:
         """The exposition text: the gateway's series, the probe gauges, then the engine's `vllm:*`."""
@@ -323,6 +342,7 @@ class _LiveCollector:
                     "Resets when the engine restarts.",
                     value=snap.preemptions,
                 )
+        yield from capacity_families(self.metrics.predictions, self.metrics.latency, snap)
         gpus = _NVML.memory()
         if gpus:
             used = GaugeMetricFamily("lcserve_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["gpu"])

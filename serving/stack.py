@@ -18,6 +18,7 @@ from lcserve.engine import EngineSpec, free_port
 from lcserve.errors import EngineError
 from lcserve.paths import lcserve_home
 
+from .capacity import Predictions
 from .gateway import Gateway
 from .probe_schedule import ProbeSchedule
 from .supervisor import ExternalEngine, Supervisor
@@ -44,6 +45,7 @@ class Stack:
         probe: ProbeSchedule | None = None,
         allowed_adapter_dirs: tuple[str | Path, ...] = (),
         embedding_policies: dict[str, str] | None = None,
+        predictions: Predictions | None = None,
     ):
         if (spec is None) == (upstream_url is None):
             raise ValueError("give exactly one of spec (launch vLLM) and upstream_url (front a running vLLM)")
@@ -65,6 +67,7 @@ class Stack:
             training_lengths=training_lengths,
             allowed_adapter_dirs=allowed_adapter_dirs,
             embedding_policies=embedding_policies,
+            predictions=predictions,
         )
         self.gateway_host = gateway_host
         self.gateway_port = gateway_port
@@ -132,6 +135,7 @@ def run_stack(
     probe: ProbeSchedule | None = None,
     allowed_adapter_dirs: tuple[str | Path, ...] = (),
     embedding_policies: dict[str, str] | None = None,
+    predictions: Predictions | None = None,
 ) -> None:
     """Run the stack until SIGINT/SIGTERM, then stop the gateway and the engine's whole process
     group (no orphans, both ports released). A signal while vLLM is still starting stops it too.
@@ -150,7 +154,25 @@ def run_stack(
         probe=probe,
         allowed_adapter_dirs=allowed_adapter_dirs,
         embedding_policies=embedding_policies,
+        predictions=predictions,
     )
+
+    def start() -> None:
+        stack.start()
+        if on_ready is not None:
+            on_ready(stack)
+
+    def wait() -> None:
+        stack.engine.failed.wait()
+        raise stack.engine.failure
+
+    run_until_signal(start, wait, stack.stop)
+
+
+def run_until_signal(start: Callable[[], None], wait: Callable[[], None], stop: Callable[[], None]) -> None:
+    """The run loop of every serve path: `start`, then `wait` (it returns or raises when what is served
+    ends on its own) until SIGINT/SIGTERM. A signal during `start` stops too; `stop` runs however it
+    ends, once (a second Ctrl-C does not interrupt it); the previous signal handlers come back."""
 
     def on_signal(signum, _frame):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # one shutdown; a second Ctrl-C must not interrupt it
@@ -159,14 +181,11 @@ def run_stack(
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        stack.start()
-        if on_ready is not None:
-            on_ready(stack)
-        stack.engine.failed.wait()
-        raise stack.engine.failure
+        start()
+        wait()
     except _ShutdownRequested as e:
         log.info("%s received; stopping", e)
     finally:
-        stack.stop()
+        stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

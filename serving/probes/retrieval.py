@@ -24,7 +24,7 @@ import numpy as np
 
 from lcserve.errors import ProbeError
 from lcserve.model_config import is_embedding_model
-from lcserve.paths import atomic_dir
+from lcserve.paths import check_output, output_dir
 
 from ..embeddings import POLICY_HEADER
 from .sizing import Filler, Insert, fit, with_inserts
@@ -228,6 +228,8 @@ def run_retrieval_probe(
     """Probe one embedding model through the gateway; returns the summary (written to out_dir too)."""
     from lcserve.model_config import base_training_len
 
+    if out_dir is not None:
+        check_output(Path(out_dir), force=True)  # before any request: an earlier probe's folder only
     started = time.monotonic()
     model, max_model_len = entry["id"], int(entry["max_model_len"])
     training_len = training_len or base_training_len(Path(entry["root"]))
@@ -274,7 +276,7 @@ def run_retrieval_probe(
         "wall_s": time.monotonic() - started,
     }
     if out_dir is not None:
-        with atomic_dir(Path(out_dir)) as tmp:
+        with output_dir(Path(out_dir), force=True) as tmp:
             (tmp / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             (tmp / "report.md").write_text(markdown(json.loads(json.dumps(summary))))

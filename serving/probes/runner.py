@@ -26,7 +26,7 @@ from rich.progress import Progress, TextColumn
 
 from lcserve.embedded import SERVED_NAME
 from lcserve.errors import ProbeError
-from lcserve.paths import atomic_dir
+from lcserve.paths import check_output, output_dir
 from lcserve.progress import progress_bar
 
 from . import plots, report
@@ -109,17 +109,9 @@ OUT_FILES = ("records.jsonl", "summary.json", "report.md")
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """Refuse, before any request, an --out the finished run could not replace whole: a file, or a
-    folder holding anything but an earlier probe's files."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ProbeError(f"--out {out_dir}: exists and is not a folder; pass a new folder")
-    if out_dir.is_dir():
-        others = sorted(p.name for p in out_dir.iterdir() if p.name not in OUT_FILES and p.suffix != ".png")
-        if others:
-            raise ProbeError(
-                f"--out {out_dir}: holds files that are not a probe's ({', '.join(others[:3])}); "
-                "the probe replaces the whole folder, so pass a new or empty one"
-            )
+    """Refuse, before any request, an --out the finished run could not replace whole: a file, the
+    working directory, or a folder lcserve did not write (an earlier probe's is replaced)."""
+    check_output(out_dir, force=True)
 
 
 def resolve_models(
@@ -269,7 +261,7 @@ def _run(client: ProbeClient, config: ProbeConfig) -> dict:
         f"{len(jobs)} requests, lengths {', '.join(map(str, plan.lengths))}; estimated {estimate / 60:.1f} min of engine time",
     )
 
-    with atomic_dir(Path(config.out_dir)) if config.out_dir else nullcontext() as out_dir:
+    with output_dir(Path(config.out_dir), force=True) if config.out_dir else nullcontext() as out_dir:
         mark = time.time()
         records = _execute(client, jobs, config, out_dir / "records.jsonl" if out_dir else None)
         timings["requests_s"] = time.time() - mark

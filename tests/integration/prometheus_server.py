@@ -1,9 +1,8 @@
-"""A real Prometheus for the tests: the Debian package `prometheus` (installed here when absent),
-started on a free loopback port with a temporary config and data folder."""
+"""A real Prometheus for the tests: the Debian package `prometheus` (installed by ./run_tests.sh's
+set-up, scripts/test-deps.sh), started on a free loopback port with a temporary config and data folder."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -15,19 +14,11 @@ import yaml
 from lcserve.engine import free_port
 
 
-def ensure_prometheus() -> tuple[str, str]:
-    """Paths of `prometheus` and `promtool`, installing the Debian package first if either is
-    missing (apt-get update once, then apt-get install; the tests run as root)."""
-    if not (shutil.which("prometheus") and shutil.which("promtool")):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], check=True, env=env, capture_output=True)
-        subprocess.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"],
-            check=True,
-            env=env,
-            capture_output=True,
-        )
-    return shutil.which("prometheus"), shutil.which("promtool")
+def prometheus_tools() -> tuple[str, str]:
+    """Paths of `prometheus` and `promtool`. The tests never install anything: the set-up does."""
+    prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
+    assert prometheus and promtool, "prometheus/promtool not found: run scripts/test-deps.sh (./run_tests.sh does)"
+    return prometheus, promtool
 
 
 class PrometheusServer:
@@ -46,7 +37,7 @@ class PrometheusServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        binary, _ = ensure_prometheus()
+        binary, _ = prometheus_tools()
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = {
             "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.scrape_interval},

@@ -22,6 +22,7 @@ from lcserve.adapters.runtime import load_lora_adapter, unload_lora_adapter
 from lcserve.adapters.style import corpus_examples, style_score
 from lcserve.errors import EngineError
 from tests.conftest import free_port
+from tests.integration.agreement import NEAR_TIE, own_logprobs, prompt_logprobs
 from tests.integration.test_adapters_verify import REAL_CASES, real_adapter
 from tests.integration.test_serve_script import wait_health
 
@@ -29,7 +30,6 @@ pytestmark = pytest.mark.integration
 
 MERGED_NAME = "writer"  # `serve --mode merge` serves the merge under the adapter's name
 ANSWER_TOKENS = 96
-NEAR_TIE = 0.5  # logprob margin under which bf16 noise may flip a greedy choice
 
 
 def chat(url: str, model: str, prompt: str, max_tokens: int = ANSWER_TOKENS, top_logprobs: int = 0) -> dict:
@@ -90,7 +90,7 @@ def test_vllm_enforces_the_inspect_verdict(case, engine, real_adapters_root, tmp
     assert report.verdict == Verdict.MOUNT
     load_lora_adapter(engine.url, name, str(adapter))
     try:
-        served = _prompt_logprobs(engine.url, name, PROBE_TEXT)
+        served = prompt_logprobs(engine.url, name, PROBE_TEXT)
     finally:
         unload_lora_adapter(engine.url, name)
     misread = tmp_path / "misread"
@@ -100,22 +100,10 @@ def test_vllm_enforces_the_inspect_verdict(case, engine, real_adapters_root, tmp
     right, wrong = (_peft_logprobs(engine.model_dir, a, PROBE_TEXT) for a in (adapter, misread))
     served_ids = [int(next(iter(entry))) for entry in served]
     assert served_ids == [token for token, _ in right]
-    to_right = _mean_abs([v for v in _actual(served)], [lp for _, lp in right])
-    to_wrong = _mean_abs([v for v in _actual(served)], [lp for _, lp in wrong])
+    to_right = _mean_abs([v for v in own_logprobs(served)], [lp for _, lp in right])
+    to_wrong = _mean_abs([v for v in own_logprobs(served)], [lp for _, lp in wrong])
     print(f"\n{case}: vLLM vs PEFT {to_right:.3f}, vs a reader ignoring {case} {to_wrong:.3f}")
     assert to_right < 0.25 * to_wrong
-
-
-def _prompt_logprobs(url: str, model: str, text: str) -> list[dict]:
-    body = {"model": model, "prompt": text, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 1}
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
-    response.raise_for_status()
-    return response.json()["choices"][0]["prompt_logprobs"][1:]
-
-
-def _actual(entries: list[dict]) -> list[float]:
-    """The log-probability of each prompt token (vLLM lists the prompt's own token first)."""
-    return [next(iter(entry.values()))["logprob"] for entry in entries]
 
 
 def _mean_abs(a: list[float], b: list[float]) -> float:
@@ -215,8 +203,8 @@ def test_mounted_and_merged_prompt_logprobs_agree(engine, merged_engine, demo_ad
     """Teacher-forced log-probabilities over a fixed text (past the 256-token training length)."""
     text = " ".join(row["response"] for row in corpus_examples("train")[:8])
 
-    mounted = _prompt_logprobs(engine.url, engine.adapter_model, text)
-    merged = _prompt_logprobs(merged_engine, MERGED_NAME, text)
+    mounted = prompt_logprobs(engine.url, engine.adapter_model, text)
+    merged = prompt_logprobs(merged_engine, MERGED_NAME, text)
     assert len(mounted) == len(merged) > 256
     diffs, top_agree = [], 0
     for a, b in zip(mounted, merged):
@@ -224,7 +212,7 @@ def test_mounted_and_merged_prompt_logprobs_agree(engine, merged_engine, demo_ad
         diffs.append(abs(a[actual]["logprob"] - b[actual]["logprob"]))
         top_agree += _top1(a) == _top1(b)
     reference = [lp for _, lp in _peft_logprobs(engine.model_dir, demo_adapter, text)]
-    to_ref = _mean_abs(_actual(mounted), reference)
+    to_ref = _mean_abs(own_logprobs(mounted), reference)
     ordered = sorted(diffs)
     print(
         f"\nmounted vs merged over {len(diffs)} tokens: mean |dlogprob| {sum(diffs) / len(diffs):.4f}, "

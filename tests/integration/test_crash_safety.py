@@ -43,10 +43,13 @@ def kill_when(
     log: Path,
     home: Path | None = None,
     timeout: float = 900,
+    freeze_group: int | None = None,
 ) -> str:
     """Start `lcserve ARGS` (stderr to `log`), wait until `ready()` holds, then `delay_s` more, and
     SIGKILL it with its children. Returns when it was killed, or "finished ..." (with the exit code and
-    the log's end) when it ended first."""
+    the log's end) when it ended first. With `freeze_group` (an engine's process group) the engine is
+    stopped (SIGSTOP) from `ready()` until the kill, so a client of it cannot finish in between however
+    fast the machine is, and resumed (SIGCONT) after."""
     env = {**os.environ, **({"LCSERVE_HOME": str(home)} if home else {})}
     with log.open("w") as err:
         proc = subprocess.Popen(
@@ -59,6 +62,8 @@ def kill_when(
                 return f"finished (exit {proc.returncode}): {log.read_text()[-300:]!r}"
             assert time.monotonic() - started < timeout, f"{args}: never reached the kill point"
             time.sleep(0.02)
+        if freeze_group is not None:
+            os.killpg(freeze_group, signal.SIGSTOP)
         time.sleep(delay_s)
         if proc.poll() is not None:
             return f"finished (exit {proc.returncode}): {log.read_text()[-300:]!r}"
@@ -68,6 +73,8 @@ def kill_when(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        if freeze_group is not None:
+            os.killpg(freeze_group, signal.SIGCONT)
 
 
 def says(log: Path, pattern: str) -> Callable[[], bool]:
@@ -299,7 +306,8 @@ def test_merge_killed_at_random_points(tmp_path, embedded_model_dir, demo_adapte
 
 def test_probe_killed_at_random_points(tmp_path, engine):
     """Against the shared engine, a tiny ladder (base only, one rung, no long continuation: short on
-    any machine, with no time budget to miss)."""
+    any machine, with no time budget to miss). The engine is frozen at each kill point, so the probe
+    is mid-run when it is killed on a machine of any speed."""
     out, log = tmp_path / "out", tmp_path / "probe.log"
     probe = [
         "probe",
@@ -316,6 +324,7 @@ def test_probe_killed_at_random_points(tmp_path, engine):
     ]
     rng = random.Random(SEED)
     seen = []
+    engine_group = os.getpgid(engine.process.proc.pid)  # the watchdog leads the engine's process group
 
     def records_landed() -> bool:
         return any(p.stat().st_size > 0 for p in tmp_path.glob(".out.tmp-*/records.jsonl"))
@@ -324,7 +333,7 @@ def test_probe_killed_at_random_points(tmp_path, engine):
         ("calibrating", says(log, "calibrating"), rng.uniform(0.0, 2.0)),
         ("answers landing", records_landed, rng.uniform(0.0, 1.0)),
     ):
-        how = kill_when(probe, ready, delay, log, timeout=600)
+        how = kill_when(probe, ready, delay, log, timeout=600, freeze_group=engine_group)
         assert how.startswith("killed"), (point, how)
         assert not out.exists(), f"a killed probe left {out} ({how})"
         seen.append((point, how))
@@ -341,7 +350,8 @@ def test_probe_killed_at_random_points(tmp_path, engine):
     assert leftovers(tmp_path) == [], leftovers(tmp_path)  # the killed runs' partial folders are gone
     finished = tree_hash(out)
 
-    how = kill_when(probe, records_landed, rng.uniform(0.0, 1.0), log, timeout=600)  # over the finished report
+    # over the finished report
+    how = kill_when(probe, records_landed, rng.uniform(0.0, 1.0), log, timeout=600, freeze_group=engine_group)
     assert how.startswith("killed"), how
     assert tree_hash(out) == finished, f"a killed probe changed the finished report under --out ({how})"
     seen.append(("over a finished report", how))

@@ -2,8 +2,9 @@
 gateway matches sentence-transformers' own `encode`, and each long-input policy does what it says.
 
 One engine for the module (MiniLM is tiny: ready in about 30 s), launched from the same
-`describe_launch` that `lcserve serve MODEL --max-model-len 512` uses; one gateway per policy in
-front of it, as `--embedding-policy` would start them.
+`describe_launch` that `lcserve serve MODEL --max-model-len 512 --adapter tuned=DIR` uses, with a LoRA
+mounted beside the base (vLLM 0.32's BertEmbeddingModel declares SupportsLoRA: through the gateway its
+vectors equal PEFT's); one gateway per policy in front of it, as `--embedding-policy` would start them.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from lcserve.serving.launch import ServeOptions, describe_launch
 from lcserve.serving.probes.tasks import load_document
 from lcserve.serving.stack import Stack
 from lcserve.serving.supervisor import ExternalEngine
+from tests.unit.test_embedding_adapters import make_minilm_lora, peft_vectors
 
 pytestmark = pytest.mark.integration
 
 NAME = emb.EMBEDDING_SERVED_NAME
+ADAPTER = "tuned"
 MAX_MODEL_LEN = 512  # past sentence-transformers' max_seq_length (256): vLLM's override is planned
 
 
@@ -37,6 +40,7 @@ class Served:
     engine_url: str
     model_dir: object
     st: object  # sentence_transformers.SentenceTransformer
+    adapter: object  # the mounted LoRA's folder
 
     def embed(self, policy: str, inputs, **extra) -> httpx.Response:
         return httpx.post(
@@ -53,9 +57,14 @@ def served(tmp_path_factory):
     from sentence_transformers import SentenceTransformer
 
     model_dir = emb.embedding_model_path()
-    options = ServeOptions(model=str(model_dir), max_model_len=MAX_MODEL_LEN, port=0)
+    adapter = make_minilm_lora(tmp_path_factory.mktemp("minilm-lora") / "adapter")
+    options = ServeOptions(
+        model=str(model_dir), adapters=((ADAPTER, adapter),), mode="mount", max_model_len=MAX_MODEL_LEN, port=0
+    )
     launch = describe_launch(options, read_inputs(options, Console(stderr=True)))
-    assert launch.embedding_policies == {NAME: "reject"} and launch.training_lengths == {NAME: 128}
+    assert "--enable-lora" in launch.spec.args
+    assert launch.embedding_policies == {NAME: "reject", ADAPTER: "reject"}
+    assert launch.training_lengths == {NAME: 128, ADAPTER: 128}
     spec = dataclasses.replace(launch.spec, env={**launch.spec.env, "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
     stack = Stack(
         spec,
@@ -76,7 +85,7 @@ def served(tmp_path_factory):
             gateway.start("127.0.0.1", 0)
             others.append((gateway, engine))
             urls[policy] = gateway.url
-        yield Served(urls, stack.engine.url, model_dir, SentenceTransformer(str(model_dir), device="cpu"))
+        yield Served(urls, stack.engine.url, model_dir, SentenceTransformer(str(model_dir), device="cpu"), adapter)
     finally:
         for gateway, engine in others:
             gateway.stop()
@@ -201,7 +210,7 @@ def test_retrieval_probe_quick_tier_reports_recall_by_length_per_policy(served, 
     chunk, the effective length and verdict, and the files; the figures go in the README."""
     from lcserve.serving.probes.retrieval import run_retrieval_probe, served_embedding_model
 
-    entry = served_embedding_model(served.urls["reject"], None)  # the one model served
+    entry = served_embedding_model(served.urls["reject"], NAME)
     assert entry is not None and entry["id"] == NAME
     summary = run_retrieval_probe(served.urls["reject"], entry, "quick", tmp_path / "out")
     print("\n" + (tmp_path / "out" / "report.md").read_text())
@@ -216,3 +225,16 @@ def test_retrieval_probe_quick_tier_reports_recall_by_length_per_policy(served, 
         p.name for p in (tmp_path / "out").iterdir()
     }
     assert len(summary["verdict"]) == 4 and summary["wall_s"] > 0
+
+
+def test_a_mounted_adapter_embeds_as_peft_does(served):
+    texts = ["The keeper lit the lamp at dusk.", "Anne walked along the Cobb at Lyme in the wind."]
+    tuned = np.array(vectors(served.embed("reject", texts, model=ADAPTER)))
+    base = np.array(vectors(served.embed("reject", texts)))
+    want = peft_vectors(served.adapter, texts)
+    cosines = (tuned * want).sum(axis=1)
+    print(
+        f"\nmounted LoRA vs PEFT: cosine min {cosines.min():.6f}; adapter vs base {(tuned * base).sum(axis=1).max():.4f}"
+    )
+    assert cosines.min() >= 0.999
+    assert (tuned * base).sum(axis=1).max() < 0.99  # the adapter changes the vectors: the check can fail

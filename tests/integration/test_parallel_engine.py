@@ -3,8 +3,11 @@
 The planner's own arguments and environment start the engine (multiprocessing executor, one core
 per rank through VLLM_CPU_OMP_THREADS_BIND). Gemma 3 270M has one KV head, so each rank holds a
 replica of it: vLLM's logged KV capacity must equal the plan's (a planner that divided the KV heads
-by TP would be off by 2x), and short greedy continuations must equal the single-process session
-engine's (longer ones may part at a near-tie: bf16 sums in another order; the benchmark shows it).
+by TP would be off by 2x). The TP=2 engine must compute what the single-process session engine
+computes, within bf16 noise: TP sums in another order, so greedy text may part at a near-tie and exact
+text is not a property vLLM promises (it once failed here: " in good condition" against " in a bad
+condition"). So the test compares greedy paths up to their fork, the margins at the fork, and the
+teacher-forced log-probabilities of one fixed text (`tests/integration/agreement.py`).
 PP=2 runs compiled only on the CPU build, a minute more of warm-up: `benchmarks/bench_parallel_cpu.py`
 measures it beside TP=1 and TP=2.
 """
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import httpx
 import pytest
 
 from lcserve.deploy.hardware import GIB, resolve_profile
@@ -21,17 +23,27 @@ from lcserve.deploy.measure import parse_capacity
 from lcserve.deploy.plan import PlanRequest, plan_deployment
 from lcserve.engine import EngineProcess, EngineSpec, free_port
 from lcserve.model_config import read_model
+from tests.integration.agreement import gap_summary, greedy, greedy_fork, own_logprobs, prompt_logprobs
 
 pytestmark = pytest.mark.integration
 
-PROMPTS = ["The lighthouse keeper wrote in his log that", "Water boils at"]
-
-
-def greedy(url: str, model: str, prompt: str) -> str:
-    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
-    r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
-    r.raise_for_status()
-    return r.json()["choices"][0]["text"]
+PROMPTS = ["The lighthouse keeper wrote in his log that", "Water boils at", "The three primary colours are"]
+GREEDY_TOKENS = 12
+# Teacher-forced text, ~200 tokens: its log-probabilities on TP=1 and TP=2 are compared token by token.
+TEXT = (
+    "The lighthouse stood on a rock a mile from the shore. Every evening the keeper climbed the ninety-six "
+    "steps, trimmed the wick, wound the clockwork that turned the lens, and wrote the weather in his log. "
+    "In winter the spray froze on the gallery rail and the glass had to be scraped twice a night. Ships "
+    "passed far out, their lights moving slowly against the dark, and sometimes one would signal with a "
+    "lamp. He answered each one, and wrote its name if he could read it. When the relief boat came in "
+    "spring it brought flour, oil, letters and a newspaper three weeks old, which he read from the first "
+    "page to the last, advertisements included, before he slept."
+)
+# Measured on this machine (vllm-cpu 0.32.0, 2 cores), TP=2 against TP=1 over TEXT's 140 tokens: mean
+# |dlogprob| 0.039, p99 0.123, max 0.158; greedy paths forked at near-ties at tokens 11 and 2 of two
+# prompts. The bounds leave room for another CPU's bf16 kernels and stay far below what a different
+# model gives: the `writer` adapter against its own base over TEXT (see the closing note of issue 22).
+MEAN_GAP, P99_GAP = 0.1, 0.5
 
 
 def test_tp2_plan_runs_on_the_cpu_build_with_the_planned_kv_capacity(engine, embedded_model_dir, tmp_path):
@@ -57,9 +69,19 @@ def test_tp2_plan_runs_on_the_cpu_build_with_the_planned_kv_capacity(engine, emb
     try:
         process.wait_ready(600)
         measured = parse_capacity(process.log_path.read_text(errors="replace"))
-        texts = [greedy(spec.url, spec.served_model_name, p) for p in PROMPTS]
+        tp2_paths = [greedy(spec.url, spec.served_model_name, p, GREEDY_TOKENS) for p in PROMPTS]
+        tp2_text = own_logprobs(prompt_logprobs(spec.url, spec.served_model_name, TEXT))
     finally:
         process.stop()
     assert measured is not None, "vLLM logged no KV cache size"
     assert abs(plan.kv_tokens - measured.kv_tokens) <= 0.01 * measured.kv_tokens, (plan.kv_tokens, measured)
-    assert texts == [greedy(engine.url, engine.base_model, p) for p in PROMPTS]  # TP=1: the session engine
+
+    # TP=1: the session engine, the same weights
+    tp1_paths = [greedy(engine.url, engine.base_model, p, GREEDY_TOKENS) for p in PROMPTS]
+    forks = [greedy_fork(a, b) for a, b in zip(tp1_paths, tp2_paths)]
+    mean, p99, worst = gap_summary(own_logprobs(prompt_logprobs(engine.url, engine.base_model, TEXT)), tp2_text)
+    print(
+        f"\nTP=2 vs TP=1: greedy forks {forks} (None: identical over {GREEDY_TOKENS} tokens); "
+        f"over {len(tp2_text)} teacher-forced tokens mean |dlogprob| {mean:.4f}, p99 {p99:.3f}, max {worst:.3f}"
+    )
+    assert mean < MEAN_GAP and p99 < P99_GAP, (mean, p99, worst)

@@ -1,6 +1,10 @@
 """The main job end to end: `./serve_vllm.sh` plans, serves the embedded model behind the gateway,
-answers, and stops cleanly on Ctrl-C (no orphaned engine, port released)."""
+answers, and stops cleanly on Ctrl-C (no orphaned engine, port released). The running engine's own
+KV figures (`vllm:cache_config_info`) equal the `--dry-run` plan for the same arguments and environment,
+and with LCSERVE_CPU_LORA_OPS=stock vLLM's own LoRA ops serve the adapter (the plugin neither installed
+nor run; the session engine shows the segmented ops, tests/integration/test_cpu_lora_engine.py)."""
 
+import json
 import os
 import re
 import signal
@@ -12,7 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lcserve.serving.cpu_lora import ENV_VAR, FIRST_USE, INSTALLED
 from tests.conftest import free_port
+from tests.unit.test_metrics import samples
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,11 +42,21 @@ def port_is_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
+def cache_config(metrics_text: str) -> dict[str, str]:
+    """The labels of vLLM's `vllm:cache_config_info` gauge (block size, KV blocks, ...)."""
+    (labels,) = [dict(ls) for (name, ls) in samples(metrics_text) if name == "vllm:cache_config_info"]
+    return labels
+
+
 def test_serve_script_serves_the_embedded_default_and_stops_on_ctrl_c(embedded_model_dir, demo_adapter, tmp_path):
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", ENV_VAR: "stock"}
+    args = [str(ROOT / "serve_vllm.sh"), "embedded", str(port), "2", "2048"]
+    dry = subprocess.run([*args, "--dry-run"], env=env, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)["plan"]
     proc = subprocess.Popen(
-        [str(ROOT / "serve_vllm.sh"), "embedded", str(port), "2", "2048"],
+        args,
         env=env,
         stdout=subprocess.PIPE,
         stderr=(tmp_path / "stderr").open("w"),
@@ -60,6 +76,18 @@ def test_serve_script_serves_the_embedded_default_and_stops_on_ctrl_c(embedded_m
             )
             assert r.status_code == 200 and r.json()["choices"][0]["text"].strip()
         assert "lcserve_engine_up" in httpx.get(f"{url}/metrics", timeout=30).text  # the gateway is in front
+        stderr = (tmp_path / "stderr").read_text()
+        engine_port = int(re.search(r"internal port (\d+)", stderr).group(1))
+        vllm_log = Path(re.search(r"internal port \d+ \(log: ([^)]+)\)", stderr).group(1))
+        running = cache_config(httpx.get(f"http://127.0.0.1:{engine_port}/metrics", timeout=30).text)
+        print(
+            f"\nplanned {plan['num_blocks']} blocks of {plan['block_size']}, {plan['kv_cache_tokens']} tokens, "
+            f"{plan['max_concurrency']:.3f} full-length requests; vLLM runs with {running['num_gpu_blocks']} blocks "
+            f"of {running['block_size']}, {running['kv_cache_size_tokens']} tokens, {running['kv_cache_max_concurrency']}"
+        )
+        assert (int(running["num_gpu_blocks"]), int(running["block_size"])) == (plan["num_blocks"], plan["block_size"])
+        assert int(running["kv_cache_size_tokens"]) == plan["kv_cache_tokens"]
+        assert float(running["kv_cache_max_concurrency"]) == pytest.approx(plan["max_concurrency"], rel=1e-3)
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(60) == 0
     finally:
@@ -72,3 +100,6 @@ def test_serve_script_serves_the_embedded_default_and_stops_on_ctrl_c(embedded_m
     assert port_is_free(port) and port_is_free(engine_port)
     leftovers = subprocess.run(["pgrep", "-f", f"--port {engine_port}"], capture_output=True, text=True).stdout.split()
     assert leftovers == [], f"orphaned engine processes: {leftovers}"
+    log = vllm_log.read_text(errors="replace")
+    assert "Loaded new LoRA adapter: name 'writer'" in log  # vLLM's own LoRA path served `writer`
+    assert INSTALLED not in log and FIRST_USE not in log  # and lcserve's plugin stayed out

@@ -26,6 +26,7 @@ from lcserve.adapters.style import corpus_examples
 from lcserve.adapters.verify import FLOOR_MARGIN, MIN_TOLERANCE, verify_merge
 from lcserve.embedded import CHAT_TEMPLATE
 from lcserve.errors import AdapterError, LcserveError
+from lcserve.paths import OUTPUT_MARKER
 
 VOCAB = 512
 LONG = 300  # long prompt for verify on tiny models (> their sliding window of 16)
@@ -282,11 +283,15 @@ def test_output_folder_rules(good_adapter, bases, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
-    with pytest.raises(AdapterError, match="--force"):
-        merge_adapter(adapter, base, busy)
+    for force in (False, True):  # --force replaces only what lcserve wrote (the marker), never the user's files
+        with pytest.raises(LcserveError, match="holds files lcserve did not write"):
+            merge_adapter(adapter, base, busy, force=force)
     assert (busy / "keep.txt").exists()
-    merge_adapter(adapter, base, busy, force=True)
-    assert not (busy / "keep.txt").exists() and (busy / PROVENANCE).exists()
+    merge_adapter(adapter, base, tmp_path / "merged")
+    with pytest.raises(LcserveError, match="pass --force"):
+        merge_adapter(adapter, base, tmp_path / "merged")
+    merge_adapter(adapter, base, tmp_path / "merged", force=True)
+    assert (tmp_path / "merged" / PROVENANCE).exists() and (tmp_path / "merged" / OUTPUT_MARKER).exists()
 
 
 def test_cli_prints_one_line_and_exits_2(good_adapter, bases, tmp_path):

@@ -15,7 +15,7 @@ from lcserve.adapters.merge import PROVENANCE, merge_adapter
 from lcserve.adapters.reader import read_adapter
 from lcserve.adapters.scale import LORA_SCALE, scaled_config, scaled_metadata, write_scaled_adapter
 from lcserve.adapters.verify import verify_merge
-from lcserve.errors import AdapterError
+from lcserve.errors import AdapterError, LcserveError
 
 from .test_adapters_merge import LONG, _gemma, make_adapter
 
@@ -78,8 +78,9 @@ def test_refuses_a_bad_scale_an_existing_out_and_dora_and_leaves_no_folder(base,
         with pytest.raises(AdapterError, match="must be in"):
             write_scaled_adapter(adapter, tmp_path / "bad", scale)
     assert not (tmp_path / "bad").exists()
-    with pytest.raises(AdapterError, match="already exists; pass --force"):
-        write_scaled_adapter(adapter, tmp_path / "dora", 0.5)
+    for force in (False, True):  # an adapter folder lcserve did not write is never replaced
+        with pytest.raises(LcserveError, match="holds files lcserve did not write"):
+            write_scaled_adapter(adapter, tmp_path / "dora", 0.5, force=force)
     for out in (adapter, adapter / "scaled"):  # --force never replaces or writes into the source
         with pytest.raises(AdapterError, match="inside the adapter folder"):
             write_scaled_adapter(adapter, out, 0.5, force=True)

@@ -1,17 +1,22 @@
 """A corpus of bad inputs, each refused cleanly: the right exit code or HTTP status, one error line
 that names the problem and the fix, no traceback, and nothing modified on disk.
 
-Groups: the CLI (root, embedded, serve, gateway), adapters (inspect / merge / verify / mount / load
-on broken folders), the planner (`deploy plan`), the gateway (HTTP, in front of the named
-fault-injection engine of test_gateway.py), the probe, and `serve_vllm.sh`. Each case runs in its
-own folder (also its cwd and $LCSERVE_HOME) beside a tiny Gemma 3 base and a real PEFT adapter;
-every file under both is hashed before and after, so a changed byte, a half-written --out or a
-leftover `.NAME.tmp-*` sibling fails the case. Counts by group print at the end of the session.
+Groups: the CLI (root, embedded, serve, gateway), environment variables (named as the user set
+them), adapters (inspect / merge / scale / verify / mount / load on broken folders), the planner
+(`deploy plan`, model configs, profile files), `deploy render` and `deploy check` (refused before
+any engine starts), the embedding commands, the gateway (HTTP, in front of the named
+fault-injection engine of test_gateway.py), the probe, and `serve_vllm.sh`. The `--force` cases
+hold the user's own files where an output would go: `--force` replaces only a folder lcserve
+marked as its own. Each case runs in its own folder (also its cwd and $LCSERVE_HOME) beside a tiny
+Gemma 3 base, a real PEFT adapter and a tiny embedding model; every file under them is hashed
+(sha256) before and after, so a changed byte, a half-written --out or a leftover `.NAME.tmp-*`
+sibling fails the case. Counts by group print at the end of the session.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -26,13 +31,14 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 from lcserve.cli import cli
 from lcserve.serving import gateway as gw
 from tests.unit.test_gateway import MAX_MODEL_LEN, FakeEngineForFaultInjection, Status
 
 ROOT = Path(__file__).resolve().parents[2]
-GROUPS = ("cli", "adapters", "planner", "gateway", "probe", "serve_vllm.sh")
+GROUPS = ("cli", "env", "adapters", "planner", "render", "check", "embedding", "gateway", "probe", "serve_vllm.sh")
 
 
 # ---------------------------------------------------------------- shared inputs
@@ -45,6 +51,7 @@ class Shared:
     adapter: Path
     fake_url: str  # a vLLM-like server (test_gateway's fault-injection engine): serves "base", max_model_len 1000
     dead_url: str  # nothing listens there
+    embedding: Path  # a tiny sentence-transformers model (BERT, mean pooling), trained at 64 tokens
 
 
 def _dead_url() -> str:
@@ -82,10 +89,33 @@ def shared(tmp_path_factory) -> Shared:
     )
     peft.save_pretrained(root / "adapter")
     (root / "adapter" / "lcserve_adapter.json").write_text(json.dumps({"training_seq_len": 256}))
+    tiny_embedding_model(root / "embedding")
     fake = FakeEngineForFaultInjection()
     fake.start()
-    yield Shared(root, root / "base", root / "adapter", fake.url, _dead_url())
+    yield Shared(root, root / "base", root / "adapter", fake.url, _dead_url(), root / "embedding")
     fake.stop()
+
+
+def tiny_embedding_model(folder: Path) -> None:
+    """A BERT encoder with sentence-transformers' module files, as all-MiniLM-L6-v2 lays them out."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    modules = [
+        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+        for i, (path, kind) in enumerate([("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")])
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
+    )
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": False}))
+    (folder / "lcserve_embedding.json").write_text(json.dumps({"training_seq_len": 64}))
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -234,16 +264,17 @@ class Case:
     fragments: tuple[str, ...]  # what the error line must say: the problem, and the fix
     setup: Callable | None = None
     xfail: str | None = None  # a known bad message, in a file this corpus does not own: what it needs
+    env: tuple[tuple[str, str], ...] = ()  # environment variables the user set
+    absent: tuple[str, ...] = ()  # what the error line must not say (a flag the user never typed)
 
     def param(self):
         marks = [pytest.mark.xfail(strict=True, reason=self.xfail)] if self.xfail else []
         return pytest.param(self, id=f"{self.group}-{self.name}", marks=marks)
 
 
-def case(group, name, args, exit_code, *fragments, setup=None, xfail=None) -> Case:
-    return Case(
-        group, name, tuple(args.split()) if isinstance(args, str) else tuple(args), exit_code, fragments, setup, xfail
-    )
+def case(group, name, args, exit_code, *fragments, setup=None, xfail=None, env=None, absent=()) -> Case:
+    args = tuple(args.split()) if isinstance(args, str) else tuple(args)
+    return Case(group, name, args, exit_code, fragments, setup, xfail, tuple((env or {}).items()), tuple(absent))
 
 
 CASES = [
@@ -485,8 +516,8 @@ CASES = [
         "merge-out-not-empty",
         "adapters merge {adapter} --base {base} --out out",
         2,
-        "--out out: folder is not empty",
-        "pass --force",
+        "--out out: holds files lcserve did not write",
+        "remove the folder yourself or pick a new --out",
         setup=files(**{"out/keep.txt": "mine"}),
     ),
     case(
@@ -495,7 +526,7 @@ CASES = [
         "adapters merge {adapter} --base {base} --out out",
         2,
         "--out out: exists and is not a folder",
-        "choose",
+        "pick a new --out",
         setup=files(out="a file"),
     ),
     case(
@@ -519,8 +550,8 @@ CASES = [
         "scale-out-exists",
         "adapters scale {adapter} --scale 0.5 --out out",
         2,
-        "--out out: already exists",
-        "pass --force",
+        "--out out: holds files lcserve did not write",
+        "remove the folder yourself or pick a new --out",
         setup=files(**{"out/keep.txt": "mine"}),
     ),
     case(
@@ -803,7 +834,7 @@ CASES = [
         "probe --url {fake} --base base --out out",
         2,
         "--out out: exists and is not a folder",
-        "pass a new folder",
+        "pick a new --out",
         setup=files(out="mine"),
     ),
     case(
@@ -811,8 +842,8 @@ CASES = [
         "out-holds-other-files",
         "probe --url {fake} --base base --out out",
         2,
-        "--out out: holds files that are not a probe's (notes.txt)",
-        "pass a new or empty one",
+        "--out out: holds files lcserve did not write",
+        "remove the folder yourself or pick a new --out",
         setup=files(**{"out/notes.txt": "mine"}),
     ),
     case(
@@ -902,6 +933,339 @@ CASES = [
 ]
 
 
+# ---------------------------------------------------------------- more broken inputs (issue 22)
+
+
+def model_config(**fields) -> Callable:
+    """A model folder `m` whose config.json is LLAMA_70B's with `fields` changed (None removes one)."""
+
+    def setup(case: Path, shared: Shared) -> None:
+        config = {**json.loads(LLAMA_70B), **fields}
+        (case / "m").mkdir()
+        (case / "m" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+
+    return setup
+
+
+def raw_file(name: str, data: bytes) -> Callable:
+    def setup(case: Path, shared: Shared) -> None:
+        (case / name).parent.mkdir(parents=True, exist_ok=True)
+        (case / name).write_bytes(data)
+
+    return setup
+
+
+def sharded_base(missing: bool = True) -> Callable:
+    """A copy `sb` of the base whose weights an index names as two shards; the second is absent."""
+
+    def setup(case: Path, shared: Shared) -> None:
+        from safetensors import safe_open
+
+        target = Path(shutil.copytree(shared.base, case / "sb"))
+        (target / "model.safetensors").rename(target / "model-00001-of-00002.safetensors")
+        with safe_open(target / "model-00001-of-00002.safetensors", "pt") as f:
+            names = sorted(f.keys())
+        weight_map = {n: "model-00001-of-00002.safetensors" for n in names}
+        weight_map["model.norm.extra"] = "model-00002-of-00002.safetensors"
+        (target / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map})
+        )
+
+    return setup
+
+
+def output_folder(name: str = "out", marked: bool = False, **contents: str) -> Callable:
+    """A folder holding the user's own files (thesis, notes, a src/ tree), or lcserve's marked output."""
+    from lcserve.paths import OUTPUT_MARKER, mark_output
+
+    def setup(case: Path, shared: Shared) -> None:
+        folder = case / name
+        for rel, text in (contents or {"thesis.tex": "\\section{mine}", "src/main.c": "int main;"}).items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_text(text)
+        if marked:
+            mark_output(folder)
+            assert (folder / OUTPUT_MARKER).is_file()
+
+    return setup
+
+
+def marked_base(case: Path, shared: Shared) -> None:
+    """`mb`: a copy of the base that an earlier lcserve run wrote (it carries the marker)."""
+    from lcserve.paths import mark_output
+
+    mark_output(shutil.copytree(shared.base, case / "mb"))
+
+
+def adapter_inside_marked_output(case: Path, shared: Shared) -> None:
+    """`o`: an earlier lcserve output that holds the adapter the command reads (`o/a`)."""
+    from lcserve.paths import mark_output
+
+    (case / "o").mkdir()
+    mark_output(case / "o")
+    shutil.copytree(shared.adapter, case / "o" / "a")
+
+
+def embedding_model(case: Path, shared: Shared, name: str = "e") -> Path:
+    """A tiny sentence-transformers folder `e` (BERT, mean pooling, normalized, trained at 64 tokens)."""
+    return Path(shutil.copytree(shared.embedding, case / name))
+
+
+def edit_embedding(name: str, text: str | None) -> Callable:
+    def setup(case: Path, shared: Shared) -> None:
+        path = embedding_model(case, shared) / name
+        path.unlink() if text is None else path.write_text(text)
+
+    return setup
+
+
+def profile_file(**fields) -> Callable:
+    """`p.yaml`: the h100-80gb profile with `fields` changed."""
+
+    def setup(case: Path, shared: Shared) -> None:
+        import yaml
+
+        data = yaml.safe_load((ROOT / "deploy" / "profiles" / "h100-80gb.yaml").read_text())
+        (case / "p.yaml").write_text(yaml.safe_dump({**data, **fields}))
+
+    return setup
+
+
+def user_profile(case: Path, shared: Shared) -> None:
+    """A broken profile in $LCSERVE_HOME/profiles, which every profile lookup reads."""
+    (case / "home" / "profiles").mkdir(parents=True)
+    (case / "home" / "profiles" / "mine.yaml").write_text(
+        "name: mine\nkind: gpu\nmemory_mib: 1000\ncount: two\nblock_size: 16\n"
+    )
+
+
+def port_in_use(case: Path, shared: Shared) -> None:
+    """Hold the port `port` names: a listening socket the case's command meets (closed by the GC)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    HELD_SOCKETS.append(s)
+    (case / "port").write_text(str(s.getsockname()[1]))
+
+
+HELD_SOCKETS: list[socket.socket] = []
+KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
+NOT_KV_FLAG = ("--kv-cache-gib",)  # serve has no such flag: an error must name the variable instead
+LLAMA = "deploy plan --model m --profile h100-80gb"
+RENDER = "deploy render --model {base} --profile h100-80gb --target k8s"
+USERS = "remove the folder yourself or pick a new --out"  # the way on, for a folder lcserve did not write
+
+MORE_CASES = [
+    # ---- environment variables, named as the user set them (the CPU profile: the variable sizes its KV cache)
+    case("env", "kvcache-word", "serve {base} --profile cpu --dry-run", 2, f"{KV_ENV}='abc'", "whole number of GiB",
+         "unset it", env={KV_ENV: "abc"}, absent=NOT_KV_FLAG),
+    case("env", "kvcache-zero", "serve {base} --profile cpu --dry-run", 2, f"{KV_ENV}='0'", "at least 1", env={KV_ENV: "0"},
+         absent=NOT_KV_FLAG),
+    case("env", "kvcache-negative", "serve {base} --profile cpu --dry-run", 2, f"{KV_ENV}='-2'", env={KV_ENV: "-2"},
+         absent=NOT_KV_FLAG),
+    case("env", "kvcache-fraction", "serve {base} --profile cpu --dry-run", 2, f"{KV_ENV}='1.5'", env={KV_ENV: "1.5"},
+         absent=NOT_KV_FLAG),
+    case("env", "kvcache-above-ram", "serve {base} --profile cpu --dry-run", 2, f"{KV_ENV} 100000: must be from 1",
+         "largest feasible", env={KV_ENV: "100000"}, absent=NOT_KV_FLAG),
+    case("env", "kvcache-word-with-adapter", "serve {base} --profile cpu --adapter w={adapter} --dry-run", 2, f"{KV_ENV}='4GB'",
+         env={KV_ENV: "4GB"}, absent=NOT_KV_FLAG),
+    case("env", "cpu-lora-ops-bogus", "serve {base} --profile cpu --adapter w={adapter} --dry-run", 2,
+         "LCSERVE_CPU_LORA_OPS='bogus'", "segmented or stock", env={"LCSERVE_CPU_LORA_OPS": "bogus"}),
+    case("env", "cpu-lora-ops-case", "serve {base} --profile cpu --dry-run", 2, "LCSERVE_CPU_LORA_OPS='Segmented'",
+         "set it to segmented or stock", env={"LCSERVE_CPU_LORA_OPS": "Segmented"}),
+    case("serve_vllm.sh", "kvcache-word", "{base} 8000 --profile cpu --dry-run", 2, f"{KV_ENV}='abc'", "unset it",
+         env={KV_ENV: "abc"}, absent=NOT_KV_FLAG),
+    case("serve_vllm.sh", "kvcache-zero", "{base} 8000 --profile cpu --dry-run", 2, f"{KV_ENV}='0'", env={KV_ENV: "0"},
+         absent=NOT_KV_FLAG),
+    case("serve_vllm.sh", "cpu-lora-ops-bogus", "{base} 8000 --profile cpu --dry-run", 2, "LCSERVE_CPU_LORA_OPS='bogus'",
+         env={"LCSERVE_CPU_LORA_OPS": "bogus"}),
+    # ---- adapter configs
+    case("adapters", "rank-zero", "adapters inspect a --base {base}", 2, "field `r` is 0",
+         "must be a positive integer", setup=edit_config(r=0)),
+    case("adapters", "rank-negative", "adapters inspect a --base {base}", 2, "field `r` is -4",
+         "must be a positive integer", setup=edit_config(r=-4)),
+    case("adapters", "alpha-negative", "adapters inspect a --base {base}", 2, "field `lora_alpha` is -8",
+         "must be a positive number", setup=edit_config(lora_alpha=-8)),
+    case("adapters", "alpha-zero", "adapters inspect a --base {base}", 2, "field `lora_alpha` is 0",
+         "must be a positive number", setup=edit_config(lora_alpha=0)),
+    case("adapters", "target-modules-empty", "adapters inspect a --base {base}", 2,
+         "field `target_modules` is missing or empty", "re-save the adapter", setup=edit_config(target_modules=[])),
+    case("adapters", "target-modules-numbers", "adapters inspect a --base {base}", 2,
+         "field `target_modules` is [1, 2]", "re-save the adapter", setup=edit_config(target_modules=[1, 2])),
+    case("adapters", "peft-type-other", "adapters inspect a --base {base}", 2, "peft_type is IA3",
+         "LoRA adapters only", setup=edit_config(peft_type="IA3")),
+    case("adapters", "weights-missing", "adapters inspect a --base {base}", 2, "no adapter_model.safetensors",
+         "save the adapter with safe_serialization=True", setup=remove("adapter_model.safetensors")),
+    case("adapters", "weights-zero-bytes", "adapters inspect a --base {base}", 2, "adapter_model.safetensors",
+         "re-create or re-download it", setup=truncate_weights(0)),
+    case("adapters", "merge-rank-zero", "adapters merge a --base {base} --out out", 2, "field `r` is 0",
+         setup=edit_config(r=0)),
+    case("adapters", "merge-weights-zero-bytes", "adapters merge a --base {base} --out out", 2,
+         "adapter_model.safetensors", "re-create or re-download it", setup=truncate_weights(0)),
+    case("adapters", "scale-alpha-negative", "adapters scale a --scale 0.5 --out out", 2,
+         "field `lora_alpha` is -8", setup=edit_config(lora_alpha=-8)),
+    case("adapters", "scale-weights-missing", "adapters scale a --scale 0.5 --out out", 2,
+         "adapter_model.safetensors", setup=remove("adapter_model.safetensors")),
+    case("cli", "serve-adapter-rank-zero", "serve {base} --adapter w=a --dry-run", 2, "field `r` is 0",
+         setup=edit_config(r=0)),
+    case("cli", "serve-adapter-weights-zero-bytes", "serve {base} --adapter w=a --dry-run", 2,
+         "adapter_model.safetensors", setup=truncate_weights(0)),
+    case("planner", "adapter-target-modules-empty", "deploy plan --model {base} --profile h100-80gb --adapter a", 2,
+         "field `target_modules` is missing or empty", setup=edit_config(target_modules=[])),
+    # ---- model configs
+    case("planner", "config-not-json", LLAMA, 2, "m/config.json: unreadable JSON", "re-create or re-download",
+         setup=files(**{"m/config.json": "this is not JSON at all"})),
+    case("planner", "config-empty-file", LLAMA, 2, "m/config.json: unreadable JSON", setup=files(**{"m/config.json": ""})),
+    case("planner", "config-not-utf8", LLAMA, 2, "m/config.json", "re-create or re-download",
+         setup=raw_file("m/config.json", b"\xff\xfe{\x00")),
+    case("planner", "heads-zero", LLAMA, 2, "num_attention_heads", "0", "fix config.json",
+         setup=model_config(num_attention_heads=0)),
+    case("planner", "kv-heads-zero", LLAMA, 2, "num_key_value_heads", "fix config.json",
+         setup=model_config(num_key_value_heads=0)),
+    case("planner", "kv-heads-do-not-divide", LLAMA, 2, "num_key_value_heads 3", "divide num_attention_heads 64",
+         "fix config.json", setup=model_config(num_key_value_heads=3)),
+    case("planner", "hidden-not-divisible-by-heads", LLAMA, 2, "hidden_size 8100", "num_attention_heads 64",
+         "head_dim", setup=model_config(hidden_size=8100)),
+    case("planner", "layers-zero", LLAMA, 2, "num_hidden_layers", "fix config.json",
+         setup=model_config(num_hidden_layers=0)),
+    case("planner", "heads-a-word", LLAMA, 2, "num_attention_heads", "'many'", "fix config.json",
+         setup=model_config(num_attention_heads="many")),
+    case("planner", "hidden-negative", LLAMA, 2, "hidden_size", "-8192", setup=model_config(hidden_size=-8192)),
+    case("planner", "sharded-index-missing-shard", "deploy plan --model sb --profile h100-80gb", 2,
+         "model-00002-of-00002.safetensors", "re-download", setup=sharded_base()),
+    case("cli", "serve-sharded-index-missing-shard", "serve sb --dry-run", 2, "model-00002-of-00002.safetensors",
+         "re-download", setup=sharded_base()),
+    case("adapters", "merge-base-missing-shard", "adapters merge {adapter} --base sb --out out", 2,
+         "model-00002-of-00002.safetensors", setup=sharded_base()),
+    case("cli", "serve-config-not-json", "serve m --dry-run", 2, "m/config.json: unreadable JSON",
+         setup=files(**{"m/config.json": "not json"})),
+    case("cli", "serve-heads-zero", "serve m --dry-run", 2, "num_attention_heads", setup=model_config(num_attention_heads=0)),
+    # ---- serve
+    case("cli", "serve-duplicate-adapter-names", "serve {base} --adapter w={adapter} --adapter w=a --dry-run", 2,
+         "--adapter w", "twice", setup=copy_adapter),
+    case("cli", "serve-adapter-named-like-base", "serve {base} --adapter base={adapter} --dry-run", 2,
+         "--adapter base", "served model", "--served-model-name"),
+    case("cli", "serve-adapter-named-like-served-name",
+         "serve {base} --served-model-name w --adapter w={adapter} --dry-run", 2, "--adapter w", "served model"),
+    # the port: checked on the real launch path, before vLLM starts (a dry run plans, it binds nothing); the
+    # unknown vLLM flag makes a launch that got past the check fail in seconds instead of serving
+    case("cli", "serve-port-in-use", "serve {base} --base-only --port {port} -- --lcserve-no-such-flag", 2,
+         "--port {port}: 127.0.0.1:{port} is in use", "pick another --port", setup=port_in_use),
+    case("cli", "serve-port-in-use-no-gateway", "serve {base} --port {port} --no-gateway -- --lcserve-no-such-flag",
+         2, "is in use", "pick another --port", setup=port_in_use),
+    case("serve_vllm.sh", "port-in-use", "{base} {port} -- --lcserve-no-such-flag", 2,
+         "PORT {port}: 127.0.0.1:{port} is in use", "pick another PORT", setup=port_in_use),
+    case("cli", "serve-mode-merge-two-adapters", "serve {base} --mode merge --adapter w={adapter} --adapter v=a --dry-run",
+         2, "merge", setup=copy_adapter),
+    # ---- deploy render
+    case("render", "unknown-target", "deploy render --model {base} --profile h100-80gb --target helm --out out", 2,
+         "--target helm: unknown target", "choose one of"),
+    case("render", "lws-on-one-node", "deploy render --model {base} --profile h100-80gb --target lws --out out", 2,
+         "--target lws is for plans across nodes", "render --target k8s"),
+    case("render", "k8s-across-nodes", "deploy render --model m --profile h100-80gb --gpus 8 --nodes 2 --target k8s "
+         "--out out", 2, "runs one node per replica", "render --target lws", setup=files(**{"m/config.json": LLAMA_70B})),
+    case("render", "missing-model", "deploy render --model /nonexistent --profile h100-80gb --target k8s --out out",
+         2, "/nonexistent: not a folder"),
+    case("render", "context-above-max", RENDER + " --max-model-len 99999 --out out", 2,
+         "above the derived maximum 4096", "largest feasible"),
+    case("render", "out-exists-users", RENDER + " --out out", 2, "--out out: holds files lcserve did not write",
+         USERS, setup=output_folder()),
+    case("render", "force-users-folder", RENDER + " --out out --force", 2, "--force replaces only lcserve's own",
+         USERS, setup=output_folder()),
+    case("render", "force-regular-file", RENDER + " --out out --force", 2, "--out out: exists and is not a folder",
+         "pick a new --out", setup=files(out="my notes")),
+    case("render", "force-working-directory", RENDER + " --out . --force", 2,
+         "--out .: is the working directory or a folder above it", "pick a new --out", setup=files(notes="mine")),
+    case("render", "force-folder-above", RENDER + " --out .. --force", 2,
+         "--out ..: is the working directory or a folder above it"),
+    case("render", "working-directory-without-force", RENDER + " --out .", 2, "is the working directory"),
+    case("render", "force-model-folder", "deploy render --model mb --profile h100-80gb --target k8s --out mb --force",
+         2, "is the model folder", "an input of this command", setup=marked_base),
+    case("render", "force-adapter-folder", RENDER + " --adapter {adapter} --out {adapter} --force", 2,
+         "is the adapter folder", "an input of this command"),
+    case("render", "marked-without-force", RENDER + " --out out", 2, "holds an earlier lcserve output",
+         "pass --force", setup=output_folder(marked=True)),
+    case("render", "bad-profile", "deploy render --model {base} --profile p.yaml --target k8s --out out", 2,
+         "p.yaml: missing field(s)", setup=files(**{"p.yaml": "name: x\n"})),
+    # ---- --force everywhere else: merge, scale, probe
+    case("adapters", "merge-force-users-folder", "adapters merge {adapter} --base {base} --out out --force", 2,
+         "--out out: holds files lcserve did not write", USERS, setup=output_folder()),
+    case("adapters", "merge-force-regular-file", "adapters merge {adapter} --base {base} --out out --force", 2,
+         "--out out: exists and is not a folder", setup=files(out="mine")),
+    case("adapters", "merge-force-working-directory", "adapters merge {adapter} --base {base} --out . --force", 2,
+         "is the working directory", setup=files(notes="mine")),
+    case("adapters", "merge-force-folder-above", "adapters merge {adapter} --base {base} --out .. --force", 2,
+         "is the working directory or a folder above it"),
+    case("adapters", "merge-force-marked-base", "adapters merge {adapter} --base mb --out mb --force", 2,
+         "lcserve never writes a base model", setup=marked_base),
+    case("adapters", "merge-marked-without-force", "adapters merge {adapter} --base {base} --out out", 2,
+         "holds an earlier lcserve output", "pass --force", setup=output_folder(marked=True)),
+    case("adapters", "scale-force-users-folder", "adapters scale {adapter} --scale 0.5 --out out --force", 2,
+         "--out out: holds files lcserve did not write", USERS, setup=output_folder()),
+    case("adapters", "scale-force-regular-file", "adapters scale {adapter} --scale 0.5 --out out --force", 2,
+         "exists and is not a folder", setup=files(out="mine")),
+    case("adapters", "scale-force-working-directory", "adapters scale {adapter} --scale 0.5 --out . --force", 2,
+         "is the working directory", setup=files(notes="mine")),
+    case("adapters", "scale-force-marked-output-holding-the-adapter", "adapters scale o/a --scale 0.5 --out o --force",
+         2, "is the adapter folder", "an input of this command", setup=adapter_inside_marked_output),
+    case("probe", "out-working-directory", "probe --url {fake} --base base --out .", 2, "is the working directory",
+         setup=files(notes="mine")),
+    case("probe", "out-folder-above", "probe --url {fake} --base base --out ..", 2, "is the working directory"),
+    case("probe", "out-users-folder-with-probe-names", "probe --url {fake} --base base --out out", 2,
+         "holds files lcserve did not write", USERS, setup=output_folder(**{"report.md": "my report"})),
+    # ---- deploy check: refused before any engine starts
+    case("check", "missing-model", "deploy check --model /nonexistent --profile cpu", 2, "/nonexistent: not a folder"),
+    case("check", "unknown-profile", "deploy check --model {base} --profile nosuch", 2, "--profile nosuch: unknown profile"),
+    case("check", "context-above-max", "deploy check --model {base} --profile cpu --max-model-len 99999", 2,
+         "above the derived maximum 4096"),
+    case("check", "config-only-model", "deploy check --model cfg --profile cpu", 2, "cfg", "weights",
+         setup=config_only),
+    case("check", "timeout-zero", "deploy check --model {base} --profile cpu --timeout 0", 2, "--timeout"),
+    case("check", "kv-cache-gib-zero", "deploy check --model {base} --profile cpu --kv-cache-gib 0", 2,
+         "--kv-cache-gib 0: must be from 1"),
+    # ---- a user's profile file
+    case("planner", "profile-count-word", "deploy plan --model {base} --profile p.yaml", 2, "p.yaml", "count",
+         "'two'", setup=profile_file(count="two")),
+    case("planner", "profile-count-zero", "deploy plan --model {base} --profile p.yaml", 2, "p.yaml", "count",
+         setup=profile_file(count=0)),
+    case("planner", "profile-memory-negative", "deploy plan --model {base} --profile p.yaml", 2, "p.yaml",
+         "memory_mib", setup=profile_file(memory_mib=-5)),
+    case("planner", "profile-block-size-word", "deploy plan --model {base} --profile p.yaml", 2, "p.yaml",
+         "block_size", setup=profile_file(block_size="big")),
+    case("planner", "profile-kind-other", "deploy plan --model {base} --profile p.yaml", 2,
+         "kind must be 'gpu' or 'cpu'", setup=profile_file(kind="tpu")),
+    case("planner", "profile-a-list", "deploy plan --model {base} --profile p.yaml", 2,
+         "a profile must be a YAML mapping", setup=files(**{"p.yaml": "- 1\n- 2\n"})),
+    case("planner", "profile-file-missing", "deploy plan --model {base} --profile nope.yaml", 2, "nope.yaml"),
+    case("planner", "profile-broken-in-home", "deploy plan --model {base} --profile h100-80gb", 2, "mine.yaml",
+         "count", setup=user_profile),
+    # ---- the embedding commands
+    case("embedding", "plan-format-yaml", "deploy plan --model e --profile h100-80gb --format yaml", 2,
+         "an embedding model's plan prints as --format table, json or args", setup=embedding_model),
+    case("embedding", "plan-config-out", "deploy plan --model e --profile h100-80gb --config-out c.yaml", 2,
+         "an embedding model's plan prints as", setup=embedding_model),
+    case("embedding", "serve-policy-unknown", "serve e --embedding-policy nope --dry-run", 2,
+         "'nope' is not one of", setup=embedding_model),
+    case("embedding", "serve-training-len-zero", "serve e --training-len 0 --dry-run", 2, "--training-len",
+         setup=embedding_model),
+    case("embedding", "serve-modules-not-a-list", "serve e --dry-run", 2, "modules.json: expected a JSON list",
+         setup=edit_embedding("modules.json", "{}")),
+    case("embedding", "plan-modules-not-json", "deploy plan --model e --profile h100-80gb", 2, "modules.json",
+         "re-create or re-download", setup=edit_embedding("modules.json", "not json")),
+    case("embedding", "serve-sentence-config-not-json", "serve e --dry-run", 2, "sentence_bert_config.json",
+         setup=edit_embedding("sentence_bert_config.json", "{")),
+    case("embedding", "serve-context-above-max", "serve e --max-model-len 99999 --dry-run", 2,
+         "--max-model-len 99999 is beyond the 128 positions of e", "serve at most 128", setup=embedding_model),
+    case("embedding", "serve-adapter-on-embedding-model", "serve e --adapter w={adapter} --dry-run", 2, "w",
+         setup=embedding_model),
+    case("probe", "training-length-zero", "probe --url {fake} --training-length 0 --out out", 2,
+         "'--training-length': 0 is not in the range"),
+]  # fmt: skip
+
+
+CASES += MORE_CASES
+
+
 @dataclass
 class Outcome:
     exit_code: int
@@ -911,10 +1275,12 @@ class Outcome:
 
 
 def run_case(c: Case, folder: Path, shared: Shared) -> Outcome:
+    port = (folder / "port").read_text() if (folder / "port").exists() else ""
     args = [
-        a.format(base=shared.base, adapter=shared.adapter, fake=shared.fake_url, dead=shared.dead_url) for a in c.args
+        a.format(base=shared.base, adapter=shared.adapter, fake=shared.fake_url, dead=shared.dead_url, port=port)
+        for a in c.args
     ]
-    env = {"LCSERVE_HOME": str(folder / "home")}
+    env = {"LCSERVE_HOME": str(folder / "home"), **dict(c.env)}
     if c.group == "serve_vllm.sh":
         r = subprocess.run(
             [str(ROOT / "serve_vllm.sh"), *args],
@@ -943,7 +1309,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.lower().startswith(ERROR_PREFIXES)]
 
 
-def problems(c: Case, out: Outcome, modified: list[str]) -> list[str]:
+def problems(c: Case, out: Outcome, modified: list[str], port: str = "") -> list[str]:
     """What is wrong with how the command took the bad input (empty: refused cleanly)."""
     traceback = out.crashed or ("Traceback" in out.stdout + out.stderr and "a traceback")
     found = [f"traceback: {traceback}"] if traceback else []
@@ -961,8 +1327,9 @@ def problems(c: Case, out: Outcome, modified: list[str]) -> list[str]:
             found.append(f"{len(lines)} error lines, expected one")
         elif out.stderr.strip().splitlines()[-1] != text:
             found.append("the error goes on past its line")
-    found += [f"{fragment!r} not in {text!r}" for fragment in c.fragments if fragment not in text]
-    return found
+    fragments = [f.replace("{port}", port) for f in c.fragments]  # a case's held port (see port_in_use)
+    found += [f"{fragment!r} not in {text!r}" for fragment in fragments if fragment not in text]
+    return found + [f"{word!r} in {text!r}" for word in c.absent if word in text]
 
 
 @pytest.mark.parametrize("c", [c.param() for c in CASES])
@@ -974,7 +1341,7 @@ def test_bad_input_is_refused_cleanly(c: Case, shared, tmp_path):
     before = snapshot(folder, shared.root)
     out = run_case(c, folder, shared)
     modified = changes(before, snapshot(folder, shared.root))
-    found = problems(c, out, modified)
+    found = problems(c, out, modified, (folder / "port").read_text() if (folder / "port").exists() else "")
     TALLY.add(c, any(p.startswith("traceback") for p in found), modified)
     assert not found, "\n".join(found) + f"\n--- stderr:\n{out.stderr[-3000:]}"
 
@@ -1003,6 +1370,66 @@ def test_the_checks_fail_on_what_they_must_catch(shared, tmp_path):
     assert problems(case("cli", "fix", "x", 2, "not found", "pass --base"), fix, []) == [
         "'pass --base' not in 'error: nobase: base model folder not found'"
     ]
+
+
+def test_force_replaces_what_lcserve_wrote(shared, tmp_path):
+    """The other side of the --force cases: each command's own output carries the marker and a second
+    run with --force replaces it (and only it); the serve merge cache, from an older lcserve without
+    the marker, is merged again."""
+    from lcserve.adapters.reader import read_adapter
+    from lcserve.paths import OUTPUT_MARKER
+    from lcserve.serving.cli import ensure_merged
+
+    commands = {
+        "merged": f"adapters merge {shared.adapter} --base {shared.base} --out merged",
+        "scaled": f"adapters scale {shared.adapter} --scale 0.5 --out scaled",
+        "k8s": f"deploy render --model {shared.base} --profile h100-80gb --target k8s --out k8s",
+    }
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for out, command in commands.items():
+            for extra in ([], ["--force"]):
+                r = CliRunner().invoke(cli, command.split() + extra, env={"LCSERVE_HOME": str(tmp_path / "home")})
+                assert r.exit_code == 0, r.output
+                assert (tmp_path / out / OUTPUT_MARKER).is_file()
+            (tmp_path / out / "mine.txt").write_text("the user's")  # still lcserve's folder: replaced whole
+            r = CliRunner().invoke(cli, command.split() + ["--force"], env={"LCSERVE_HOME": str(tmp_path / "home")})
+            assert r.exit_code == 0 and not (tmp_path / out / "mine.txt").exists(), r.output
+    finally:
+        os.chdir(cwd)
+    old_cache = tmp_path / "home" / "merged" / "w-old"
+    old_cache.mkdir(parents=True)
+    (old_cache / "config.json").write_text("{}")  # an older lcserve's cache: no marker, no provenance
+    ensure_merged(read_adapter(shared.adapter), shared.base, old_cache, Console(file=io.StringIO()))
+    assert (old_cache / OUTPUT_MARKER).is_file() and (old_cache / "lcserve_merge.json").is_file()
+    assert list(tmp_path.rglob(".*.tmp-*")) == []  # no temporary siblings left
+
+
+def test_a_refused_rename_leaves_the_old_output_whole(tmp_path, monkeypatch):
+    """When the system refuses to put the new folder in place (EBUSY: a mount point, a busy folder),
+    the old output is moved back, one error line says so, and no temporary sibling is left."""
+    import errno
+
+    from lcserve.errors import LcserveError
+    from lcserve.paths import atomic_dir
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "report.md").write_text("the earlier output")
+    before = snapshot(tmp_path)
+    rename = Path.rename
+
+    def busy(self, new):
+        if self.name.startswith(".out.tmp-") and not self.name.endswith(".old") and Path(new) == target:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        return rename(self, new)
+
+    monkeypatch.setattr(Path, "rename", busy)
+    with pytest.raises(LcserveError, match="out: cannot replace it \\(Device or resource busy\\); nothing was changed"):
+        with atomic_dir(target) as tmp:
+            (tmp / "report.md").write_text("the new output")
+    assert snapshot(tmp_path) == before
 
 
 # ---------------------------------------------------------------- the gateway over HTTP
@@ -1061,6 +1488,7 @@ class HttpCase:
     engine_up: bool = True
     reaches_engine: bool = False  # refused by the engine (relayed), not by the gateway
     xfail: str | None = None
+    method: str = "POST"
 
     def param(self):
         marks = [pytest.mark.xfail(strict=True, reason=self.xfail)] if self.xfail else []
@@ -1157,6 +1585,43 @@ HTTP_CASES = [
 ]
 
 
+CHAT = "/v1/chat/completions"
+TEXT = {"Content-Type": "text/plain"}
+HTTP_CASES += [
+    HttpCase("empty-body", "/v1/completions", b"", 400, ("the request body is empty", "send one JSON object")),
+    HttpCase("blank-body", CHAT, b"  \n", 400, ("the request body is empty", "send one JSON object")),
+    HttpCase("embeddings-empty-body", "/v1/embeddings", b"", 400, ("the request body is empty",)),
+    HttpCase("max-tokens-zero", "/v1/completions", {"model": "base", "prompt": "hi", "max_tokens": 0}, 400,
+             ("`max_tokens` is 0", "must be at least 1")),
+    HttpCase("max-tokens-negative", "/v1/completions", {"model": "base", "prompt": "hi", "max_tokens": -5}, 400,
+             ("`max_tokens` is -5", "must be at least 1")),
+    HttpCase("chat-max-tokens-zero", CHAT, {"model": "base", "messages": [], "max_tokens": 0}, 400,
+             ("`max_tokens` is 0",)),
+    HttpCase("chat-max-completion-tokens-negative", CHAT,
+             {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -1}, 400,
+             ("`max_completion_tokens` is -1", "must be at least 1")),
+    HttpCase("chat-without-messages", CHAT, {"model": "base", "max_tokens": 4}, 400,
+             ("the chat request has no `messages`", '"messages": [{"role": "user"')),
+    HttpCase("chat-messages-a-string", CHAT, {"model": "base", "messages": "hi"}, 400,
+             ('`messages` is "hi"', "send a list")),
+    HttpCase("completion-without-prompt", "/v1/completions", {"model": "base", "max_tokens": 4}, 400,
+             ("the completion request has no `prompt`", 'send "prompt"')),
+    HttpCase("wrong-method-get", "/v1/completions", b"", 405, ("GET /v1/completions: method not allowed",
+             "allowed: POST"), method="GET"),
+    HttpCase("wrong-method-put", CHAT, {"model": "base"}, 405, ("PUT /v1/chat/completions: method not allowed",
+             "allowed: POST"), method="PUT"),
+    HttpCase("wrong-method-delete-models", "/v1/models", b"", 405, ("method not allowed", "allowed: GET"),
+             method="DELETE"),
+    HttpCase("content-type-text", "/v1/completions", {"model": "base", "prompt": "hi"}, 400,
+             ("Content-Type text/plain is not accepted", "Content-Type: application/json"), headers=TEXT),
+    HttpCase("content-type-form", CHAT, b"model=base", 400, ("application/x-www-form-urlencoded is not accepted",),
+             headers={"Content-Type": "application/x-www-form-urlencoded"}),
+    HttpCase("embeddings-content-type-text", "/v1/embeddings", {"model": "base", "input": "hi"}, 400,
+             ("Content-Type text/plain is not accepted",), headers=TEXT),
+    HttpCase("unknown-route", "/v1/nothing", {"model": "base"}, 404, ("/v1/nothing: no such route",)),
+]  # fmt: skip
+
+
 def send(c: HttpCase, caplog) -> tuple[httpx.Response, str | None, int]:
     """Send the case to a fresh gateway in front of a fresh engine: the response, the first error
     the gateway logged (a handler's traceback), and how many generation requests the engine saw."""
@@ -1169,7 +1634,8 @@ def send(c: HttpCase, caplog) -> tuple[httpx.Response, str | None, int]:
     try:
         with caplog.at_level(logging.ERROR):
             content = c.body if isinstance(c.body, bytes) else json.dumps(c.body).encode()
-            r = httpx.post(
+            r = httpx.request(
+                c.method,
                 gateway.url + c.path,
                 content=content,
                 timeout=10,
@@ -1208,9 +1674,40 @@ def test_bad_request_is_refused_cleanly_by_the_gateway(c: HttpCase, caplog):
     assert not found, "\n".join(found)
 
 
+def test_the_traceback_detectors_fire_on_planted_crashes(shared, tmp_path, monkeypatch, caplog):
+    """Each traceback detector meets a real crash, planted: a command whose code raises (the CLI
+    detector), a Python process that dies printing its traceback (the printed-text detector), and a
+    gateway handler that raises (the log detector). Disable a detector and this test fails."""
+    import sys
+
+    import lcserve.adapters.cli as adapters_cli
+
+    def planted(*_args, **_kwargs):
+        raise KeyError("planted")
+
+    folder = tmp_path / "case"
+    folder.mkdir()
+    inspect = case("adapters", "planted-crash", "adapters inspect {adapter} --base {base}", 2, "x")
+    with monkeypatch.context() as m:
+        m.setattr(adapters_cli, "read_adapter", planted)
+        out = run_case(inspect, folder, shared)
+    assert out.crashed == "KeyError('planted')"
+    assert problems(inspect, out, [])[0] == "traceback: KeyError('planted')"
+
+    died = subprocess.run([sys.executable, "-c", "raise KeyError('planted')"], capture_output=True, text=True)
+    printed = Outcome(2, "", died.stderr + "error: planted\n", None)
+    assert problems(case("cli", "printed", "x", 2), printed, [])[0] == "traceback: a traceback"
+
+    monkeypatch.setattr(gw.Admission, "check_request", planted)
+    crash = HttpCase("planted-crash", "/v1/completions", {"model": "base", "prompt": "hi"}, 500, ())
+    r, logged, seen = send(crash, caplog)
+    assert r.status_code == 500 and seen == 0
+    assert http_problems(crash, r, logged, seen)[0].startswith("traceback: the gateway logged"), logged
+
+
 def test_the_gateway_checks_fail_on_what_they_must_catch(caplog):
-    """A request the gateway accepts, checked as if it had to be refused: every check reports it. (The
-    log check meets a real crash in the xfail-marked case model-wrong-type.)"""
+    """A request the gateway accepts, checked as if it had to be refused: every check but the log
+    check reports it (that one meets a planted crash in the test above)."""
     ok = HttpCase("accepted", "/v1/completions", {"model": "base", "prompt": "hi", "max_tokens": 2}, 400, ("refused",))
     r, logged, seen = send(ok, caplog)
     assert http_problems(ok, r, logged, seen) == [
@@ -1259,7 +1756,9 @@ def report_the_tally(request):
     yield
 
 
-def test_the_corpus_covers_every_group_with_at_least_40_cases():
+def test_the_corpus_covers_every_group_with_at_least_160_cases():
     counts = Counter(c.group for c in CASES) + Counter("gateway" for _ in HTTP_CASES)
-    assert set(counts) == set(GROUPS) and min(counts.values()) >= 8, counts
-    assert sum(counts.values()) >= 40, counts
+    assert set(counts) == set(GROUPS) and min(counts.values()) >= 6, counts
+    assert sum(counts.values()) >= 160, counts
+    forced = [c for c in CASES if "--force" in c.args]
+    assert {c.args[0] if c.args[0] != "adapters" else c.args[1] for c in forced} >= {"deploy", "merge", "scale"}

@@ -13,7 +13,7 @@ from lcserve import config_weights as cw
 from lcserve.errors import ModelError
 from lcserve.model_config import WEIGHTS_FROM_CONFIG, WEIGHTS_FROM_HEADERS, read_model
 from lcserve.safetensors_header import TensorInfo, read_model_tensors
-from lcserve.tiny_models import BUILDERS, WEIGHT_LAYOUT_BUILDERS, build_tiny_model
+from tests.support.tiny_models import BUILDERS, WEIGHT_LAYOUT_BUILDERS, build_tiny_model
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TINY = [*BUILDERS, *WEIGHT_LAYOUT_BUILDERS]

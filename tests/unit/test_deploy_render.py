@@ -124,7 +124,7 @@ def test_k8s_target_validates_and_each_check_can_fail(llama8b, tmp_path):
         ["ConfigMap", "Deployment", "Service", "ServiceMonitor", "PrometheusRule", "ConfigMap", "ScaledObject"]
     )
     assert all_problems(docs) == []
-    for f in (tmp_path / "k8s").iterdir():  # every file opens with the plan's reasons
+    for f in (tmp_path / "k8s").glob("*.yaml"):  # every file opens with the plan's reasons
         head = f.read_text().split("apiVersion")[0]
         assert "#   max_model_len = 32768" in head and "#   startupProbe = " in head and "#   /dev/shm = " in head
     deployment = next(d for d in docs if d["kind"] == "Deployment")
@@ -155,10 +155,9 @@ def test_k8s_target_validates_and_each_check_can_fail(llama8b, tmp_path):
     assert problems(monitor | {"spec": monitor["spec"] | {"endpoint": [{"port": "http"}]}}) != []
     scaled = next(d for d in docs if d["kind"] == "ScaledObject")
     assert problems(scaled | {"spec": scaled["spec"] | {"minReplicas": 1}}) != []
-    assert {t["metadata"]["query"].split("(")[1].split("{")[0] for t in scaled["spec"]["triggers"]} == {
-        "lcserve_requests_waiting",
-        "lcserve_kv_cache_usage_ratio",
-    }
+    assert [t["metadata"]["query"].split("(")[1].split("{")[0] for t in scaled["spec"]["triggers"]] == [
+        "lcserve_saturation_ratio"  # issue 21: KV usage alone misses a prefill-bound saturation
+    ]
 
 
 def test_the_deployment_command_serves_exactly_the_plan(embedded_model_dir, tmp_path):
@@ -251,24 +250,89 @@ def test_bad_render_requests_write_nothing(llama8b, tmp_path):
                                     "--out", str(tmp_path / "c"))  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-8b-writer"]
     (tmp_path / "d").mkdir()
-    assert "already exists" in fails("--profile", "l40s", "--target", "k8s", "--out", str(tmp_path / "d"))
-    assert list((tmp_path / "d").iterdir()) == []
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    for force in ([], ["--force"]):  # a folder lcserve did not write is never replaced
+        out = fails("--profile", "l40s", "--target", "k8s", "--out", str(tmp_path / "d"), *force)
+        assert "holds files lcserve did not write" in out
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["notes.txt"]
+    (tmp_path / "d" / "notes.txt").unlink()
     ok = CliRunner().invoke(
         cli, ["deploy", "render", "--model", str(llama8b), "--profile", "l40s", "--target", "k8s",
               "--out", str(tmp_path / "d"), "--force"],
     )  # fmt: skip
-    assert ok.exit_code == 0 and len(list((tmp_path / "d").iterdir())) == 3
+    assert ok.exit_code == 0 and len(list((tmp_path / "d").glob("*.yaml"))) == 3
 
 
 def test_promtool_checks_the_rendered_rules(llama8b, tmp_path):
-    from tests.integration.prometheus_server import ensure_prometheus
+    from tests.integration.prometheus_server import prometheus_tools
 
     docs = render("--model", str(llama8b), *L40S, "--target", "k8s", out=tmp_path / "k8s")
     rule = next(d for d in docs if d["kind"] == "PrometheusRule")
     rules = tmp_path / "rules.yml"
     rules.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
-    _, promtool = ensure_prometheus()
+    _, promtool = prometheus_tools()
     result = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
     assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
     rules.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [{"alert": "A", "expr": "sum(("}]}]}))
     assert subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True).returncode != 0
+
+
+def anchored(text: str) -> list[str]:
+    """The anchors and aliases in a YAML text, as the YAML parser reads them."""
+    events = yaml.parse(text)
+    return [
+        f"*{e.anchor}" if isinstance(e, yaml.AliasEvent) else f"&{e.anchor}"
+        for e in events
+        if getattr(e, "anchor", None)
+    ]
+
+
+def rendered_yaml(llama8b: Path, out: Path) -> dict[str, str]:
+    """Every YAML file of every target (LWS for two nodes), and `deploy plan --format yaml`."""
+    from lcserve.deploy.targets import TARGETS
+
+    llama70b = out / "llama-70b"
+    llama70b.mkdir(parents=True)
+    (llama70b / "config.json").write_text(json.dumps(LLAMA_70B))
+    two_nodes = ["--model", str(llama70b), "--profile", "h100-80gb", "--gpus", "8", "--nodes", "2"]
+    texts = {}
+    for target in TARGETS:
+        args = two_nodes if target == "lws" else ["--model", str(llama8b), *L40S]
+        render(*args, "--target", target, out=out / target)
+        texts |= {f"{target}/{f.name}": f.read_text() for f in sorted((out / target).glob("*.yaml"))}
+    plan = CliRunner().invoke(cli, ["deploy", "plan", "--model", str(llama8b), *L40S, "--format", "yaml"])
+    return texts | {"plan --format yaml": plan.output}
+
+
+def test_no_rendered_file_has_yaml_anchors_or_aliases(llama8b, tmp_path):
+    """Each document reads on its own: a value used twice (the LWS leader's and workers' volumes) is written twice."""
+    texts = rendered_yaml(llama8b, tmp_path)
+    assert len(texts) >= 10 and "lws/lcserve-lws.yaml" in texts
+    assert {name: anchored(text) for name, text in texts.items() if anchored(text)} == {}
+
+
+def test_the_anchor_check_can_fail(llama8b, tmp_path, monkeypatch):
+    """With PyYAML's default (aliases for shared values), the LWS rendering has anchors and the check sees them."""
+    from lcserve.deploy.render import YamlDumper
+
+    monkeypatch.setattr(YamlDumper, "ignore_aliases", yaml.SafeDumper.ignore_aliases)
+    texts = rendered_yaml(llama8b, tmp_path)
+    assert "&id001" in anchored(texts["lws/lcserve-lws.yaml"]) and "*id001" in anchored(texts["lws/lcserve-lws.yaml"])
+
+
+def test_profiles_in_80_columns_show_every_name_whole(tmp_path):
+    """`deploy profiles` in an 80-column terminal: each name (what users copy into --profile) whole on its
+    row, a long one of the user's included; the other columns wrap instead."""
+    shipped = Path(__file__).resolve().parents[2] / "deploy" / "profiles"
+    user = tmp_path / "profiles"
+    user.mkdir()
+    long_name = "acme-h100-80gb-sxm-nvlink-rack7"
+    text = (shipped / "h100-80gb.yaml").read_text().replace("name: h100-80gb", f"name: {long_name}")
+    (user / "acme.yaml").write_text(text)
+    names = [yaml.safe_load(p.read_text())["name"] for p in sorted(shipped.glob("*.yaml"))] + [long_name]
+    r = CliRunner().invoke(cli, ["deploy", "profiles"], env={"COLUMNS": "80", "LCSERVE_HOME": str(tmp_path)})
+    assert r.exit_code == 0, r.output
+    table = r.output.split("auto -> ")[0].splitlines()
+    assert max(len(line) for line in table) <= 80
+    cells = [line.split("│")[1].strip() for line in table if line.startswith("│")]
+    assert all(name in cells for name in names), [c for c in cells if c]

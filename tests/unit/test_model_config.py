@@ -19,7 +19,7 @@ from lcserve.model_config import (
     read_model,
     require_weights,
 )
-from lcserve.tiny_models import LLAMA_3_1_8B_DATA, build_llama_3_1_8b
+from tests.support.tiny_models import LLAMA_3_1_8B_DATA, build_llama_3_1_8b
 
 BASE = {
     "architectures": ["LlamaForCausalLM"],

@@ -10,8 +10,19 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from lcserve.serving.capacity import SATURATED, Predictions
 from lcserve.serving.metrics import GatewayMetrics, ModelLimits, parse_engine_metrics
+from tests.unit.test_capacity import exposition
 from tests.unit.test_metrics import VLLM_032_METRICS, Status
+
+PREDICTIONS = Predictions(
+    ttft_s={(256, 1): 0.2},
+    itl_s={1: 0.07},
+    output_tokens_per_s=100.0,
+    prefill_tokens_per_s=2000.0,
+    full_batch_itl_s=0.1,
+    calibrated=False,
+)
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
@@ -68,7 +79,8 @@ def exported_names(text: str) -> set[str]:
 def gateway_exposition() -> str:
     """What a gateway in front of vLLM 0.32 exports once it has served a request."""
     metrics = GatewayMetrics(Status())
-    metrics.snapshot = parse_engine_metrics(VLLM_032_METRICS)
+    metrics.predictions = PREDICTIONS  # a gateway in front of a planned engine
+    metrics.observe(parse_engine_metrics(VLLM_032_METRICS + exposition({"0": [0.05, 0.08]})))
     model = ModelLimits("writer", 256, 8192)
     metrics.set_models([model])
     metrics.record(model, prompt_tokens=300, context_tokens=320)
@@ -151,5 +163,22 @@ def test_alert_rules_cover_the_issue():
     assert "lcserve_preemptions_total" in rules["LcservePreemptionsRising"]["expr"]
     assert "lcserve_engine_up == 0" in rules["LcserveEngineDown"]["expr"]
     assert "lcserve_requests_beyond_training_length_total" in rules["LcserveBeyondTrainingLength"]["expr"]
+    # issue 21: saturation that KV usage alone misses, and decoding slower than planned
+    assert rules["LcserveSaturated"]["expr"].replace(" ", "") == f"lcserve_saturation_ratio>={SATURATED:g}"
+    assert rules["LcserveLatencyAbovePlan"]["expr"].replace(" ", "") == 'lcserve_saturation_term{term="latency"}>1'
+    assert rules["LcserveSaturated"]["for"] == rules["LcserveLatencyAbovePlan"]["for"] == "5m"
     for rule in rules.values():
         assert rule["annotations"]["summary"] and rule["labels"]["severity"] in ("warning", "critical")
+
+
+def test_dashboard_shows_predicted_against_observed_latency():
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    for observed, predicted in (
+        ("lcserve_observed_itl_seconds", "lcserve_predicted_itl_seconds"),
+        ("lcserve_observed_ttft_seconds", "lcserve_predicted_ttft_seconds"),
+    ):
+        assert any(
+            {observed, predicted} <= set().union(*(metric_names(t["expr"]) for t in p.get("targets", [])))
+            for p in panels
+        ), (observed, predicted)
+    assert "lcserve_saturation_ratio" in set().union(*(metric_names(e) for e in dashboard_exprs()))

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from lcserve.cli import cli
 from lcserve.errors import PlanError
 from lcserve.serving.launch import ServeOptions, take_planned_flags
-from lcserve.tiny_models import build_tiny_model
 from lcserve.vllm_rules import human_readable_int
+from tests.support.tiny_models import build_tiny_model
 
 
 def dry_run(model, *args: str) -> dict:

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from lcserve.cli import cli
-from lcserve.tiny_models import build_llama_3_1_8b
+from tests.support.tiny_models import build_llama_3_1_8b
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,16 +29,18 @@ def script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(ROOT / "serve_vllm.sh"), *args], capture_output=True, text=True, timeout=300)
 
 
-def readme_example() -> tuple[list[str], str]:
-    """The command and the plan line of the README's example block."""
+def readme_example() -> tuple[list[str], str, str]:
+    """The command, the plan line and the speed line of the README's example block."""
     block = re.search(
-        r"```text\n\$ (\./serve_vllm\.sh [^\n]+)\n(plan \(rtx-5090\).*?)\n```", (ROOT / "README.md").read_text(), re.S
+        r"```text\n\$ (\./serve_vllm\.sh [^\n]+)\n(plan \(rtx-5090\).*?)\n(speed .*?)\n```",
+        (ROOT / "README.md").read_text(),
+        re.S,
     )
-    return block[1].split()[1:], " ".join(block[2].split())
+    return block[1].split()[1:], " ".join(block[2].split()), " ".join(block[3].split())
 
 
 def test_the_readme_example_is_accepted_and_reaches_vllm_unchanged(writer):
-    args, plan_line = readme_example()
+    args, plan_line, speed_line = readme_example()
     r = script(*[str(writer) if a == "/models/llama-3.1-8b-writer" else a for a in args])
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -49,6 +51,10 @@ def test_the_readme_example_is_accepted_and_reaches_vllm_unchanged(writer):
     assert plan_line in summary, (plan_line, summary)  # the README shows what the kit prints
     plan = out["plan"]
     assert f"{plan['max_concurrency']:.1f}" == "1.6" and 11000 <= plan["max_num_seqs_fit_len"] < 12000
+    # The README states the predicted TTFT and ITL the plan computes, labelled uncalibrated, with equations.
+    assert speed_line == plan["speed"]["summary"] and "uncalibrated" in speed_line
+    reasons = {r["setting"]: r["why"] for r in plan["reasons"]}
+    assert "1792 GB/s" in reasons["ITL at batch 9"] and "209.5 TFLOP/s" in reasons["TTFT at max_model_len"]
     assert any("max_num_seqs 9 is vLLM's cap" in w for w in plan["warnings"])
 
 

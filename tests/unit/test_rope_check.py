@@ -13,7 +13,8 @@ from lcserve.adapters.reader import read_adapter
 from lcserve.deploy.hardware import GIB, Profile
 from lcserve.deploy.plan import PlanRequest, plan_deployment
 from lcserve.model_config import read_model
-from lcserve.rope_check import MERGE_PROVENANCE, TILING_KEY, rope_findings, tiled_config
+from lcserve.model_facts import MERGE_PROVENANCE
+from lcserve.rope_check import TILING_KEY, rope_findings, tiled_config
 from lcserve.serving.rope_tiling import ENV_VAR, tile_length, tile_rows
 
 from .test_adapters_inspect import BASE, PLAIN, write_adapter

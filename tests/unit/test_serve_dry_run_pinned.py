@@ -5,7 +5,8 @@ exactly as it was. Machine-specific parts (the python path, the model home, temp
 and the free internal port) are replaced by placeholders; the hardware is a fixed CPU profile
 file so that the machine's free RAM does not move the figures.
 
-Regenerate after an intended change with LCSERVE_UPDATE_GOLDEN=1 and review the diff.
+Regenerate after an intended change with LCSERVE_UPDATE_GOLDEN=1 (the run rewrites and fails), review the
+diff, and run again without it.
 """
 
 import json
@@ -57,11 +58,30 @@ def dry_run(tmp_path: Path, *args: str, replacements: dict[str, str]) -> str:
     return normalized(r.stdout, {sys.executable: "<python>", home: "<home>", str(tmp_path): "<tmp>", **replacements})
 
 
-def check(name: str, text: str) -> None:
-    path = GOLDEN / name
+def check(name: str, text: str, golden: Path = GOLDEN) -> None:
+    """`text` must equal the pinned file. LCSERVE_UPDATE_GOLDEN=1 rewrites the file and fails, so a run
+    with the variable set never passes by comparing the new text with itself."""
+    path = golden / name
     if os.environ.get("LCSERVE_UPDATE_GOLDEN"):
+        changed = not path.exists() or path.read_text() != text
         path.write_text(text)
+        pytest.fail(
+            f"{name}: {'rewritten' if changed else 'unchanged'}; review `git diff {path}`, then run without "
+            "LCSERVE_UPDATE_GOLDEN"
+        )
     assert text == path.read_text(), f"{name} changed; diff against {path} (LCSERVE_UPDATE_GOLDEN=1 rewrites it)"
+
+
+def test_the_pin_fails_on_a_change_and_never_passes_while_rewriting(tmp_path, monkeypatch):
+    monkeypatch.delenv("LCSERVE_UPDATE_GOLDEN", raising=False)
+    (tmp_path / "pinned.json").write_text("old\n")
+    check("pinned.json", "old\n", golden=tmp_path)
+    with pytest.raises(AssertionError, match="pinned.json changed"):
+        check("pinned.json", "new\n", golden=tmp_path)
+    monkeypatch.setenv("LCSERVE_UPDATE_GOLDEN", "1")
+    with pytest.raises(pytest.fail.Exception, match="rewritten"):
+        check("pinned.json", "new\n", golden=tmp_path)
+    assert (tmp_path / "pinned.json").read_text() == "new\n"
 
 
 def test_dry_run_of_the_embedded_default_is_pinned(tmp_path, embedded_model_dir, demo_adapter):

@@ -1,11 +1,12 @@
 """The supervisor's and the watchdog's process handling, with a stand-in process that fails on
-demand (crash at start, never ready, die after N seconds), and the vLLM version check. The real
+demand (crash at start, never ready, die once seen ready), and the vLLM version check. The real
 vLLM is killed and restarted in tests/integration/test_serving_restart.py, and orphaned by a
-SIGKILLed `lcserve serve` in tests/integration/test_serving_orphan.py."""
+SIGKILLed stack in tests/integration/test_serving_restart.py."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -39,11 +40,11 @@ class Health(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.path == "/version":
             self.wfile.write(b'{"version": "%s"}' % os.environ.get("FAKE_VERSION", "0.32.0").encode())
+        if mode == "flaky" and self.path == "/health":  # dies once it has been seen ready, however slow the machine
+            threading.Timer(0.1, lambda: os._exit(1)).start()
     def log_message(self, *args):
         pass
 server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Health)
-if mode == "flaky":
-    threading.Timer(float(os.environ["FAKE_DIE_AFTER"]), lambda: os._exit(1)).start()
 server.serve_forever()
 """
 
@@ -133,7 +134,7 @@ def test_engine_that_never_gets_ready_times_out_and_is_stopped(tmp_path):
 
 
 def test_gives_up_after_repeated_deaths(tmp_path):
-    sup = make(tmp_path, mode="flaky", env={"FAKE_DIE_AFTER": "1.5"}, max_failures=2)
+    sup = make(tmp_path, mode="flaky", max_failures=2)
     sup.start()
     try:
         assert sup.failed.wait(30)
@@ -215,6 +216,12 @@ def test_engine_dies_with_a_sigkilled_parent(tmp_path):
             os.killpg(group, signal.SIGKILL)
 
 
+def watchdog_wakeups(pid: int) -> int:
+    """How often the watchdog has slept and woken (voluntary context switches): each poll is one."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^voluntary_ctxt_switches:\s*(\d+)", status, re.M).group(1))
+
+
 def test_engine_outlives_the_thread_that_started_it(tmp_path):
     """PR_SET_PDEATHSIG would kill the engine here: the supervisor restarts vLLM from its own
     thread, and that thread may end while lcserve lives on."""
@@ -224,7 +231,9 @@ def test_engine_outlives_the_thread_that_started_it(tmp_path):
     starter.start()
     starter.join(60)
     try:
-        time.sleep(1.0)  # longer than the watchdog's poll
+        # the watchdog has woken from its poll a few times since the starting thread ended
+        polls = watchdog_wakeups(engine.proc.pid)
+        assert wait_until(lambda: watchdog_wakeups(engine.proc.pid) >= polls + 3, 30)
         assert engine.alive() and engine.server_pid() is not None
     finally:
         engine.stop()

@@ -10,7 +10,8 @@ the KV accounting; the weights are noise. vLLM is started on them with
 embeddings, biases) the config arithmetic is checked against; they are not in the vLLM
 benchmark. `build_llama_3_1_8b` writes a real-size Llama-3.1-8B folder whose weights are holes.
 
-The one home of the tiny test models: the tests and the benchmarks both import it.
+The one home of the tiny test models: the tests and the benchmarks (run from the repository root
+as `python -m benchmarks.NAME`) both import it; the wheel does not ship it.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ WEIGHT_LAYOUT_BUILDERS = {
     "qwen2-tied": _qwen2_tied,
     "gemma-tied": _gemma_tied,
 }
-LLAMA_3_1_8B_DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "llama-3.1-8b"
+LLAMA_3_1_8B_DATA = Path(__file__).resolve().parents[1] / "data" / "llama-3.1-8b"
 SHARD_BYTES = 5_000_000_000  # transformers' default max_shard_size "5GB"
 
 

@@ -1,0 +1,93 @@
+"""The speed model against the real engine: calibrate, then predict and measure at points not used in the fit.
+
+    flock /tmp/lcserve-heavy.lock python benchmarks/bench_speed.py [--users 1,4,16] [--prompts 256,2048]
+        [--output 32] [--rounds 1] [--json OUT.json] [--profile-out FILE.yaml]
+
+Starts vLLM once (the embedded Gemma 3 270M with its `writer` demo adapter mounted, the CPU build,
+eager, a 1 GiB KV cache, as `lcserve deploy calibrate` does), measures the calibration points
+(deploy/calibrate.py POINTS: prompts of 64/128/1024/3072 tokens at 1, 4 and 8 sequences), fits the
+constants, then drives closed-loop streamed load at each (users, prompt) on the base and on the
+adapter and prints the prediction beside the measurement (medians), with the error of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from lcserve.deploy.calibrate import bench_rows, calibrate_on, calibration_of, write_calibrated_profile
+from lcserve.deploy.inputs import read_plan_inputs
+from lcserve.deploy.measure import engine_session
+from lcserve.deploy.plan import PlanRequest, plan_deployment
+from lcserve.deploy.speed import model_identity
+from lcserve.embedded import embedded_model_path
+from lcserve.paths import demo_adapter_dir
+
+
+def numbers(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'model':<24} {'users':>5} {'prompt':>6}  {'TTFT ms pred/meas (err)':>28}  {'ITL ms pred/meas (err)':>26}"
+    lines = [head + f"  {'out tok/s pred/meas (err)':>28}"]
+    for r in rows:
+        cells = [
+            f"{r[k]['predicted']:>9,.1f} / {r[k]['measured']:>9,.1f} ({r[k]['error_pct']:+4.0f}%)"
+            for k in ("ttft_ms_p50", "itl_ms_p50", "output_tokens_per_s")
+        ]
+        lines.append(f"{r['model']:<24} {r['users']:>5} {r['prompt']:>6}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=numbers, default=[1, 4, 16])
+    parser.add_argument("--prompts", type=numbers, default=[256, 2048])
+    parser.add_argument("--output", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--no-adapter", action="store_true", help="Measure the base model only.")
+    parser.add_argument("--json", type=Path, help="Write the figures here as JSON.")
+    parser.add_argument("--profile-out", type=Path, help="Also write the calibrated profile here.")
+    args = parser.parse_args()
+
+    adapter = None if args.no_adapter else demo_adapter_dir()
+    profile, model, adapters = read_plan_inputs(embedded_model_path(), "cpu", [adapter] if adapter else [])
+    plan = plan_deployment(profile, model, adapters, PlanRequest(max_model_len=4096, kv_cache_gib=1))
+    loads = [(n, p) for p in args.prompts for n in args.users]
+    log = Path(tempfile.mkstemp(prefix="lcserve-bench-speed-", suffix=".log")[1])
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    with engine_session(plan, adapter, None, log, progress) as (address, base, lora):
+        figures, residuals = calibrate_on(plan, address, base, lora, progress)
+        progress(f"fitted: {figures}")
+        rows = bench_rows(plan, figures, address, base, False, loads, args.output, args.rounds, progress)
+        if lora:
+            rows += bench_rows(plan, figures, address, lora, True, loads, args.output, args.rounds, progress)
+    calibration = calibration_of(figures, base, model_identity(model), "segmented" if lora else "", residuals)
+    if args.profile_out:
+        write_calibrated_profile(profile, calibration, args.profile_out)
+    print("calibration residuals (points used in the fit):")
+    for r in residuals:
+        print(
+            f"  {r['point']:<20} measured {r['measured_ms']:>9,.1f} ms  fitted {r['predicted_ms']:>9,.1f} ms  ({r['error_pct']:+.1f}%)"
+        )
+    print(
+        f"constants: step overhead {calibration.step_overhead_ms} ms, request overhead {calibration.request_overhead_ms}"
+        f" ms, {calibration.bandwidth_gbs} GB/s, {calibration.tflops} TFLOP/s, LoRA {calibration.lora_us_per_rank_token}"
+        f" us/rank-token + {calibration.lora_ms_per_adapter_step} ms/adapter-step"
+    )
+    print("predicted vs measured at points not used in the fit (medians; closed loop, streamed):")
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"calibration": calibration.__dict__, "rows": rows}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

