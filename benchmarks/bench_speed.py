@@ -1,7 +1,8 @@
 """The speed model against the real engine: calibrate, then predict and measure at points not used in the fit.
 
     flock /tmp/lcserve-heavy.lock python benchmarks/bench_speed.py [--users 1,4,16] [--prompts 256,2048]
-        [--output 32] [--rounds 1] [--json OUT.json] [--profile-out FILE.yaml]
+        [--output 32] [--rounds 1] [--json OUT.json] [--profile-out FILE.yaml] [--plot OUT.png]
+    python -m benchmarks.bench_speed --replot docs/findings/speed.json --plot docs/findings/speed.png
 
 Starts vLLM once (the embedded Gemma 3 270M with its `writer` demo adapter mounted, the CPU build,
 eager, a 1 GiB KV cache, as `lcserve deploy calibrate` does), measures the calibration points
@@ -18,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.findings import run_conditions
 from lcserve.deploy.calibrate import bench_rows, calibrate_on, calibration_of, write_calibrated_profile
 from lcserve.deploy.inputs import read_plan_inputs
 from lcserve.deploy.measure import engine_session
@@ -52,7 +54,12 @@ def main() -> int:
     parser.add_argument("--no-adapter", action="store_true", help="Measure the base model only.")
     parser.add_argument("--json", type=Path, help="Write the figures here as JSON.")
     parser.add_argument("--profile-out", type=Path, help="Also write the calibrated profile here.")
+    parser.add_argument("--plot", type=Path, help="Draw predicted against measured (PNG) here.")
+    parser.add_argument("--replot", type=Path, help="Only draw --plot from this earlier --json; start nothing.")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.plot or args.replot.with_suffix(".png"))
+        return 0
 
     adapter = None if args.no_adapter else demo_adapter_dir()
     profile, model, adapters = read_plan_inputs(embedded_model_path(), "cpu", [adapter] if adapter else [])
@@ -84,9 +91,54 @@ def main() -> int:
     )
     print("predicted vs measured at points not used in the fit (medians; closed loop, streamed):")
     print(table(rows))
+    doc = {
+        "model": "Gemma 3 270M (embedded, bf16)" + (", alone and with the `writer` demo adapter" if lora else ""),
+        "calibration": calibration.__dict__,
+        "rows": rows,
+        "conditions": run_conditions("python " + " ".join(sys.argv)),
+    }
     if args.json:
-        args.json.write_text(json.dumps({"calibration": calibration.__dict__, "rows": rows}, indent=2, default=str))
+        args.json.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    if args.plot:
+        plot(doc, args.plot)
     return 0
+
+
+def plot(doc: dict, out: Path) -> None:
+    """Predicted against measured median TTFT and ITL, one point per (model, users, prompt), with the
+    25% band the calibrated model is held to."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for ax, key, label in ((axes[0], "ttft_ms_p50", "TTFT (ms)"), (axes[1], "itl_ms_p50", "ITL (ms)")):
+        values = []
+        for model, marker in zip(sorted({r["model"] for r in doc["rows"]}), "o^sv"):
+            rows = [r for r in doc["rows"] if r["model"] == model]
+            if rows:
+                x, y = [r[key]["measured"] for r in rows], [r[key]["predicted"] for r in rows]
+                ax.scatter(x, y, marker=marker, label=model)
+                values += x + y
+        lo, hi = min(values) * 0.7, max(values) * 1.3
+        ax.plot([lo, hi], [lo, hi], color="black", lw=0.8)
+        ax.fill_between(
+            [lo, hi], [lo * 0.75, hi * 0.75], [lo * 1.25, hi * 1.25], color="grey", alpha=0.2, label="+-25%"
+        )
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel=f"measured {label}",
+            ylabel=f"predicted {label}",
+            xlim=(lo, hi),
+            ylim=(lo, hi),
+        )
+        ax.legend(fontsize=8)
+    fig.suptitle("Speed model after `lcserve deploy calibrate`: points not used in the fit", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -190,12 +190,36 @@ def adapter_scale_table(doc: dict) -> str:
 
 
 # Result file (with an optional "#view") -> its renderer.
+def speed_table(doc: dict) -> str:
+    """Predicted against measured median TTFT, ITL and output tokens/s, at load points not in the fit."""
+    rows = [
+        "| model | users x prompt | TTFT ms predicted / measured | ITL ms predicted / measured | output tok/s predicted / measured |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in doc["rows"]:
+        cells = [
+            f"{r[k]['predicted']:,.{d}f} / {r[k]['measured']:,.{d}f} ({r[k]['error_pct']:+.0f}%)"
+            for k, d in (("ttft_ms_p50", 0), ("itl_ms_p50", 1), ("output_tokens_per_s", 1))
+        ]
+        rows.append(f"| {r['model']} | {r['users']} x {r['prompt']:,} | " + " | ".join(cells) + " |")
+    c = doc["calibration"]
+    fit = (
+        f"calibrated on {len(c['residuals'])} other points ({c['build']}, LoRA ops {c['lora_ops']}): "
+        f"{c['bandwidth_gbs']:g} GB/s, {c['tflops']:g} TFLOP/s linear, {c['attention_tflops']:g} TFLOP/s attention, "
+        f"LoRA {c['lora_us_per_rank_token']:g} us per rank-token + {c['lora_ms_per_adapter_step']:g} ms per step; "
+        f"residuals {min(r['error_pct'] for r in c['residuals']):+.0f}% to {max(r['error_pct'] for r in c['residuals']):+.0f}%"
+    )
+    output = doc["rows"][0]["output"]
+    return "\n".join(rows) + "\n\n" + conditions_line(doc, f"{output} output tokens, closed loop, medians; {fit}")
+
+
 TABLES: dict[str, Callable[[dict], str]] = {
     "docs/findings/kv_claim.json": kv_claim_table,
     "docs/findings/rope_tiling.json": rope_tiling_table,
     "docs/findings/rope_tiling.json#loss": rope_loss_table,
     "docs/findings/adapter_length.json": adapter_length_table,
     "docs/findings/adapter_length.json#scale": adapter_scale_table,
+    "docs/findings/speed.json": speed_table,
 }
 
 

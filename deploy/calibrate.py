@@ -148,9 +148,9 @@ def calibration_of(figures: Figures, model: str, identity: str, lora_ops: str, r
     )
 
 
-def write_calibrated_profile(profile: Profile, calibration: Calibration, out: Path) -> Path:
-    """`profile` with its calibration as a profile file, written atomically; a file this command did
-    not write is never replaced."""
+def check_calibration_out(out: Path) -> None:
+    """PlanError unless `out` may take a calibrated profile: checked before the engine runs, and again
+    when writing. A file this command did not write is never replaced; its folder must exist."""
     if out.exists():
         try:
             old = yaml.safe_load(out.read_text()) or {}
@@ -162,6 +162,11 @@ def write_calibrated_profile(profile: Profile, calibration: Calibration, out: Pa
             )
     if not out.parent.is_dir():
         raise PlanError(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
+
+
+def write_calibrated_profile(profile: Profile, calibration: Calibration, out: Path) -> Path:
+    """`profile` with its calibration as a profile file, written atomically (see check_calibration_out)."""
+    check_calibration_out(out)
     doc = profile_document(profile, profile.count)
     if profile.is_cpu:  # detected at plan time, not pinned to this run
         doc |= {"memory_mib": None, "cores": None, "bf16": None, "amx": None}

@@ -365,11 +365,13 @@ def calibrate(model_dir, adapter_dir, no_adapter, profile, max_model_len, url, o
     small CPU) and write them into a calibrated profile, with the fit's residuals."""
     from lcserve.paths import lcserve_home
 
-    from .calibrate import run_calibration
+    from .calibrate import check_calibration_out, run_calibration
 
     plan, adapter = _engine_plan(model_dir, adapter_dir, no_adapter, profile, max_model_len)
-    out = out or lcserve_home() / "profiles" / f"{plan.profile.name}-calibrated.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out is None:  # lcserve's own profile folder: made on first use
+        out = lcserve_home() / "profiles" / f"{plan.profile.name}-calibrated.yaml"
+        out.parent.mkdir(parents=True, exist_ok=True)
+    check_calibration_out(out)  # before minutes of engine time, not after
     result = run_calibration(plan, adapter, url, out, lambda line: click.echo(line, err=True))
     emit(result, as_json, lambda: click.echo(yaml.safe_dump(result, sort_keys=False, width=120), nl=False))
 

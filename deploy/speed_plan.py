@@ -15,7 +15,7 @@ from lcserve.adapters.reader import LoraAdapter
 from lcserve.errors import PlanError
 from lcserve.model_facts import DTYPE_BYTES, dtype_code
 
-from .plan import PlanRequest, Reason, ServePlan
+from .plan_types import PlanRequest, Reason, ServePlan
 from .speed import (
     THETA,
     Chunk,

@@ -316,6 +316,8 @@ def plan_summary(plan: ServePlan, environ: dict[str, str]) -> list[str]:
         f"all {plan.max_num_seqs} sequences fit at once up to about {plan.max_num_seqs_fit_len:,} tokens each "
         "(`lcserve deploy plan` explains every number)"
     ]
+    if plan.speed:
+        lines.append(plan.speed["summary"])
     lines += [
         f"{k}={v}: {r.why}" for k, v in plan.env.items() for r in plan.reasons if r.setting == k and k not in environ
     ]

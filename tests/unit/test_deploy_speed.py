@@ -266,3 +266,15 @@ def test_calibrating_an_unreachable_server_is_one_line_and_writes_nothing(tmp_pa
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert r.output.strip() == "error: http://127.0.0.1:1: unreachable (ConnectError); start the server or fix --url"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_users_file_at_out_is_refused_before_any_engine_is_asked(tmp_path):
+    """The --out check comes first: the server here is unreachable, and the error is about the file."""
+    mine = tmp_path / "notes.yaml"
+    mine.write_text("mine: true\n")
+    args = ["deploy", "calibrate", "--url", "http://127.0.0.1:1", "--no-adapter", "--profile", "cpu"]
+    r = CliRunner().invoke(cli, [*args, "--out", str(mine)])
+    assert r.exit_code == 2 and "was not written by" in r.output and "unreachable" not in r.output, r.output
+    assert mine.read_text() == "mine: true\n"
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "no-such-folder" / "cal.yaml")])
+    assert r.exit_code == 2 and "does not exist" in r.output and not (tmp_path / "no-such-folder").exists()

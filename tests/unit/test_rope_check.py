@@ -41,7 +41,16 @@ LLAMA = {
     "rope_theta": 500000.0,
     "dtype": "bfloat16",
 }
-CPU = Profile("test-cpu", "cpu", 16 * GIB, 1, 128, 16, 4, "test")
+CPU = Profile(
+    name="test-cpu",
+    kind="cpu",
+    memory_bytes=16 * GIB,
+    count=1,
+    block_size=128,
+    mla_block_size=16,
+    cores=4,
+    source="test",
+)
 
 
 def fields(config: dict, base: dict | None) -> list[str]:
