@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 from click.testing import CliRunner
 
 from lcserve.cli import cli
 from lcserve.deploy.hardware import load_profile_file
+from lcserve.deploy.measure import server_state
+from tests.integration.load import running_stream
+from tests.unit.test_supervisor import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -58,12 +60,11 @@ def test_bench_prints_predicted_against_measured(engine, calibrated):
 
 
 def test_a_busy_engine_is_refused_in_one_line(engine, tmp_path):
-    """The engine is busy for as long as a stream is open, whatever this machine's speed: the check runs
-    while one is, and closing it aborts the request."""
-    body = {"model": engine.base_model, "prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True}
+    """Busy for as long as a read stream is open, whatever this machine's speed: the check runs once
+    vLLM's own gauges count it (the figure the check reads), and closing the stream aborts it."""
     out = tmp_path / "cal.yaml"
-    with httpx.stream("POST", f"{engine.url}/v1/completions", json={**body, "stream": True}, timeout=300) as stream:
-        next(line for line in stream.iter_lines() if line.startswith("data: {"))  # running in the engine
+    with running_stream(engine.url, engine.base_model):
+        assert wait_until(lambda: server_state(engine.url)["num_requests_running"] >= 1, 120)
         r = CliRunner().invoke(cli, ["deploy", "calibrate", "--url", engine.url, "--no-adapter", "--out", str(out)])
-    assert r.exit_code == 2 and "busy" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "busy" in r.output and "Traceback" not in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and not out.exists()

@@ -14,6 +14,7 @@ from lcserve.deploy.plan import PlanRequest, plan_deployment
 from lcserve.model_config import read_model
 from lcserve.serving.capacity import predictions_from_plan
 from lcserve.serving.stack import Stack
+from tests.integration.load import running_stream
 from tests.integration.prometheus_server import PrometheusServer, prometheus_tools
 from tests.unit.test_monitoring import ALERTS, alert_rules, dashboard_exprs, metric_names
 
@@ -158,14 +159,9 @@ def test_prometheus_reads_kv_usage_and_beyond_training_length(engine, tmp_path):
             beyond_sent = asyncio.run(round_of_load())
             assert beyond_sent >= 4
 
-            # The KV cache is in use for as long as a stream is open, whatever this machine's speed: hold one
-            # (to the adapter, so the base's counters stay exact) until Prometheus has scraped it in use.
-            held = {"model": engine.adapter_model, "prompt": "Tell a long story.", "max_tokens": 4000}
-            with httpx.stream(
-                "POST", f"{stack.url}/v1/completions", json={**held, "ignore_eos": True, "stream": True}, timeout=300
-            ) as r:
-                assert r.status_code == 200
-                next(line for line in r.iter_lines() if line.startswith("data: {"))  # running in the engine
+            # The KV cache is in use for as long as a read stream is open, whatever this machine's speed: hold
+            # one (to the adapter, so the base's counters stay exact) until Prometheus has scraped it in use.
+            with running_stream(stack.url, engine.adapter_model):
                 kv = prom.wait_for("lcserve_kv_cache_usage_ratio > 0", bool, timeout_s=180)
             assert kv, "Prometheus never saw the KV cache in use"
             assert 0 < float(kv[0]["value"][1]) <= 1
