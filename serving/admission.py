@@ -5,8 +5,9 @@ restarts; a prompt that cannot fit max_model_len is cheaper to refuse here, with
 says by how much, than to send. So: 401 without the API key, 403 for adapter load/unload when no
 key is configured, 503 with Retry-After while the engine is down, 400 when prompt + requested
 output exceeds max_model_len, and 400 for a request vLLM would refuse anyway (an empty body, a
-Content-Type other than JSON, no messages or prompt, max_tokens below 1). Every refusal has vLLM's (OpenAI's) error shape, so clients parse it
-like an engine error, and the engine-side ones count in `lcserve_gateway_errors_total`.
+Content-Type other than JSON, no messages or prompt, max_tokens below 1). Every refusal has vLLM's
+(OpenAI's) error shape, so clients parse it like an engine error, and the engine-side ones count in
+`lcserve_gateway_errors_total`.
 """
 
 from __future__ import annotations
