@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lcserve.errors import PlanError
+from lcserve.errors import EngineError, PlanError
 
 from .hardware import CALIBRATED_BY, Calibration, Profile, calibration_document, profile_document
 from .measure import engine_session, run_load
@@ -185,16 +185,25 @@ def write_calibrated_profile(profile: Profile, calibration: Calibration, out: Pa
 
 
 def measure_points(
-    run: Callable[[int, int, int, bool], tuple[list[float], list[float]]], progress: Callable[[str], None], spec=POINTS
+    run: Callable[[int, int, int, bool], tuple[list[float], list[float]]],
+    progress: Callable[[str], None],
+    spec=POINTS,
+    repeats: int = REPEATS,
 ) -> list[Point]:
-    """Each point measured REPEATS times by `run(users, prompt, output, lora) -> (ttfts, gaps)`; its value
+    """Each point measured `repeats` times by `run(users, prompt, output, lora) -> (ttfts, gaps)`; its value
     is the median of the runs' means (a run slowed by another process on the machine does not count)."""
     points = []
     for i, (name, users, prompt, output, lora, quantity) in enumerate(spec, 1):
         means = []
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             ttfts, gaps = run(users, prompt, output, lora)
             values = ttfts if quantity == "ttft" else gaps
+            if not values:  # vLLM streams a chunk per token only when the token decodes to text
+                raise EngineError(
+                    f"{name}: the server streamed {output} tokens in fewer than 2 chunks, so no inter-token gap "
+                    "could be timed (its tokens decode to no text: a random test model?); calibrate on a model "
+                    "with a real tokenizer and trained weights"
+                )
             means.append(sum(values) / len(values))
         value = sorted(means)[len(means) // 2]
         runs = ", ".join(f"{m * 1e3:,.1f}" for m in means)
@@ -227,7 +236,9 @@ def log_file(prefix: str) -> Path:
     return Path(tempfile.mkstemp(prefix=f"lcserve-{prefix}-", suffix=".log")[1])
 
 
-def calibrate_on(plan: ServePlan, address: str, base: str, lora: str | None, progress) -> tuple[Figures, list]:
+def calibrate_on(
+    plan: ServePlan, address: str, base: str, lora: str | None, progress, repeats: int = REPEATS
+) -> tuple[Figures, list]:
     """Measure POINTS (the LoRA ones when an adapter is served) on the server at `address`, and fit."""
     cost = plan_cost(plan)
 
@@ -240,18 +251,20 @@ def calibrate_on(plan: ServePlan, address: str, base: str, lora: str | None, pro
         run(users, prompt, 4, False)
         if lora:
             run(1, prompt, 4, True)
-    points = measure_points(run, progress, [p for p in POINTS if lora or not p[4]])
+    points = measure_points(run, progress, [p for p in POINTS if lora or not p[4]], repeats)
     return fit(cost, start_figures(plan, cost), points, plan.max_num_seqs, plan.max_num_batched_tokens)
 
 
-def run_calibration(plan: ServePlan, adapter: Path | None, url: str | None, out: Path, progress) -> dict:
+def run_calibration(
+    plan: ServePlan, adapter: Path | None, url: str | None, out: Path, progress, repeats: int = REPEATS
+) -> dict:
     """Measure on the engine, fit, write the calibrated profile; the result as JSON."""
     with engine_session(plan, adapter, url, log_file("calibrate"), progress) as (address, base, lora):
         if adapter is not None and lora is None:
             raise PlanError(
                 f"--url {url}: the server does not serve adapter {adapter.name}; mount it or drop --adapter"
             )
-        figures, residuals = calibrate_on(plan, address, base, lora, progress)
+        figures, residuals = calibrate_on(plan, address, base, lora, progress, repeats)
     lora_ops = "segmented" if adapter and plan.profile.is_cpu else ""
     calibration = calibration_of(figures, base, model_identity(plan.model), lora_ops, residuals)
     written = write_calibrated_profile(plan.profile, calibration, out)

@@ -359,8 +359,15 @@ def engine_options(f):
     type=click.Path(path_type=Path),
     help="Profile file to write (default: $LCSERVE_HOME/profiles/PROFILE-calibrated.yaml; use it with --profile).",
 )
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Runs per point; each point is the median run (more runs: steadier on a busy machine, longer).",
+)
 @json_option
-def calibrate(model_dir, adapter_dir, no_adapter, profile, max_model_len, url, out, as_json) -> None:
+def calibrate(model_dir, adapter_dir, no_adapter, profile, max_model_len, url, out, repeats, as_json) -> None:
     """Fit the speed model's constants on the real engine (a few short points, about 3 minutes on a
     small CPU) and write them into a calibrated profile, with the fit's residuals."""
     from lcserve.paths import lcserve_home
@@ -372,7 +379,7 @@ def calibrate(model_dir, adapter_dir, no_adapter, profile, max_model_len, url, o
         out = lcserve_home() / "profiles" / f"{plan.profile.name}-calibrated.yaml"
         out.parent.mkdir(parents=True, exist_ok=True)
     check_calibration_out(out)  # before minutes of engine time, not after
-    result = run_calibration(plan, adapter, url, out, lambda line: click.echo(line, err=True))
+    result = run_calibration(plan, adapter, url, out, lambda line: click.echo(line, err=True), repeats)
     emit(result, as_json, lambda: click.echo(yaml.safe_dump(result, sort_keys=False, width=120), nl=False))
 
 

@@ -278,3 +278,15 @@ def test_a_users_file_at_out_is_refused_before_any_engine_is_asked(tmp_path):
     assert mine.read_text() == "mine: true\n"
     r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "no-such-folder" / "cal.yaml")])
     assert r.exit_code == 2 and "does not exist" in r.output and not (tmp_path / "no-such-folder").exists()
+
+
+def test_a_point_without_timed_gaps_is_one_line_not_a_crash():
+    """A random test model's tokens decode to no text, so vLLM streams them in one chunk: no gap to time."""
+    from lcserve.deploy.calibrate import POINTS, measure_points
+    from lcserve.errors import EngineError
+
+    itl_point = next(p for p in POINTS if p[-1] == "itl")
+    with pytest.raises(EngineError, match="fewer than 2 chunks, so no inter-token gap"):
+        measure_points(lambda *_: ([0.1], []), lambda _: None, [itl_point], repeats=1)
+    (point,) = measure_points(lambda *_: ([0.1], [0.02, 0.04]), lambda _: None, [itl_point], repeats=3)
+    assert point.measured_s == pytest.approx(0.03)
