@@ -10,7 +10,6 @@ import pytest
 
 from lcserve.adapters.inspection import inspect_adapter
 from lcserve.adapters.reader import read_adapter
-from lcserve.deploy.hardware import GIB, Profile
 from lcserve.deploy.plan import PlanRequest, plan_deployment
 from lcserve.model_config import read_model
 from lcserve.model_facts import MERGE_PROVENANCE
@@ -18,6 +17,7 @@ from lcserve.rope_check import TILING_KEY, rope_findings, tiled_config
 from lcserve.serving.rope_tiling import ENV_VAR, tile_length, tile_rows
 
 from .test_adapters_inspect import BASE, PLAIN, write_adapter
+from .test_deploy_plan import CPU
 
 GEMMA3 = {
     "model_type": "gemma3_text",
@@ -41,16 +41,6 @@ LLAMA = {
     "rope_theta": 500000.0,
     "dtype": "bfloat16",
 }
-CPU = Profile(
-    name="test-cpu",
-    kind="cpu",
-    memory_bytes=16 * GIB,
-    count=1,
-    block_size=128,
-    mla_block_size=16,
-    cores=4,
-    source="test",
-)
 
 
 def fields(config: dict, base: dict | None) -> list[str]:
