@@ -27,6 +27,7 @@ from lcserve.errors import EngineError, PlanError
 from .hardware import CALIBRATED_BY, Calibration, Profile, calibration_document, profile_document
 from .measure import engine_session, run_load
 from .plan import ServePlan
+from .render import to_yaml
 from .speed import Figures, ModelCost, Pattern, dot, figures_for, load_summary, median, model_identity, simulate
 from .speed_plan import plan_cost
 
@@ -176,7 +177,7 @@ def write_calibrated_profile(profile: Profile, calibration: Calibration, out: Pa
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(header + yaml.safe_dump(doc, sort_keys=False, width=120))
+            f.write(header + to_yaml(doc, width=120))
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

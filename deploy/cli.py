@@ -380,7 +380,7 @@ def calibrate(model_dir, adapter_dir, no_adapter, profile, max_model_len, url, o
         out.parent.mkdir(parents=True, exist_ok=True)
     check_calibration_out(out)  # before minutes of engine time, not after
     result = run_calibration(plan, adapter, url, out, lambda line: click.echo(line, err=True), repeats)
-    emit(result, as_json, lambda: click.echo(yaml.safe_dump(result, sort_keys=False, width=120), nl=False))
+    emit(result, as_json, lambda: click.echo(render.to_yaml(result, width=120), nl=False))
 
 
 @deploy.command()

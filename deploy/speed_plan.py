@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from lcserve.adapters.reader import LoraAdapter
 from lcserve.errors import PlanError
-from lcserve.model_facts import DTYPE_BYTES, dtype_code
+from lcserve.model_facts import DTYPE_BYTES, cdiv, dtype_code
 
 from .plan_types import PlanRequest, Reason, ServePlan
 from .speed import (
@@ -109,7 +109,8 @@ def predict(cost: ModelCost, figures: Figures, req: SpeedRequest, reason) -> tup
         doc[key] = round(sim.ttfts()[0] * 1e3, 1)
 
     if req.training_len:
-        ttft(min(req.training_len, req.max_model_len), "TTFT at the training length", "ttft_ms_training_len")
+        doc["training_len"] = min(req.training_len, req.max_model_len)
+        ttft(doc["training_len"], "TTFT at the training length", "ttft_ms_training_len")
     ttft(req.max_model_len - 1, "TTFT at max_model_len", "ttft_ms_max_model_len")
     for batch, key in ((1, "itl_ms_batch_1"), (req.batch, "itl_ms_largest_batch")):
         seconds, text = _decode_step(cost, figures, batch, p.prompt + p.output // 2, lora)
@@ -294,7 +295,7 @@ def _meet_targets(
     chosen.reasons.append(Reason("max_num_seqs for the latency targets", str(n), why))
     chosen.speed = (chosen.speed or {}) | {"targets": {"ttft_ms": request.slo_ttft_ms, "itl_ms": request.slo_itl_ms}}
     if request.target_concurrency:
-        chosen.replicas = -(-request.target_concurrency // n)
+        chosen.replicas = cdiv(request.target_concurrency, n)
         chosen.reasons.append(
             Reason(
                 "replicas",

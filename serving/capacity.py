@@ -84,7 +84,7 @@ class Predictions:
     calibrated: bool
 
 
-def predictions_from_plan(speed: dict | None, max_model_len: int, training_len: int | None) -> Predictions | None:
+def predictions_from_plan(speed: dict | None, max_model_len: int) -> Predictions | None:
     """The exporter's view of a plan's `speed` (deploy/speed_plan.py `predict`); None without one.
     The latency term compares with the slowest decode the plan expects: its largest batch alone, or
     its planned load, where prompt chunks share the decode steps."""
@@ -92,8 +92,8 @@ def predictions_from_plan(speed: dict | None, max_model_len: int, training_len: 
         return None
     load = speed.get("load") or {}
     ttft = {(max_model_len - 1, 1): speed["ttft_ms_max_model_len"] / 1e3}
-    if training_len and "ttft_ms_training_len" in speed:
-        ttft[(min(training_len, max_model_len), 1)] = speed["ttft_ms_training_len"] / 1e3
+    if "ttft_ms_training_len" in speed:
+        ttft[(speed["training_len"], 1)] = speed["ttft_ms_training_len"] / 1e3
     itl = {1: speed["itl_ms_batch_1"] / 1e3, speed["largest_batch"]: speed["itl_ms_largest_batch"] / 1e3}
     if load:
         ttft[(load["prompt"], load["users"])] = load["ttft_ms_p50"] / 1e3

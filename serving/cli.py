@@ -463,11 +463,7 @@ def run(
         api_key=api_key,
         training_lengths=launch.training_lengths,
         embedding_policies=launch.embedding_policies,
-        predictions=predictions_from_plan(
-            getattr(launch.plan, "speed", None),
-            launch.max_model_len,
-            min(launch.training_lengths.values(), default=None),
-        ),
+        predictions=predictions_from_plan(getattr(launch.plan, "speed", None), launch.max_model_len),
         log_path=log_path,
         ready_timeout_s=ready_timeout,
         probe=probe,

@@ -138,7 +138,7 @@ def test_prometheus_reads_kv_usage_and_beyond_training_length(engine, tmp_path):
     plan = plan_deployment(
         resolve_profile("cpu"), read_model(engine.model_dir), request=PlanRequest(max_model_len=engine.max_model_len)
     )
-    predictions = predictions_from_plan(plan.speed, plan.max_model_len, TRAINING_LEN)
+    predictions = predictions_from_plan(plan.speed, plan.max_model_len)
     stack = Stack(
         upstream_url=engine.url, gateway_port=0, training_lengths={model: TRAINING_LEN}, predictions=predictions
     )

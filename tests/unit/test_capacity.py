@@ -138,7 +138,7 @@ def test_predictions_come_from_the_plan(tmp_path):
     model = read_model(build_llama_3_1_8b(tmp_path / "llama-3.1-8b-writer"))
     plan = plan_deployment(resolve_profile("rtx-5090"), model, request=PlanRequest(max_model_len=64000, max_num_seqs=9))
     speed = plan.speed
-    got = c.predictions_from_plan(speed, plan.max_model_len, None)
+    got = c.predictions_from_plan(speed, plan.max_model_len)
     assert not got.calibrated
     assert got.ttft_s[(63999, 1)] == pytest.approx(speed["ttft_ms_max_model_len"] / 1e3)
     assert got.itl_s[1] == pytest.approx(speed["itl_ms_batch_1"] / 1e3)
@@ -146,4 +146,17 @@ def test_predictions_come_from_the_plan(tmp_path):
     assert got.ttft_s[(load["prompt"], load["users"])] == pytest.approx(load["ttft_ms_p50"] / 1e3)
     slowest = max(speed["itl_ms_largest_batch"], load["itl_ms_p50"]) / 1e3
     assert got.full_batch_itl_s == pytest.approx(slowest) and got.full_batch_itl_s >= got.itl_s[1]
-    assert c.predictions_from_plan(None, 64000, None) is None  # a profile without speed figures
+    assert c.predictions_from_plan(None, 64000) is None  # a profile without speed figures
+
+
+def test_the_training_length_ttft_is_the_one_the_plan_predicted(embedded_model_dir, demo_adapter):
+    """With an adapter, the plan predicts TTFT at its training length; the gauge carries that length."""
+    from lcserve.deploy.inputs import read_plan_inputs
+    from lcserve.deploy.plan import PlanRequest, plan_deployment
+
+    profile, model, adapters = read_plan_inputs(embedded_model_dir, "cpu", [demo_adapter])
+    plan = plan_deployment(profile, model, adapters, PlanRequest(max_model_len=4096, kv_cache_gib=1))
+    got = c.predictions_from_plan(plan.speed, plan.max_model_len)
+    trained = adapters[0].training_seq_len
+    assert plan.speed["training_len"] == trained
+    assert got.ttft_s[(trained, 1)] == pytest.approx(plan.speed["ttft_ms_training_len"] / 1e3)
