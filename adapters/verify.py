@@ -92,17 +92,10 @@ def verify_merge(
     """Compare the merged model with base + adapter (PEFT, fp32) on a fixed prompt set."""
     import torch
     import transformers
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    merged_dir, adapter_dir, base_dir = Path(merged_dir), adapter.path, Path(base_dir)
-    for path, what in ((merged_dir, "merged model"), (base_dir, "base model")):
-        if not (path / "config.json").exists():
-            raise AdapterError(f"{path}: no config.json; pass the {what} folder")
-    report = inspect_adapter(adapter, base_dir, allow_pickle=allow_pickle)
-    if report.verdict == Verdict.UNUSABLE:
-        raise AdapterError(f"{adapter_dir}: does not fit {base_dir}: {'; '.join(report.reasons)}")
-    _check_same_layout(merged_dir, base_dir)
+    merged_dir, base_dir = Path(merged_dir), Path(base_dir)
+    _check_inputs(merged_dir, adapter, base_dir, allow_pickle)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
@@ -114,6 +107,50 @@ def verify_merge(
     dtype = merged_dtype(merged_dir)
     rounded = TORCH_NAMES[dtype] if dtype in ROUNDING_DTYPES else None
     task = progress.add_task("verifying", total=(4 if rounded else 3) * len(prompts)) if progress else None
+    run = _logits_runner(prompts, progress, task)
+    reference, plain, floor = _peft_logits(run, adapter, base_dir, merged_dir, rounded)
+    tol = max(MIN_TOLERANCE, FLOOR_MARGIN * floor) if tolerance is None else tolerance
+    merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    merged_model.eval()
+    merged = run(merged_model)
+    del merged_model
+    checks = _prompt_checks(prompts, reference, merged, plain)
+    positions = sum(c.positions for c in checks)
+    agreement = sum(c.top1_agreement * c.positions for c in checks) / positions
+    worst = max(c.max_abs_diff for c in checks)
+    return VerifyResult(
+        merged_dir=str(merged_dir),
+        adapter_dir=str(adapter.path),
+        base_dir=str(base_dir),
+        merged_dtype=dtype,
+        training_seq_len=trained,
+        long_prompt_tokens=max(len(ids) for _, ids in prompts),
+        tolerance=tol,
+        min_top1_agreement=MIN_TOP1_AGREEMENT,
+        rounding_floor=floor,
+        max_abs_diff=worst,
+        top1_agreement=agreement,
+        adapter_effect=max(c.adapter_effect for c in checks),
+        passed=worst <= tol and agreement >= MIN_TOP1_AGREEMENT,
+        prompts=checks,
+    )
+
+
+def _check_inputs(merged_dir: Path, adapter: LoraAdapter, base_dir: Path, allow_pickle: bool) -> None:
+    """Refuse, before any model loads, folders that are not models, an adapter that does not fit
+    the base, and a merged model whose tensors are not the base's."""
+    for path, what in ((merged_dir, "merged model"), (base_dir, "base model")):
+        if not (path / "config.json").exists():
+            raise AdapterError(f"{path}: no config.json; pass the {what} folder")
+    report = inspect_adapter(adapter, base_dir, allow_pickle=allow_pickle)
+    if report.verdict == Verdict.UNUSABLE:
+        raise AdapterError(f"{adapter.path}: does not fit {base_dir}: {'; '.join(report.reasons)}")
+    _check_same_layout(merged_dir, base_dir)
+
+
+def _logits_runner(prompts: list[tuple[str, list[int]]], progress, task):
+    """A function that runs a model over the prompts: the last COMPARED_POSITIONS logits of each, in fp32."""
+    import torch
 
     def run(model) -> list:
         out = []
@@ -125,8 +162,18 @@ def verify_merge(
                     progress.advance(task)
         return out
 
+    return run
+
+
+def _peft_logits(run, adapter: LoraAdapter, base_dir: Path, merged_dir: Path, rounded: str | None):
+    """(reference, plain, floor): base + adapter in PEFT (fp32, at the merge's scale), the base alone,
+    and the rounding floor (how far an exact merge rounded once to `rounded` moves the logits; 0 without)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = scaled_as_merged(PeftModel.from_pretrained(base_model, adapter_dir), merged_dir)
+    peft_model = scaled_as_merged(PeftModel.from_pretrained(base_model, adapter.path), merged_dir)
     peft_model.eval()
     reference = run(peft_model)
     with peft_model.disable_adapter():
@@ -138,15 +185,11 @@ def verify_merge(
         floor = max(float((ref - got).abs().max()) for ref, got in zip(reference, run(exact)))
         del exact
     del peft_model, base_model
-    if tolerance is None:
-        tol = max(MIN_TOLERANCE, FLOOR_MARGIN * floor)
-    else:
-        tol = tolerance
-    merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-    merged_model.eval()
-    merged = run(merged_model)
-    del merged_model
+    return reference, plain, floor
 
+
+def _prompt_checks(prompts, reference: list, merged: list, plain: list) -> list[PromptCheck]:
+    """Per prompt: the merged model's logits against PEFT's, and PEFT's against the plain base."""
     checks = []
     for (name, ids), ref, got, base in zip(prompts, reference, merged, plain):
         diff = (ref - got).abs()
@@ -161,25 +204,7 @@ def verify_merge(
                 adapter_effect=float((ref - base).abs().max()),
             )
         )
-    positions = sum(c.positions for c in checks)
-    agreement = sum(c.top1_agreement * c.positions for c in checks) / positions
-    worst = max(c.max_abs_diff for c in checks)
-    return VerifyResult(
-        merged_dir=str(merged_dir),
-        adapter_dir=str(adapter_dir),
-        base_dir=str(base_dir),
-        merged_dtype=dtype,
-        training_seq_len=trained,
-        long_prompt_tokens=max(len(ids) for _, ids in prompts),
-        tolerance=tol,
-        min_top1_agreement=MIN_TOP1_AGREEMENT,
-        rounding_floor=floor,
-        max_abs_diff=worst,
-        top1_agreement=agreement,
-        adapter_effect=max(c.adapter_effect for c in checks),
-        passed=worst <= tol and agreement >= MIN_TOP1_AGREEMENT,
-        prompts=checks,
-    )
+    return checks
 
 
 # An fp32 merge of an embedding model moves its vectors by float error only: 1 - cosine stays near

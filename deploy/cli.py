@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import click
@@ -14,10 +15,10 @@ from lcserve.errors import PlanError
 from lcserve.model_config import is_embedding_model, require_weights
 from lcserve.output import emit, json_option
 
-from . import render
+from . import render, settings
 from .hardware import detect, list_profiles
 from .inputs import read_plan_inputs
-from .plan import TRAINING_RATIO_WARN, PlanRequest, ServePlan, plan_deployment
+from .plan import PlanRequest, ServePlan, plan_deployment
 from .pooling import PoolingPlan, plan_pooling
 from .targets import TARGETS
 
@@ -63,7 +64,8 @@ def profiles(as_json: bool) -> None:
 
 
 def plan_options(f):
-    """The options shared by `plan` and `check`."""
+    """The options of the commands that plan (`plan`, `render`, `check`): the inputs, every setting
+    declared in deploy/settings.py, and vLLM arguments after `--` (the planned ones are planned with)."""
     for decorate in reversed(
         [
             click.option(
@@ -74,7 +76,7 @@ def plan_options(f):
                 "the config). Default: the embedded Gemma 3 270M.",
             ),
             options.profile,
-            click.option("--gpus", type=click.IntRange(min=1), help="GPUs per node (overrides the profile's count)."),
+            options.gpus,
             click.option(
                 "--adapter",
                 "adapter_dirs",
@@ -82,78 +84,9 @@ def plan_options(f):
                 type=click.Path(path_type=Path),
                 help="PEFT adapter folder to serve (repeatable): sets max_loras, max_lora_rank, LoRA buffers.",
             ),
-            options.max_model_len,
-            options.max_num_seqs,
-            options.full_context_requests,
-            options.kv_cache_dtype,
-            options.option(
-                "--tensor-parallel-size",
-                "--tp",
-                "tensor_parallel_size",
-                type=click.IntRange(min=1),
-                help="Tensor-parallel size. Default: the smallest that fits.",
-            ),
-            options.option(
-                "--pipeline-parallel-size",
-                "--pp",
-                "pipeline_parallel_size",
-                type=click.IntRange(min=1),
-                help="Pipeline-parallel size (default: --nodes, one stage per node).",
-            ),
-            click.option(
-                "--nodes",
-                type=click.IntRange(min=1),
-                default=1,
-                show_default=True,
-                help="Nodes per replica, each with --gpus GPUs: TP within a node, one pipeline stage per node.",
-            ),
-            click.option(
-                "--target-concurrency",
-                type=click.IntRange(min=1),
-                help="Requests of max_model_len to serve at once over all replicas: sets the replica count.",
-            ),
-            options.rope_scaling,
-            click.option(
-                "--training-len",
-                type=click.IntRange(min=1),
-                help="Adapter training sequence length (instead of what its metadata says).",
-            ),
-            click.option(
-                "--train-ratio-warn",
-                type=float,
-                default=TRAINING_RATIO_WARN,
-                show_default=True,
-                help="Warn when max_model_len / training length exceeds this.",
-            ),
-            click.option(
-                "--kv-cache-gib", type=int, help="CPU: fix VLLM_CPU_KVCACHE_SPACE (GiB) instead of sizing it."
-            ),
-        ]
-    ):
-        f = decorate(f)
-    return speed_options(f)
-
-
-def speed_options(f):
-    """The options of the speed predictions: the load they are for, and latency targets."""
-    for decorate in reversed(
-        [
-            click.option(
-                "--slo-ttft-ms",
-                type=float,
-                help="Median time to first token to meet (ms): the plan chooses max_num_seqs (and, with "
-                "--target-concurrency, the replicas) from its speed model, or refuses with the best achievable.",
-            ),
-            click.option(
-                "--slo-itl-ms", type=float, help="Median inter-token latency to meet (ms); see --slo-ttft-ms."
-            ),
-            click.option(
-                "--expected-prompt-len",
-                type=int,
-                help="Prompt tokens of the load the speed predictions are for (default: the adapter's training "
-                "length, else min(1024, max_model_len / 2)).",
-            ),
-            click.option("--expected-output-len", type=int, help="Output tokens of that load (default 128)."),
+            settings.options(settings.DEPLOY),
+            options.training_len,
+            click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED),
         ]
     ):
         f = decorate(f)
@@ -161,30 +94,33 @@ def speed_options(f):
 
 
 def read_and_plan(
-    model_dir, profile, gpus, adapter_dirs, training_len, train_ratio_warn, **request
-) -> ServePlan | PoolingPlan:
-    """Read the inputs and plan; `request` holds the PlanRequest fields the options set. An embedding
-    model gets its PoolingPlan (no KV cache; the long-input policy is chosen at serve time)."""
+    model_dir, profile, gpus, adapter_dirs, training_len, vllm_args=(), **values
+) -> tuple[ServePlan | PoolingPlan, tuple[str, ...]]:
+    """Read the inputs and plan; `values` are the settings' options. Returns the plan and the vLLM
+    arguments left after the planned ones were taken. An embedding model gets its PoolingPlan (no KV
+    cache; the long-input policy is chosen at serve time)."""
+    request, rest = settings.take_vllm_args(PlanRequest(**values), tuple(vllm_args))
     if model_dir is None:
         from lcserve.embedded import embedded_model_path
 
         model_dir = embedded_model_path()
     if is_embedding_model(model_dir):
         hardware, model, _ = read_plan_inputs(model_dir, profile, (), gpus)
-        return plan_pooling(hardware, model, PlanRequest(**request), "reject", training_len)
+        return plan_pooling(hardware, model, request, "reject", training_len), rest
     hardware, model, adapters = read_plan_inputs(model_dir, profile, adapter_dirs, gpus, training_len)
-    return plan_deployment(hardware, model, adapters, PlanRequest(training_ratio_warn=train_ratio_warn, **request))
+    return plan_deployment(hardware, model, adapters, request), rest
 
 
-def build_plan(**kwargs) -> ServePlan:
-    """The KV-cache plan of a generative model, for the commands that know no other."""
-    result = read_and_plan(**kwargs)
+def build_plan(**kwargs) -> tuple[ServePlan, tuple[str, ...]]:
+    """The KV-cache plan of a generative model, for the commands that know no other, and the vLLM
+    arguments left to pass through."""
+    result, rest = read_and_plan(**kwargs)
     if isinstance(result, PoolingPlan):
         raise PlanError(
             f"{result.model.path} is an embedding model: `deploy render` and `deploy check` know generative models "
             "(a KV cache) only so far; `lcserve deploy plan --model` prints its plan and `lcserve serve` serves it"
         )
-    return result
+    return result, rest
 
 
 @deploy.command()
@@ -208,13 +144,19 @@ def plan(as_json: bool, fmt: str, config_out: Path | None, port: int, **kwargs) 
     that fits at no context, a TP size the heads do not divide) fail with the largest
     feasible value.
     """
-    result = read_and_plan(**kwargs)
+    result, rest = read_and_plan(**kwargs)
+    if rest and (fmt in ("yaml", "env") or config_out):
+        raise click.UsageError(
+            f"--format {fmt if fmt in ('yaml', 'env') else 'yaml'} holds the plan's own settings; vLLM arguments "
+            f"after -- ({' '.join(rest)}) go on vLLM's command line: use --format args or shell"
+        )
     if isinstance(result, PoolingPlan):
         pooled = result
         if fmt not in ("table", "json", "args") or config_out:
             raise click.UsageError("an embedding model's plan prints as --format table, json or args")
-        lines = [pooled.shell_args()] if fmt == "args" else [*pooled.summary(), "vLLM: " + pooled.shell_args()]
-        emit(pooled.to_json(), as_json or fmt == "json", lambda: click.echo("\n".join(lines)))
+        argv = shlex.join([*pooled.vllm_args(), *rest])
+        lines = [argv] if fmt == "args" else [*pooled.summary(), "vLLM: " + argv]
+        emit(with_passthrough(pooled.to_json(), rest), as_json or fmt == "json", lambda: click.echo("\n".join(lines)))
         return
     if config_out:
         if not config_out.parent.is_dir():
@@ -224,17 +166,22 @@ def plan(as_json: bool, fmt: str, config_out: Path | None, port: int, **kwargs) 
             )
         config_out.write_text(render.vllm_config_yaml(result))
     if as_json or fmt == "json":
-        emit(result.to_json(), as_json=True)
+        emit(with_passthrough(result.to_json(), rest), as_json=True)
     elif fmt == "args":
-        click.echo(result.shell_args())
+        click.echo(shlex.join([*result.vllm_args(), *rest]))
     elif fmt == "yaml":
         click.echo(render.vllm_config_yaml(result), nl=False)
     elif fmt == "env":
         click.echo(render.env_lines(result))
     elif fmt == "shell":
-        click.echo(render.serve_line(result, port))
+        click.echo(render.serve_line(result, port, rest))
     else:
-        render.print_plan(result, Console(), port)
+        render.print_plan(result, Console(), port, rest)
+
+
+def with_passthrough(plan_json: dict, rest: tuple[str, ...]) -> dict:
+    """The plan's JSON and the vLLM arguments that go after the plan's own, as `serve` passes them."""
+    return {**plan_json, "passed_through": list(rest)} if rest else plan_json
 
 
 @deploy.command("render")
@@ -254,13 +201,14 @@ def render_command(target, out, force, name, image, served_model_name, as_json, 
     if target == "dockerfile":  # the images do not depend on a plan
         files, result = dockerfiles(), None
     else:
-        result = build_plan(**kwargs)
+        result, rest = build_plan(**kwargs)
         monitoring = Path(__file__).parent / "monitoring"
         release = Release(
             name=name,
             image=image,
             served_model_name=served_model_name or result.model.path.name,
             adapters=tuple(Path(d).name for d in kwargs["adapter_dirs"]),
+            vllm_args=rest,
             alerts=yaml.safe_load((monitoring / "alerts.yml").read_text()),
             dashboard=(monitoring / "grafana-dashboard.json").read_text(),
         )
@@ -288,9 +236,9 @@ def check(timeout: float, as_json: bool, **kwargs) -> None:
     """
     from .measure import measure_capacity
 
-    result = build_plan(**kwargs)
+    result, rest = build_plan(**kwargs)
     require_weights(result.model)  # before vLLM starts: a folder planned from config.json alone cannot load
-    measured = measure_capacity(result.model.path, result, timeout_s=timeout)
+    measured = measure_capacity(result.model.path, result, timeout_s=timeout, extra_args=rest)
     rows = {
         "kv_cache_tokens": (result.kv_tokens, measured.kv_tokens),
         "max_concurrency": (round(result.max_concurrency, 2), measured.max_concurrency),
@@ -317,13 +265,12 @@ def _engine_plan(model_dir, adapter_dir, no_adapter, profile, max_model_len):
     if adapter_dir is None and model_dir is None and not no_adapter and demo_adapter_dir().is_dir():
         adapter_dir = demo_adapter_dir()
     adapter = None if no_adapter else adapter_dir
-    plan = build_plan(
+    plan, _ = build_plan(
         model_dir=model_dir,
         profile=profile,
         gpus=None,
         adapter_dirs=(adapter,) if adapter else (),
         training_len=None,
-        train_ratio_warn=TRAINING_RATIO_WARN,
         max_model_len=max_model_len,
     )
     return plan, Path(adapter) if adapter else None

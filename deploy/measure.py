@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import random
 import re
@@ -51,9 +52,9 @@ def parse_capacity(log_text: str) -> Measured | None:
 
 
 def measure_capacity(
-    model_dir: Path, plan: ServePlan, timeout_s: float = 900, log_path: Path | None = None
+    model_dir: Path, plan: ServePlan, timeout_s: float = 900, log_path: Path | None = None, extra_args=()
 ) -> Measured:
-    """Start vLLM with `plan` on `model_dir`, return its logged KV capacity, stop it."""
+    """Start vLLM with `plan` (and `extra_args` after it) on `model_dir`, return its logged KV capacity, stop it."""
     log_path = Path(log_path or tempfile.mkstemp(prefix="lcserve-measure-", suffix=".log")[1])
     # Another engine on this machine may hold the cores vLLM would bind; binding only affects speed.
     bind = {} if "VLLM_CPU_OMP_THREADS_BIND" in os.environ else {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
@@ -61,7 +62,7 @@ def measure_capacity(
         model=str(model_dir),
         served_model_name=Path(model_dir).name,
         port=free_port(),
-        args=["--enforce-eager", "--skip-tokenizer-init", *plan.vllm_args()],
+        args=["--enforce-eager", "--skip-tokenizer-init", *plan.vllm_args(), *extra_args],
         env={**bind, **plan.env},
     )
     engine = EngineProcess(spec, log_path)
@@ -98,7 +99,8 @@ class LoadRun:
     output: int
     rounds: int
     ttfts: tuple[float, ...]
-    itls: tuple[float, ...]
+    itls: tuple[float, ...]  # every inter-token gap, as the client saw it
+    tpots: tuple[float, ...]  # each request's mean gap: robust where the server sends tokens in bursts
     output_tokens: int
     seconds: float
 
@@ -112,13 +114,17 @@ _PROMPTS = itertools.count()  # every prompt of this process is drawn from a new
 
 def prompt_ids(prompt: int, vocab_size: int) -> list[int]:
     """`prompt` token ids drawn from the ordinary vocabulary, from a seed no other prompt of this
-    process used: no prompt shares a cached prefix block with another (vLLM caches prefixes by default)."""
+    process used: no prompt shares a cached prefix block with another (vLLM caches prefixes by default).
+    The vocabulary's ends (special and rare tokens) are left out: 1000 ids each, or an eighth of a small one."""
     rng = random.Random(f"lcserve-{os.getpid()}-{next(_PROMPTS)}")
-    return [rng.randrange(1000, max(vocab_size - 1000, 1001)) for _ in range(prompt)]
+    margin = min(1000, vocab_size // 8)
+    return [rng.randrange(margin, vocab_size - margin) for _ in range(prompt)]
 
 
 async def _stream(client: httpx.AsyncClient, url: str, model: str, ids: list[int], output: int) -> tuple:
-    """(TTFT, gaps) of one streamed completion of exactly `output` tokens."""
+    """(TTFT, gaps) of one streamed completion of exactly `output` tokens. A chunk may carry several
+    tokens (the server coalesces outputs its client has not read yet, and a token with no text of its
+    own rides with the next), so each chunk's gap is shared among its tokens, counted by id."""
     body = {
         "model": model,
         "prompt": ids,
@@ -127,19 +133,32 @@ async def _stream(client: httpx.AsyncClient, url: str, model: str, ids: list[int
         "ignore_eos": True,
         "temperature": 0,
         "stream": True,
+        "return_token_ids": True,
     }
     start = time.perf_counter()
-    stamps: list[float] = []
+    chunks: list[tuple[float, int]] = []  # (arrival, tokens in the chunk)
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         if response.status_code != 200:
             detail = (await response.aread()).decode(errors="replace")[:300]
             raise EngineError(f"{url}: completion failed with HTTP {response.status_code}: {detail}")
         async for line in response.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                stamps.append(time.perf_counter())
-    if not stamps:
+                event = json.loads(line[6:])
+                if "error" in event:  # vLLM reports a failure inside an accepted stream as an event
+                    raise EngineError(f"{url}: the completion failed: {str(event['error'])[:300]}")
+                choices = event.get("choices") or [{}]
+                tokens = len(choices[0].get("token_ids") or ())
+                if tokens:
+                    chunks.append((time.perf_counter(), tokens))
+    if not chunks:
         raise EngineError(f"{url}: the completion streamed no token")
-    return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])]
+    return chunks[0][0] - start, token_gaps(chunks)
+
+
+def token_gaps(chunks: list[tuple[float, int]]) -> list[float]:
+    """One gap per token after the first chunk: a chunk of n tokens shares its gap n ways (the first
+    chunk's extra tokens are not timed, they count in the TTFT)."""
+    return [(b - a) / n for (a, _), (b, n) in zip(chunks, chunks[1:]) for _ in range(n)]
 
 
 async def _load(url: str, model: str, users: int, prompt: int, output: int, rounds: int, vocab: int):
@@ -171,6 +190,7 @@ def run_load(
         rounds,
         tuple(t for t, _ in flat),
         tuple(g for _, gaps in flat for g in gaps),
+        tuple(sum(gaps) / len(gaps) for _, gaps in flat if gaps),
         users * rounds * output,
         seconds,
     )
@@ -191,15 +211,23 @@ def server_state(url: str) -> dict:
     return {"models": [m["id"] for m in data], "adapters": [m["id"] for m in data if m.get("parent")], **counts}
 
 
+def has_tokenizer(model_dir: Path) -> bool:
+    return any(
+        (Path(model_dir) / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    )
+
+
 def start_engine(model_dir: Path, plan: ServePlan, extra_args: list[str], env: dict, log_path: Path) -> EngineProcess:
     """vLLM with `plan` on this machine (eager on the CPU build), ready to serve; EngineError if not."""
     bind = {} if "VLLM_CPU_OMP_THREADS_BIND" in os.environ else {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     eager = ["--enforce-eager"] if plan.profile.is_cpu else []
+    # the load sends token ids and counts token ids back, so a folder without a tokenizer (a random test model) serves too
+    no_tokenizer = [] if has_tokenizer(model_dir) else ["--skip-tokenizer-init"]
     spec = EngineSpec(
         model=str(model_dir),
         served_model_name=Path(model_dir).name,
         port=free_port(),
-        args=[*eager, *plan.vllm_args(), *extra_args],
+        args=[*eager, *no_tokenizer, *plan.vllm_args(), *extra_args],
         env={**bind, **plan.env, **env},
     )
     engine = EngineProcess(spec, log_path)

@@ -1,20 +1,24 @@
 """The plan's values: what the user asked for (`PlanRequest`) and what the planner decided, each
 number with its `Reason` (`ServePlan`), with the renderings every output shares (vLLM options and
-arguments, JSON). The planner (`plan.py`) and the speed predictions (`speed_plan.py`) both build on them.
+arguments, JSON). The planner (`plan.py` and its steps), the pooling plan (`pooling.py`) and the speed
+predictions (`speed_plan.py`) all build on them.
 """
 
 from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from lcserve.model_config import ModelInfo
+from lcserve.model_facts import GIB
 from lcserve.vllm_rules import lora_options, option_args
 
 from .hardware import Profile
 from .kv import Capacity, KVLayout
 
 TRAINING_RATIO_WARN = 4.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,48 @@ class Reason:
     setting: str
     value: str
     why: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Explained:
+    """What a step of the plan says with its choice: the reasons behind it and the warnings it raises."""
+
+    reasons: tuple[Reason, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Choice(Explained, Generic[T]):
+    """One value a step chose, explained."""
+
+    value: T
+
+
+def gib(n: int | float) -> str:
+    """Bytes as the reasons and errors print them."""
+    return f"{n / GIB:.2f} GiB"
+
+
+class PlanOutput:
+    """The renderings a plan shares with every other plan: its `vllm_options()` as arguments, as one
+    shell string, and its reasons as JSON."""
+
+    reasons: list[Reason]
+
+    def vllm_options(self) -> dict:
+        """Each plan's own vLLM options (long names without dashes)."""
+        raise NotImplementedError
+
+    def vllm_args(self) -> list[str]:
+        """The plan as vLLM command-line arguments (no model, host or port)."""
+        return [a for key, value in self.vllm_options().items() for a in option_args(key, value)]
+
+    def shell_args(self) -> str:
+        """`vllm_args()` quoted for a shell, as one string (the environment is the caller's: `env`)."""
+        return shlex.join(self.vllm_args())
+
+    def reasons_json(self) -> list[dict]:
+        return [{"setting": r.setting, "value": r.value, "why": r.why} for r in self.reasons]
 
 
 @dataclass(frozen=True)
@@ -33,7 +79,7 @@ class LoraPlan:
 
 
 @dataclass
-class ServePlan:
+class ServePlan(PlanOutput):
     model: ModelInfo
     profile: Profile
     max_model_len: int
@@ -106,13 +152,6 @@ class ServePlan:
             opts["hf-overrides"] = self.hf_overrides
         return opts
 
-    def vllm_args(self) -> list[str]:
-        """The plan as vLLM command-line arguments (no model, host or port)."""
-        return [a for key, value in self.vllm_options().items() for a in option_args(key, value)]
-
-    def shell_args(self) -> str:
-        return " ".join(shlex.quote(a) for a in self.vllm_args())
-
     def to_json(self) -> dict:
         return {
             "model": str(self.model.path),
@@ -154,7 +193,7 @@ class ServePlan:
             "env": self.env,
             "vllm_args": self.vllm_args(),
             "warnings": self.warnings,
-            "reasons": [{"setting": r.setting, "value": r.value, "why": r.why} for r in self.reasons],
+            "reasons": self.reasons_json(),
             "speed": self.speed,
         }
 

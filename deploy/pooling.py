@@ -8,20 +8,19 @@ for good), the tokens of one batch, and whether the weights fit. Every choice ha
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 
 from lcserve.errors import PlanError
 from lcserve.model_config import ModelInfo
 from lcserve.model_facts import GIB
-from lcserve.vllm_rules import option_args
 
+from .device import batch_sizes
 from .hardware import Profile
-from .plan import PlanRequest, Reason, batch_sizes
+from .plan_types import Choice, Explained, PlanOutput, PlanRequest, Reason
 
 
 @dataclass
-class PoolingPlan:
+class PoolingPlan(PlanOutput):
     model: ModelInfo
     profile: Profile
     max_model_len: int
@@ -46,13 +45,6 @@ class PoolingPlan:
             opts["hf-overrides"] = self.hf_overrides
         return opts
 
-    def vllm_args(self) -> list[str]:
-        return [a for key, value in self.vllm_options().items() for a in option_args(key, value)]
-
-    def shell_args(self) -> str:
-        """The environment and arguments as one shell line."""
-        return " ".join([*(f"{k}={v}" for k, v in self.env.items()), *map(shlex.quote, self.vllm_args())])
-
     def to_json(self) -> dict:
         return {
             "model": str(self.model.path),
@@ -74,7 +66,7 @@ class PoolingPlan:
             },
             "vllm_args": self.vllm_args(),
             "env": self.env,
-            "reasons": [{"setting": r.setting, "value": r.value, "why": r.why} for r in self.reasons],
+            "reasons": self.reasons_json(),
             "warnings": self.warnings,
         }
 
@@ -88,17 +80,62 @@ class PoolingPlan:
         ]
 
 
+@dataclass(frozen=True)
+class PoolingLength(Explained):
+    """max_model_len, and the `--hf-overrides` that lift vLLM's cap to it."""
+
+    max_model_len: int
+    hf_overrides: dict | None
+
+
+@dataclass(frozen=True)
+class PoolingMemory(Explained):
+    """The dtype (None: vLLM's choice) and the environment the pooling runner needs."""
+
+    dtype: str | None
+    env: dict[str, str]
+
+
 def plan_pooling(
     profile: Profile, model: ModelInfo, request: PlanRequest, policy: str, training_len: int | None = None
 ) -> PoolingPlan:
     """The pooling runner's settings for an embedding model; PlanError naming the setting when one cannot be met."""
-    pooling = model.pooling
-    reasons = [Reason("runner", "pooling", f"{model.architecture} is an embedding model ({_pooling_words(model)})")]
-    trained = training_len or pooling.training_len
-    source = "--training-len" if training_len else pooling.training_len_source
-    reasons.append(Reason("training_len", str(trained), source))
-    positions = model.max_position_embeddings
-    derived = model.derived_max_len
+    trained = pooling_runner(model, training_len)
+    length = pooling_max_model_len(model, request, trained.value, policy)
+    batched = pooling_batched_tokens(profile, model, request, length.max_model_len)
+    memory = pooling_memory(profile, model, request)
+    steps = (trained, length, batched, memory)
+    return PoolingPlan(
+        model=model,
+        profile=profile,
+        max_model_len=length.max_model_len,
+        max_num_batched_tokens=batched.value,
+        max_num_seqs=request.max_num_seqs,
+        dtype=memory.dtype,
+        training_len=trained.value,
+        policy=policy,
+        hf_overrides=length.hf_overrides,
+        env=memory.env,
+        reasons=[r for step in steps for r in step.reasons],
+        warnings=[w for step in steps for w in step.warnings],
+    )
+
+
+def pooling_runner(model: ModelInfo, training_len: int | None) -> Choice[int | None]:
+    """The runner (pooling: the model embeds), and the length it was trained on (--training-len first)."""
+    trained = training_len or model.pooling.training_len
+    source = "--training-len" if training_len else model.pooling.training_len_source
+    reasons = (
+        Reason("runner", "pooling", f"{model.architecture} is an embedding model ({_pooling_words(model)})"),
+        Reason("training_len", str(trained), source),
+    )
+    return Choice(trained, reasons=reasons)
+
+
+def pooling_max_model_len(model: ModelInfo, request: PlanRequest, trained: int | None, policy: str) -> PoolingLength:
+    """The requested length, else vLLM's derived maximum; never past the model's absolute positions.
+    Above vLLM's cap, `--hf-overrides model_max_length` lifts it."""
+    positions, derived = model.max_position_embeddings, model.derived_max_len
     wanted = request.max_model_len or derived
     if positions and wanted > positions:
         raise PlanError(
@@ -110,56 +147,54 @@ def plan_pooling(
     overrides = None
     if wanted > derived:
         overrides = {"model_max_length": wanted}
-        reasons.append(
-            Reason(
-                "max_model_len",
-                str(wanted),
-                f"requested; vLLM caps it at {model.derived_max_len_reason}, and --hf-overrides "
-                f"model_max_length={wanted} lifts that cap (vLLM allows a max_model_len up to the config's "
-                f"model_max_length), within the model's {positions} positions",
-            )
+        why = (
+            f"requested; vLLM caps it at {model.derived_max_len_reason}, and --hf-overrides "
+            f"model_max_length={wanted} lifts that cap (vLLM allows a max_model_len up to the config's "
+            f"model_max_length), within the model's {positions} positions"
         )
     else:
-        reasons.append(
-            Reason(
-                "max_model_len",
-                str(wanted),
-                "requested" if request.max_model_len else f"vLLM's derived maximum ({model.derived_max_len_reason})",
-            )
-        )
-    warnings = []
+        why = "requested" if request.max_model_len else f"vLLM's derived maximum ({model.derived_max_len_reason})"
+    warnings = ()
     if trained and wanted > trained and policy == "reject":
-        warnings.append(
+        warnings = (
             f"inputs between {trained} (the training length) and {wanted} tokens are embedded whole, beyond what "
             "the model was trained on; `lcserve probe` measures whether retrieval holds there "
-            "(--embedding-policy truncate or chunk keeps every window within the training length)"
+            "(--embedding-policy truncate or chunk keeps every window within the training length)",
         )
+    reason = Reason("max_model_len", str(wanted), why)
+    return PoolingLength(wanted, overrides, reasons=(reason,), warnings=warnings)
+
+
+def pooling_batched_tokens(profile: Profile, model: ModelInfo, request: PlanRequest, max_model_len: int) -> Choice[int]:
+    """Tokens per batch: at least max_model_len, since the pooling runner embeds each input in one pass."""
     batch = batch_sizes(profile, model, request.max_num_seqs, request.max_num_batched_tokens)
-    batched = request.max_num_batched_tokens or max(batch.default_batched, wanted)
-    if batched < wanted:
+    batched = request.max_num_batched_tokens or max(batch.default_batched, max_model_len)
+    if batched < max_model_len:
         raise PlanError(
-            f"{{max_num_batched_tokens}} {batched} is below {{max_model_len}} {wanted}: vLLM's pooling runner does not "
-            "split an input across batches (no chunked prefill); raise it to at least max_model_len",
+            f"{{max_num_batched_tokens}} {batched} is below {{max_model_len}} {max_model_len}: vLLM's pooling "
+            "runner does not split an input across batches (no chunked prefill); raise it to at least max_model_len",
             "max_num_batched_tokens",
         )
-    reasons.append(
-        Reason(
-            "max_num_batched_tokens",
-            str(batched),
-            "requested"
-            if request.max_num_batched_tokens
-            else f"{batch.why_batched.split(',')[0]}, at least max_model_len "
-            "(the pooling runner embeds each input in one pass)",
-        )
+    why = (
+        "requested"
+        if request.max_num_batched_tokens
+        else f"{batch.why_batched.split(',')[0]}, at least max_model_len "
+        "(the pooling runner embeds each input in one pass)"
     )
-    reasons.append(
+    return Choice(batched, reasons=(Reason("max_num_batched_tokens", str(batched), why),))
+
+
+def pooling_memory(profile: Profile, model: ModelInfo, request: PlanRequest) -> PoolingMemory:
+    """No KV cache; float32 kept on the CPU build; the least VLLM_CPU_KVCACHE_SPACE the CPU worker
+    starts with; PlanError when the weights do not fit."""
+    reasons = [
         Reason(
             "kv_cache",
             "none",
             "encoder-only attention keeps no KV cache (vLLM allocates none for it); memory is the weights "
             f"({model.weight_bytes / GIB:.2f} GiB) and the activations of one batch",
         )
-    )
+    ]
     dtype = None
     if profile.is_cpu and set(model.param_bytes_by_dtype) - {"I64", "I32"} == {"F32"}:
         dtype = "float32"
@@ -190,20 +225,7 @@ def plan_pooling(
             f"{model.path.name} has {model.weight_bytes / GIB:.1f} GiB of weights, more than {profile.name} holds; "
             "choose a larger --profile"
         )
-    return PoolingPlan(
-        model=model,
-        profile=profile,
-        max_model_len=wanted,
-        max_num_batched_tokens=batched,
-        max_num_seqs=request.max_num_seqs,
-        dtype=dtype,
-        training_len=trained,
-        policy=policy,
-        hf_overrides=overrides,
-        env=env,
-        reasons=reasons,
-        warnings=warnings,
-    )
+    return PoolingMemory(dtype, env, reasons=tuple(reasons))
 
 
 def _pooling_words(model: ModelInfo) -> str:

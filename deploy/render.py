@@ -14,6 +14,7 @@ from lcserve.vllm_rules import option_args
 
 from .hardware import GIB, SHIPPED_DIR, Profile
 from .plan import ServePlan
+from .settings import BY_NAME, SCRIPT_ARGUMENTS, SETTINGS
 
 
 class YamlDumper(yaml.SafeDumper):
@@ -46,35 +47,31 @@ def vllm_config_yaml(plan: ServePlan) -> str:
 
 
 def env_lines(plan: ServePlan) -> str:
-    """Shell assignments for scripts: `eval "$(lcserve deploy plan ... --format env)"`."""
-    lines = [
-        f"MAX_MODEL_LEN={plan.max_model_len}",
-        f"MAX_NUM_SEQS={plan.max_num_seqs}",
-        f"GPU_MEM_UTIL={plan.gpu_memory_utilization if plan.gpu_memory_utilization is not None else 'auto'}",
-        f"VLLM_PLAN_ARGS={shlex.quote(plan.shell_args())}",
-    ]
+    """Shell assignments for scripts: `eval "$(lcserve deploy plan ... --format env)"`, one per serve_vllm.sh
+    argument the plan sets."""
+    lines = [f"{s.positional}={_script_value(plan, s.name)}" for s in SETTINGS if s.positional]
+    lines.append(f"VLLM_PLAN_ARGS={shlex.quote(plan.shell_args())}")
     lines += [f"export {k}={shlex.quote(v)}" for k, v in plan.env.items()]
     return "\n".join(lines)
 
 
-def serve_line(plan: ServePlan, port: int = 8000) -> str:
+def serve_line(plan: ServePlan, port: int = 8000, passthrough: tuple[str, ...] = ()) -> str:
     """The `./serve_vllm.sh MODEL PORT MAX_NUM_SEQS MAX_MODEL_LEN GPU_MEM_UTIL -- ...` line."""
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in plan.env.items())
-    util = plan.gpu_memory_utilization if plan.gpu_memory_utilization is not None else "auto"
-    positional = {"max-model-len", "max-num-seqs", "gpu-memory-utilization"}
-    rest = []
-    for key, value in plan.vllm_options().items():
-        if key in positional:
-            continue
-        rest += option_args(key, value)
-    line = (
-        f"./serve_vllm.sh {shlex.quote(str(plan.model.path))} {port} {plan.max_num_seqs} {plan.max_model_len} {util}"
-        + (" -- " + " ".join(shlex.quote(a) for a in rest) if rest else "")
-    )
+    positional = {BY_NAME[name].vllm_flag[2:] for name in SCRIPT_ARGUMENTS}
+    rest = [a for key, value in plan.vllm_options().items() if key not in positional for a in option_args(key, value)]
+    rest += passthrough
+    values = [shlex.quote(str(plan.model.path)), str(port), *(_script_value(plan, n) for n in SCRIPT_ARGUMENTS)]
+    line = "./serve_vllm.sh " + " ".join(values) + (" -- " + shlex.join(rest) if rest else "")
     return f"{env} {line}" if env else line
 
 
-def print_plan(plan: ServePlan, console: Console, port: int = 8000) -> None:
+def _script_value(plan: ServePlan, name: str) -> str:
+    value = getattr(plan, name)
+    return "auto" if value is None else str(value)
+
+
+def print_plan(plan: ServePlan, console: Console, port: int = 8000, passthrough: tuple[str, ...] = ()) -> None:
     m, p = plan.model, plan.profile
     console.print(
         Text.assemble(
@@ -119,9 +116,12 @@ def print_plan(plan: ServePlan, console: Console, port: int = 8000) -> None:
         console.print(Text.assemble(("warning: ", "yellow"), w))
     env = " ".join(f"{k}={v}" for k, v in plan.env.items())
     console.print(
-        Text.assemble(("vLLM arguments: ", "bold"), (env + " " if env else "") + plan.shell_args()), soft_wrap=True
+        Text.assemble(
+            ("vLLM arguments: ", "bold"), (env + " " if env else "") + shlex.join([*plan.vllm_args(), *passthrough])
+        ),
+        soft_wrap=True,
     )
-    console.print(Text.assemble(("serve_vllm.sh: ", "bold"), serve_line(plan, port)), soft_wrap=True)
+    console.print(Text.assemble(("serve_vllm.sh: ", "bold"), serve_line(plan, port, passthrough)), soft_wrap=True)
 
 
 def print_profiles(profiles: list[Profile], detected: Profile, console: Console) -> None:

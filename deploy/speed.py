@@ -261,6 +261,11 @@ class Simulation:
     def itls(self) -> list[float]:
         return [self.ends[b] - self.ends[a] for t in self.traces for a, b in zip(t.token_steps, t.token_steps[1:])]
 
+    def tpots(self) -> list[float]:
+        """Each request's mean inter-token gap (vLLM's benchmarks call it TPOT)."""
+        return [(self.ends[t.token_steps[-1]] - self.ends[t.token_steps[0]]) / (len(t.token_steps) - 1)
+                for t in self.traces if len(t.token_steps) > 1]  # fmt: skip
+
     def output_tokens_per_s(self) -> float:
         return sum(len(t.token_steps) for t in self.traces) / self.ends[-1]
 
@@ -352,6 +357,7 @@ def load_summary(sim: Simulation) -> dict:
         "ttft_ms_p90": round(percentile(ttft, 0.9) * 1e3, 1),
         "itl_ms_p50": round(median(itl) * 1e3, 2),
         "itl_ms_p90": round(percentile(itl, 0.9) * 1e3, 2),
+        "tpot_ms_p50": round(median(sim.tpots() or [0.0]) * 1e3, 2),
         "output_tokens_per_s": round(sim.output_tokens_per_s(), 1),
     }
 

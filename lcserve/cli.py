@@ -1,9 +1,10 @@
 """The `lcserve` command: composes the groups' commands, loading each only when it runs.
 
-Each group owns its commands (`adapters/cli.py`, `deploy/cli.py`, `serving/cli.py`; the
-embedded default's in `lcserve/embedded_cli.py`). The root names them in one table and imports
-a command's module only when that command is asked for, so `lcserve --help` starts without
-vLLM, torch, aiohttp or matplotlib.
+Each group owns its commands (`adapters/cli.py`, `deploy/cli.py`, `serving/cli.py`,
+`serving/gateway_cli.py`, `serving/probes/cli.py`; the embedded default's in
+`lcserve/embedded_cli.py`). The root names them in one table and imports a command's module only
+when that command is asked for, so `lcserve --help` starts without vLLM, torch, aiohttp or
+matplotlib.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ COMMANDS = {
     "serve": ("lcserve.serving.cli", "serve", "plan, launch and supervise vLLM behind the gateway (the main job)"),
     "adapters": ("lcserve.adapters.cli", "adapters", "inspect, merge, verify, mount, load and unload LoRA adapters"),
     "deploy": ("lcserve.deploy.cli", "deploy", "hardware profiles and the capacity planner, with reasons"),
-    "probe": ("lcserve.serving.cli", "probe", "long-context probes, base vs adapter"),
-    "gateway": ("lcserve.serving.cli", "gateway", "the gateway alone, in front of a vLLM started elsewhere"),
+    "probe": ("lcserve.serving.probes.cli", "probe", "long-context probes, base vs adapter"),
+    "gateway": ("lcserve.serving.gateway_cli", "gateway", "the gateway alone, in front of a vLLM started elsewhere"),
 }
 
 

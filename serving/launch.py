@@ -18,10 +18,11 @@ from lcserve.adapters.reader import LoraAdapter
 from lcserve.deploy.hardware import Profile
 from lcserve.deploy.plan import PlanRequest, ServePlan, plan_deployment
 from lcserve.deploy.pooling import PoolingPlan, plan_pooling
+from lcserve.deploy.settings import take_vllm_args
 from lcserve.engine import EngineSpec, vllm_command
 from lcserve.errors import ModelError, PlanError
 from lcserve.model_config import ModelInfo
-from lcserve.vllm_rules import human_readable_int, lora_options, options_to_args
+from lcserve.vllm_rules import lora_options, options_to_args
 
 from .cpu_lora import ENV_VAR as CPU_LORA_ENV
 from .cpu_lora import SEGMENTED
@@ -39,16 +40,9 @@ class ServeOptions:
     adapter_only: bool = False
     gateway: bool = True
     profile: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int | None = None
-    full_context_requests: int | None = None
-    gpu_memory_utilization: float | None = None
-    kv_cache_dtype: str = "auto"
-    rope_scaling: str | None = None
+    gpus: int | None = None  # GPUs per node, instead of the profile's count
+    request: PlanRequest = PlanRequest()  # the planner's settings (deploy/settings.py declares each)
     served_model_name: str | None = None
-    max_num_batched_tokens: int | None = None  # only from passed-through vLLM arguments
-    block_size: int | None = None  # only from passed-through vLLM arguments
-    tensor_parallel_size: int | None = None  # only from passed-through vLLM arguments
     vllm_args: tuple[str, ...] = ()
     dry_run: bool = False  # a dry run may describe another machine: a GPU profile on this CPU build
     embedding_policy: str = "reject"  # an embedding model's long-input policy (serving/embeddings.py)
@@ -164,7 +158,7 @@ def describe_launch(options: ServeOptions, inputs: ServeInputs) -> Launch:
         plan=plan,
         served_names=[served_name, *(a.name for a in mounted)],
         merge=merge,
-        max_model_len=plan.max_model_len if plan else options.max_model_len,
+        max_model_len=plan.max_model_len if plan else options.request.max_model_len,
         embedding_policies=policies,
     )
 
@@ -194,7 +188,10 @@ def planned_args(
         )
         args = [
             a
-            for option, value in (("--max-model-len", options.max_model_len), ("--max-num-seqs", options.max_num_seqs))
+            for option, value in (
+                ("--max-model-len", options.request.max_model_len),
+                ("--max-num-seqs", options.request.max_num_seqs),
+            )
             if value is not None
             for a in (option, str(value))
         ]
@@ -232,81 +229,27 @@ def planned_args(
         notes += plan_summary(plan, environ)
     if "VLLM_CPU_KVCACHE_SPACE" in environ and build == "cpu":
         notes.append(f"VLLM_CPU_KVCACHE_SPACE={environ['VLLM_CPU_KVCACHE_SPACE']} GiB (from the environment)")
-    if options.gpu_memory_utilization is not None:
+    if options.request.gpu_memory_utilization is not None:
         if build == "cpu":
             notes.append(
                 "--gpu-memory-utilization is ignored on the CPU build: the KV cache is sized by VLLM_CPU_KVCACHE_SPACE"
             )
         elif plan is None:
-            args += ["--gpu-memory-utilization", str(options.gpu_memory_utilization)]
+            args += ["--gpu-memory-utilization", str(options.request.gpu_memory_utilization)]
     return args, env, plan
 
 
-# vLLM flags the plan sets. Passed through, vLLM would take their last value and the plan's figures
-# would describe another engine, so the plan is made with them instead and they reach vLLM once.
-PLANNED_VLLM_FLAGS = {
-    "--max-model-len": ("max_model_len", human_readable_int),
-    "--max-num-seqs": ("max_num_seqs", int),
-    "--max-num-batched-tokens": ("max_num_batched_tokens", human_readable_int),
-    "--block-size": ("block_size", int),
-    "--kv-cache-dtype": ("kv_cache_dtype", str),
-    "--gpu-memory-utilization": ("gpu_memory_utilization", float),
-    "--tensor-parallel-size": ("tensor_parallel_size", int),
-}
-UNSET = {"kv_cache_dtype": "auto"}  # option values that mean "not given"
-
-
 def take_planned_flags(options: ServeOptions) -> ServeOptions:
-    """Move the plan's own flags from the passed-through vLLM arguments into the options; PlanError
-    when one contradicts the same setting given to lcserve."""
-    rest, taken, args, i = [], {}, list(options.vllm_args), 0
-    while i < len(args):
-        name, eq, value = args[i].partition("=")
-        flag = name.replace("_", "-") if name.startswith("--") else name
-        if flag not in PLANNED_VLLM_FLAGS:
-            rest.append(args[i])
-            i += 1
-            continue
-        if not eq:
-            if i + 1 >= len(args):
-                raise PlanError(f"the passed-through vLLM argument {flag} has no value; give one, e.g. {flag} 4096")
-            value, i = args[i + 1], i + 1
-        setting, parse = PLANNED_VLLM_FLAGS[flag]
-        try:  # vLLM's "auto" (or -1) max_model_len is the largest that fits: what the planner picks
-            parsed = None if setting == "max_model_len" and value.strip() in ("auto", "-1") else parse(value)
-        except ValueError:
-            raise PlanError(
-                f"the passed-through vLLM argument {flag} {value!r} is not a valid value; vLLM would refuse it too",
-                setting,
-            ) from None
-        own = getattr(options, setting)
-        if own not in (None, UNSET.get(setting)) and parsed is not None and own != parsed:
-            raise PlanError(
-                f"{{{setting}}} {own} and the passed-through vLLM argument {flag} {value} disagree; give "
-                "it once (vLLM would take the last one, and the plan would describe another engine)",
-                setting,
-            )
-        taken[setting] = parsed if parsed is not None else own
-        i += 1
-    return dataclasses.replace(options, vllm_args=tuple(rest), **taken)
+    """The options with the plan's own flags moved from the passed-through vLLM arguments into the request."""
+    request, rest = take_vllm_args(options.request, options.vllm_args)
+    return dataclasses.replace(options, request=request, vllm_args=rest)
 
 
 def plan_request(options: ServeOptions, inputs: ServeInputs) -> PlanRequest:
     """The planner's request: the user's explicit values, and a KV cache size the environment fixes."""
     kv_env = inputs.environ.get("VLLM_CPU_KVCACHE_SPACE")
     fixed_gib = int(kv_env) if inputs.profile.is_cpu and kv_env and kv_env.isdigit() else None
-    return PlanRequest(
-        max_model_len=options.max_model_len,
-        max_num_seqs=options.max_num_seqs,
-        full_context_requests=options.full_context_requests,
-        gpu_memory_utilization=options.gpu_memory_utilization,
-        max_num_batched_tokens=options.max_num_batched_tokens,
-        block_size=options.block_size,
-        kv_cache_dtype=options.kv_cache_dtype,
-        rope_scaling=options.rope_scaling,
-        tensor_parallel_size=options.tensor_parallel_size,
-        kv_cache_gib=fixed_gib,
-    )
+    return dataclasses.replace(options.request, kv_cache_gib=fixed_gib)
 
 
 def plan_summary(plan: ServePlan, environ: dict[str, str]) -> list[str]:

@@ -1,8 +1,9 @@
-"""The served stack: a supervised vLLM on an internal loopback port, the gateway on the public one.
+"""What a serve path runs, and the one loop that runs it until SIGINT/SIGTERM.
 
-`run_stack` is what `lcserve serve` and `lcserve gateway` call (blocks until SIGINT/SIGTERM);
-`Stack` is the same as start/stop objects for tests and embedding. With `upstream_url` the
-gateway fronts a vLLM that is managed elsewhere.
+`Stack`: a supervised vLLM on an internal loopback port, the gateway on the public one (with
+`upstream_url`, the gateway fronts a vLLM that is managed elsewhere). `EngineAlone`: vLLM itself
+on the public port (`serve --no-gateway`). `run_served` runs either (`lcserve serve`);
+`run_stack` builds and runs a `Stack` (`lcserve gateway`, tests).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import dataclasses
 import logging
 import resource
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lcserve.engine import EngineSpec, free_port
+from lcserve.engine import EngineProcess, EngineSpec, free_port
 from lcserve.errors import EngineError
 from lcserve.paths import lcserve_home
 
@@ -22,6 +25,9 @@ from .capacity import Predictions
 from .gateway import Gateway
 from .probe_schedule import ProbeSchedule
 from .supervisor import ExternalEngine, Supervisor
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 log = logging.getLogger("lcserve.serving")
 
@@ -81,6 +87,7 @@ class Stack:
         """Open the gateway first (a taken port fails at once, and clients get 503 + Retry-After
         while vLLM loads), then start the engine and wait until it serves (EngineError with
         vLLM's log tail if it does not)."""
+        raise_open_files_limit()
         self.gateway.start(self.gateway_host, self.gateway_port)
         try:
             self.engine.start()
@@ -89,6 +96,11 @@ class Stack:
             raise
         if self.probe is not None:  # straight to the engine: probe traffic stays out of the gateway's series
             self.probe.start(self.engine.url)
+
+    def wait(self) -> None:
+        """Block until the supervisor gives up on the engine; raise why."""
+        self.engine.failed.wait()
+        raise self.engine.failure
 
     def stop(self) -> None:
         if self.probe is not None:
@@ -117,6 +129,39 @@ def raise_open_files_limit() -> None:
             log.warning("cannot raise the open-files limit from %d; a large burst of connections may be refused", soft)
 
 
+class EngineAlone:
+    """`serve --no-gateway`: vLLM itself on the public port, unsupervised (no restarts), reporting on
+    `console`; when it exits on its own, lcserve exits 1 with its log tail."""
+
+    def __init__(self, engine: EngineProcess, ready_timeout_s: float, console: Console):
+        self.engine = engine
+        self.ready_timeout_s = ready_timeout_s
+        self.console = console
+
+    @property
+    def url(self) -> str:
+        return self.engine.url
+
+    def start(self) -> None:
+        self.console.print(f"starting vLLM for {self.engine.spec.served_model_name} (log: {self.engine.log_path})")
+        self.engine.start()
+        with self.console.status("waiting for vLLM to become ready..."):
+            self.engine.wait_ready(self.ready_timeout_s)
+
+    def wait(self) -> None:
+        while self.engine.alive():
+            time.sleep(0.5)
+        self.console.print(
+            f"[red]vLLM exited with code {self.engine.returncode}[/red]; last log lines:\n{self.engine.log_tail(20)}"
+        )
+        raise SystemExit(1)
+
+    def stop(self) -> None:
+        if self.engine.proc is not None:
+            self.console.print("stopping vLLM...")
+        self.engine.stop()
+
+
 class _ShutdownRequested(Exception):
     pass
 
@@ -141,7 +186,6 @@ def run_stack(
     group (no orphans, both ports released). A signal while vLLM is still starting stops it too.
     EngineError when vLLM does not become ready, or when the supervisor gives up restarting it.
     (If lcserve itself is killed, the engine's watchdog stops vLLM: see lcserve/watchdog.py.)"""
-    raise_open_files_limit()
     stack = Stack(
         spec,
         upstream_url=upstream_url,
@@ -156,17 +200,18 @@ def run_stack(
         embedding_policies=embedding_policies,
         predictions=predictions,
     )
+    run_served(stack, on_ready)
+
+
+def run_served(served: Stack | EngineAlone, on_ready: Callable[[Stack | EngineAlone], None] | None = None) -> None:
+    """Start `served`, call `on_ready(served)` once it serves, and run it until a signal or until it ends."""
 
     def start() -> None:
-        stack.start()
+        served.start()
         if on_ready is not None:
-            on_ready(stack)
+            on_ready(served)
 
-    def wait() -> None:
-        stack.engine.failed.wait()
-        raise stack.engine.failure
-
-    run_until_signal(start, wait, stack.stop)
+    run_until_signal(start, served.wait, served.stop)
 
 
 def run_until_signal(start: Callable[[], None], wait: Callable[[], None], stop: Callable[[], None]) -> None:

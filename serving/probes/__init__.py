@@ -1,7 +1,8 @@
 """Long-context probes: does a short-trained adapter hold at long context, against its base?
 
 `run_probe(config)` runs them on a served endpoint and returns the summary;
-`gauge_samples(summary)` turns it into the gateway's Prometheus gauges.
+`gauge_samples(summary)` turns it into the gateway's Prometheus gauges; `cli.py` is the
+`lcserve probe` command.
 """
 
 from .gauges import gauge_samples

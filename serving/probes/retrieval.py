@@ -234,7 +234,7 @@ def run_retrieval_probe(
     model, max_model_len = entry["id"], int(entry["max_model_len"])
     training_len = training_len or base_training_len(Path(entry["root"]))
     if not training_len:
-        raise ProbeError(f"{model}: its training length is unknown; pass --training-length")
+        raise ProbeError(f"{model}: its training length is unknown; pass --training-len")
     spec = TIERS[tier]
     client = _Client(url)
     filler = Filler(load_document())

@@ -38,6 +38,7 @@ from .plan import (
     TIERS,
     Plan,
     Rates,
+    Tier,
     estimate_s,
     ladder,
     make_plan,
@@ -146,7 +147,7 @@ def _training_length(model: ServedModel) -> int:
             return length
     raise ProbeError(
         f"the training length of adapter '{model.name}' is unknown (no lcserve_adapter.json, axolotl YAML or "
-        f"training_args beside {model.root or 'its files'}); pass --training-length"
+        f"training_args beside {model.root or 'its files'}); pass --training-len"
     )
 
 
@@ -199,58 +200,19 @@ def _note(config: ProbeConfig, text: str) -> None:
 
 
 def _run(client: ProbeClient, config: ProbeConfig) -> dict:
+    """Plan, calibrate, size and send the requests; the summary records how long each phase took."""
     started = time.time()
-    if config.tier not in TIERS:
-        raise ProbeError(f"--tier {config.tier} is unknown; use one of: {', '.join(TIERS)}")
-    tier = TIERS[config.tier]
-    served = client.models()
-    adapters = resolve_models(served, config.url, config.base, config.adapters, config.training_length)
-    max_model_len = served[config.base].max_model_len
-    if not max_model_len:
-        raise ProbeError(
-            f"{config.url}/v1/models does not state max_model_len for '{config.base}'; is --url a vLLM endpoint?"
-        )
-    models = (config.base, *adapters)
-    reference = min(adapters.values(), default=config.training_length or DEFAULT_REFERENCE)
-    if config.lengths:
-        lengths = check_lengths(config.lengths, max_model_len, config.url)
-    else:
-        lengths = ladder(reference, min(max_model_len, tier.max_length or max_model_len))
-    plan = make_plan(tier, models, lengths, reference, max_model_len)
-    if not config.repetition:
-        plan = replace(plan, generation_tokens=0)
-
+    tier, adapters, max_model_len, reference, plan = _plan_run(client, config)
     document = load_document()
     count = lru_cache(maxsize=None)(lambda text: client.count(config.base, text))
     document_tokens = count(document)
     plan = replace(plan, loss_tokens=min(plan.loss_tokens, document_tokens))
-    _note(config, f"probing {', '.join(models)} at {config.url} (max_model_len {max_model_len}); calibrating")
+    _note(config, f"probing {', '.join(plan.models)} at {config.url} (max_model_len {max_model_len}); calibrating")
     timings = {"setup_s": time.time() - started}
     mark = time.time()
-    rates = calibrate(client, models, document)
+    rates = calibrate(client, plan.models, document)
     timings["calibrate_s"] = time.time() - mark
-    dropped: list[str] = []
-    explicit = config.budget_minutes is not None
-    budget = config.budget_minutes if explicit else tier.budget_minutes
-    if budget is not None:
-        # what is left of the budget, less a margin for sizing, the estimate's error and the plots
-        left_s = (budget * 60 - (time.time() - started)) * BUDGET_MARGIN
-        # the tier's own budget never costs a rung of the ladder: the lengths are the point of the tier
-        plan, dropped, fits = trim(plan, rates, left_s, keep_lengths=not explicit)
-        if dropped:
-            _note(config, f"budget {budget:g} min: dropped {'; '.join(dropped)}")
-        if not fits and explicit:
-            raise ProbeError(
-                f"--budget-minutes {budget:g} is too small: even the smallest plan ({', '.join(map(str, plan.lengths))} "
-                f"tokens, one depth) needs about {estimate_s(plan, rates) / 60:.1f} minutes of engine time; "
-                f"raise the budget or pass shorter --lengths"
-            )
-        if not fits:
-            _note(
-                config,
-                f"this engine is slower than the {tier.name} tier's {budget:g}-minute budget allows even with one "
-                f"depth (see the calibrated ms/token in the report); running the whole ladder anyway",
-            )
+    plan, dropped = _fit_budget(config, tier, plan, rates, started)
 
     mark = time.time()
     jobs = _jobs(plan, config.seed, document, document_tokens, count, rates)
@@ -284,15 +246,76 @@ def _run(client: ProbeClient, config: ProbeConfig) -> dict:
                 "timings": {k: round(v, 1) for k, v in timings.items()},
             }
         )
-        if out_dir:
-            mark = time.time()
-            summary["files"] = [p.name for p in plots.write_all(summary, out_dir)] + list(OUT_FILES)
-            summary["timings"]["plots_s"] = round(time.time() - mark, 1)
-        summary["wall_s"] = round(time.time() - started, 1)
-        if out_dir:
-            (out_dir / "report.md").write_text(report.markdown(summary))
-            (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        _write_reports(summary, out_dir, started)
     return summary
+
+
+def _plan_run(client: ProbeClient, config: ProbeConfig) -> tuple[Tier, dict[str, int], int, int, Plan]:
+    """(tier, adapters with their training lengths, max_model_len, ladder reference, plan) from what
+    the server serves; ProbeError for an unknown tier or a server that does not state its max_model_len."""
+    if config.tier not in TIERS:
+        raise ProbeError(f"--tier {config.tier} is unknown; use one of: {', '.join(TIERS)}")
+    tier = TIERS[config.tier]
+    served = client.models()
+    adapters = resolve_models(served, config.url, config.base, config.adapters, config.training_length)
+    max_model_len = served[config.base].max_model_len
+    if not max_model_len:
+        raise ProbeError(
+            f"{config.url}/v1/models does not state max_model_len for '{config.base}'; is --url a vLLM endpoint?"
+        )
+    models = (config.base, *adapters)
+    reference = min(adapters.values(), default=config.training_length or DEFAULT_REFERENCE)
+    if config.lengths:
+        lengths = check_lengths(config.lengths, max_model_len, config.url)
+    else:
+        lengths = ladder(reference, min(max_model_len, tier.max_length or max_model_len))
+    plan = make_plan(tier, models, lengths, reference, max_model_len)
+    if not config.repetition:
+        plan = replace(plan, generation_tokens=0)
+    return tier, adapters, max_model_len, reference, plan
+
+
+def _fit_budget(
+    config: ProbeConfig, tier: Tier, plan: Plan, rates: dict[str, Rates], started: float
+) -> tuple[Plan, list[str]]:
+    """The plan trimmed to what is left of the budget (--budget-minutes, else the tier's), and what
+    was dropped; ProbeError when even the smallest plan misses an explicit budget."""
+    dropped: list[str] = []
+    explicit = config.budget_minutes is not None
+    budget = config.budget_minutes if explicit else tier.budget_minutes
+    if budget is None:
+        return plan, dropped
+    # what is left of the budget, less a margin for sizing, the estimate's error and the plots
+    left_s = (budget * 60 - (time.time() - started)) * BUDGET_MARGIN
+    # the tier's own budget never costs a rung of the ladder: the lengths are the point of the tier
+    plan, dropped, fits = trim(plan, rates, left_s, keep_lengths=not explicit)
+    if dropped:
+        _note(config, f"budget {budget:g} min: dropped {'; '.join(dropped)}")
+    if not fits and explicit:
+        raise ProbeError(
+            f"--budget-minutes {budget:g} is too small: even the smallest plan ({', '.join(map(str, plan.lengths))} "
+            f"tokens, one depth) needs about {estimate_s(plan, rates) / 60:.1f} minutes of engine time; "
+            f"raise the budget or pass shorter --lengths"
+        )
+    if not fits:
+        _note(
+            config,
+            f"this engine is slower than the {tier.name} tier's {budget:g}-minute budget allows even with one "
+            f"depth (see the calibrated ms/token in the report); running the whole ladder anyway",
+        )
+    return plan, dropped
+
+
+def _write_reports(summary: dict, out_dir: Path | None, started: float) -> None:
+    """The plots, report.md and summary.json into out_dir (None: no files), after the final wall time."""
+    if out_dir:
+        mark = time.time()
+        summary["files"] = [p.name for p in plots.write_all(summary, out_dir)] + list(OUT_FILES)
+        summary["timings"]["plots_s"] = round(time.time() - mark, 1)
+    summary["wall_s"] = round(time.time() - started, 1)
+    if out_dir:
+        (out_dir / "report.md").write_text(report.markdown(summary))
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def _jobs(plan: Plan, seed: int, document: str, document_tokens: int, count, rates: dict[str, Rates]) -> list[Job]:

@@ -108,14 +108,13 @@ def test_passed_through_batch_tokens_are_planned_as_vllm_uses_them(tmp_path):
     """`lcserve serve ... -- --max-num-batched-tokens 4096` on a hybrid sliding-window model: the plan
     takes the passed-through value (sliding layers keep window - 1 + batched tokens) and agrees
     with the engine that receives it."""
-    from lcserve.serving.launch import ServeOptions, take_planned_flags
+    from lcserve.deploy.settings import take_vllm_args
 
     path = build_tiny_model("gemma2-hybrid")
-    options = take_planned_flags(ServeOptions(max_model_len=4096, vllm_args=("--max-num-batched-tokens", "4096")))
-    request = PlanRequest(
-        max_model_len=options.max_model_len, max_num_batched_tokens=options.max_num_batched_tokens, kv_cache_gib=1
+    request, rest = take_vllm_args(
+        PlanRequest(max_model_len=4096, kv_cache_gib=1), ("--max-num-batched-tokens", "4096")
     )
     plan = plan_deployment(cpu_profile(), read_model(path), (), request)
-    assert plan.max_num_batched_tokens == 4096 and options.vllm_args == ()
+    assert plan.max_num_batched_tokens == 4096 and rest == ()
     measured = measure_capacity(path, plan, timeout_s=840, log_path=tmp_path / "vllm.log")
     assert _within(plan.kv_tokens, measured.kv_tokens), (plan.kv_tokens, measured.kv_tokens)

@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from lcserve.cli import LcserveGroup
-from lcserve.serving.cli import probe
 from lcserve.serving.probes import gauge_samples
+from lcserve.serving.probes.cli import probe
 from lcserve.serving.probes.plan import REPETITION_WINDOW, TIERS
 from lcserve.serving.probes.tasks import ANSWER_TOKENS
 
@@ -25,8 +25,10 @@ def lcserve_probe(*args):
 
 
 def test_tiny_ladder_end_to_end(engine, tmp_path, monkeypatch):
-    # two repetition windows instead of the quick tier's four: the continuation is most of the run's time
-    monkeypatch.setitem(TIERS, "quick", replace(TIERS["quick"], generation_tokens=2 * REPETITION_WINDOW))
+    # one repetition window and a 1024-token loss document instead of the quick tier's four windows
+    # and 4096 tokens: on 2 cores the continuation and the long prefill are most of the run's time
+    tier = replace(TIERS["quick"], generation_tokens=REPETITION_WINDOW, loss_tokens=1024)
+    monkeypatch.setitem(TIERS, "quick", tier)
     # the probe takes every adapter the engine mounts on the base (none, or some when the engine has LoRA on)
     served = httpx.get(f"{engine.url}/v1/models", timeout=30).json()["data"]
     adapters = [m["id"] for m in served if m.get("parent") == engine.base_model]
@@ -42,6 +44,8 @@ def test_tiny_ladder_end_to_end(engine, tmp_path, monkeypatch):
         ",".join(map(str, LENGTHS)),
         "--out",
         str(tmp_path),
+        "--concurrency",
+        "4",  # the models' continuations decode in one batch
         "--json",
     )
     assert result.exit_code == 0, result.output

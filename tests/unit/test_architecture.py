@@ -176,6 +176,51 @@ def test_the_circle_check_can_fail(tmp_path):
     assert new == [["lcserve.model_facts", "lcserve.rope_check"]]
 
 
+# --- size: functions and modules small enough to read whole (data tables exempt) ---
+
+MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = 500
+
+
+def table_lines(tree: ast.Module) -> int:
+    """Lines of module-level data tables: an assignment whose value is a literal dict, list, tuple or set."""
+    tables = (ast.Dict, ast.List, ast.Tuple, ast.Set)
+    return sum(
+        node.end_lineno - node.lineno + 1
+        for node in tree.body
+        if isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(node.value, tables)
+    )
+
+
+def size_offenders(
+    folders: tuple[str, ...],
+    root: Path = ROOT,
+    max_function: int = MAX_FUNCTION_LINES,
+    max_module: int = MAX_MODULE_LINES,
+) -> list[str]:
+    """Every function (methods included) over max_function lines and every module over max_module
+    lines, data tables not counted, each with its size."""
+    found = []
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            text, name = path.read_text(), path.relative_to(root)
+            tree = ast.parse(text)
+            lines = len(text.splitlines()) - table_lines(tree)
+            if lines > max_module:
+                found.append(f"{name}: {lines} lines, data tables aside (limit {max_module})")
+            for node in ast.walk(tree):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    length = node.end_lineno - node.lineno + 1
+                    if length > max_function:
+                        found.append(f"{name}:{node.lineno} {node.name}: {length} lines (limit {max_function})")
+    return found
+
+
+def test_functions_and_modules_stay_small():
+    found = size_offenders(("lcserve", *GROUPS))
+    assert not found, "too long; split into named steps or modules:\n" + "\n".join(found)
+
+
 # --- the wheel: what `pip wheel` builds from the project files, without test support ---
 
 SUPPORT = ROOT / "tests" / "support"

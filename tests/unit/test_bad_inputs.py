@@ -646,7 +646,7 @@ CASES = [
         "context-zero",
         "deploy plan --model {base} --profile h100-80gb --max-model-len 0",
         2,
-        "'--max-model-len' / '--context': 0 is not in the range x>=1",
+        "'--max-model-len': 0 is not in the range x>=1",
     ),
     case(
         "planner",
@@ -859,7 +859,7 @@ CASES = [
         "training-length-negative",
         "probe --url {fake} --base base --training-length -5 --out out",
         2,
-        "'--training-length': -5 is not in the range",
+        "'--training-len': -5 is not in the range",
     ),
     # ---- serve_vllm.sh: positional arguments, its own options, model folders
     case("serve_vllm.sh", "port-zero", "embedded 0", 2, "PORT must be an integer from 1 to 65535, got '0'"),
@@ -1259,7 +1259,7 @@ MORE_CASES = [
     case("embedding", "serve-adapter-on-embedding-model", "serve e --adapter w={adapter} --dry-run", 2, "w",
          setup=embedding_model),
     case("probe", "training-length-zero", "probe --url {fake} --training-length 0 --out out", 2,
-         "'--training-length': 0 is not in the range"),
+         "'--training-len': 0 is not in the range"),
 ]  # fmt: skip
 
 
@@ -1376,9 +1376,9 @@ def test_force_replaces_what_lcserve_wrote(shared, tmp_path):
     """The other side of the --force cases: each command's own output carries the marker and a second
     run with --force replaces it (and only it); the serve merge cache, from an older lcserve without
     the marker, is merged again."""
+    from lcserve.adapters.cache import ensure_merged
     from lcserve.adapters.reader import read_adapter
     from lcserve.paths import OUTPUT_MARKER
-    from lcserve.serving.cli import ensure_merged
 
     commands = {
         "merged": f"adapters merge {shared.adapter} --base {shared.base} --out merged",

@@ -11,7 +11,8 @@ import pytest
 
 from lcserve import config_weights as cw
 from lcserve.errors import ModelError
-from lcserve.model_config import WEIGHTS_FROM_CONFIG, WEIGHTS_FROM_HEADERS, read_model
+from lcserve.model_config import read_model
+from lcserve.model_weights import WEIGHTS_FROM_CONFIG, WEIGHTS_FROM_HEADERS
 from lcserve.safetensors_header import TensorInfo, read_model_tensors
 from tests.support.tiny_models import BUILDERS, WEIGHT_LAYOUT_BUILDERS, build_tiny_model
 

@@ -354,7 +354,7 @@ def test_bad_inputs(llama):
         ({"full_context_requests": 0}, "--full-context-requests 0"),
         ({"kv_cache_dtype": "int3"}, "--kv-cache-dtype int3"),
         ({"kv_cache_gib": 99}, "largest feasible: 11"),
-        ({"max_model_len": 9000, "rope_scaling": "linear"}, "only 'yarn'"),
+        ({"max_model_len": 9000, "rope_scaling": "linear"}, "--rope-scaling linear: choose one of yarn"),
     ):
         with pytest.raises(PlanError, match=message):
             plan_deployment(CPU, llama, (), PlanRequest(**kwargs))

@@ -281,12 +281,20 @@ def test_a_users_file_at_out_is_refused_before_any_engine_is_asked(tmp_path):
 
 
 def test_a_point_without_timed_gaps_is_one_line_not_a_crash():
-    """A random test model's tokens decode to no text, so vLLM streams them in one chunk: no gap to time."""
+    """Every token in the first chunk (a client that read too late): no gap to time, one line."""
     from lcserve.deploy.calibrate import POINTS, measure_points
     from lcserve.errors import EngineError
 
     itl_point = next(p for p in POINTS if p[-1] == "itl")
-    with pytest.raises(EngineError, match="fewer than 2 chunks, so no inter-token gap"):
+    with pytest.raises(EngineError, match="tokens in one chunk, so no inter-token gap"):
         measure_points(lambda *_: ([0.1], []), lambda _: None, [itl_point], repeats=1)
     (point,) = measure_points(lambda *_: ([0.1], [0.02, 0.04]), lambda _: None, [itl_point], repeats=3)
     assert point.measured_s == pytest.approx(0.03)
+
+
+def test_a_chunk_of_several_tokens_shares_its_gap():
+    from lcserve.deploy.measure import token_gaps
+
+    # 1 token at 0.0 s, then 1 token at 0.1 s, then 3 tokens at 0.4 s: four timed tokens, 0.4 s in all
+    assert token_gaps([(0.0, 1), (0.1, 1), (0.4, 3)]) == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    assert token_gaps([(0.0, 5)]) == []

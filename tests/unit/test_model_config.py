@@ -10,15 +10,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from lcserve.errors import ModelError
-from lcserve.model_config import (
-    MIXED_DTYPES,
-    WEIGHTS_FROM_CONFIG,
-    WEIGHTS_FROM_HEADERS,
-    WEIGHTS_FROM_INDEX,
-    LayerAttention,
-    read_model,
-    require_weights,
-)
+from lcserve.model_config import LayerAttention, read_model, require_weights
+from lcserve.model_weights import MIXED_DTYPES, WEIGHTS_FROM_CONFIG, WEIGHTS_FROM_HEADERS, WEIGHTS_FROM_INDEX
 from tests.support.tiny_models import LLAMA_3_1_8B_DATA, build_llama_3_1_8b
 
 BASE = {

@@ -64,7 +64,7 @@ def test_resolve_models_finds_the_adapters_of_the_base():
             re.escape("http://x does not serve a model named 'nope' (it serves: base, other, writer); pass --base"),
         ),
         ("base", ("missing",), "does not serve an adapter named 'missing'"),
-        ("base", ("writer",), "the training length of adapter 'writer' is unknown .* pass --training-length"),
+        ("base", ("writer",), "the training length of adapter 'writer' is unknown .* pass --training-len"),
     ],
 )
 def test_resolve_models_errors(base, adapters, message):

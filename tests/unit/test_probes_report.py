@@ -8,7 +8,7 @@ from rich.console import Console
 
 from lcserve.cli import LcserveGroup
 from lcserve.errors import ProbeError
-from lcserve.serving.cli import probe
+from lcserve.serving.probes.cli import probe
 from lcserve.serving.probes.plan import parse_lengths
 from lcserve.serving.probes.plots import write_all
 from lcserve.serving.probes.report import accuracy_rows, markdown, model_rows, rich_tables

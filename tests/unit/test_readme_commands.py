@@ -64,6 +64,7 @@ COVERED = {
     "$L deploy plan --model $M --profile h100-80gb": "test_deploy_plan_with_each_documented_option",
     "$L deploy plan --model $M --profile auto --format shell": "test_plan_as_a_serve_line_runs_and_config_out_is_written",
     "$L deploy plan --model FOLDER_WITH_ONLY_CONFIG_JSON": "test_plan_from_config_json_alone",
+    "$L deploy plan --model $M -- ": "tests/unit/test_passthrough_planning.py",
     "$L adapters inspect": "test_adapters_inspect_reports_the_documented_fields",
     "$L adapters merge": "test_merge_then_verify_passes_and_a_wrong_merge_fails",
     "$L adapters verify": "test_merge_then_verify_passes_and_a_wrong_merge_fails",

@@ -156,19 +156,20 @@ def test_merged_model_is_merged_again_when_the_adapter_changed(
 ):
     from rich.console import Console
 
+    from lcserve.adapters.cache import ensure_merged, merged_dir
     from lcserve.adapters.merge import PROVENANCE
     from lcserve.adapters.reader import read_adapter
 
     monkeypatch.setenv("LCSERVE_HOME", str(tmp_path))
     adapter = read_adapter(lora_adapter_dir)
     quiet = Console(quiet=True)
-    merged = serve_cli.merged_dir("mine", adapter, embedded_model_dir)
-    serve_cli.ensure_merged(adapter, embedded_model_dir, merged, quiet)
+    merged = merged_dir("mine", adapter, embedded_model_dir)
+    ensure_merged(adapter, embedded_model_dir, merged, quiet)
     provenance = json.loads((merged / PROVENANCE).read_text())
-    serve_cli.ensure_merged(adapter, embedded_model_dir, merged, quiet)
+    ensure_merged(adapter, embedded_model_dir, merged, quiet)
     assert json.loads((merged / PROVENANCE).read_text()) == provenance  # reused, not merged again
     (merged / PROVENANCE).write_text(json.dumps({**provenance, "adapter_sha256": "0" * 64}))  # a stale folder
-    serve_cli.ensure_merged(adapter, embedded_model_dir, merged, quiet)
+    ensure_merged(adapter, embedded_model_dir, merged, quiet)
     assert json.loads((merged / PROVENANCE).read_text())["adapter_sha256"] == provenance["adapter_sha256"]
 
 
