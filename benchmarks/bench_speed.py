@@ -1,7 +1,7 @@
 """The speed model against the real engine: calibrate, then predict and measure at points not used in the fit.
 
     flock /tmp/lcserve-heavy.lock python benchmarks/bench_speed.py [--users 1,4,16] [--prompts 256,2048]
-        [--output 32] [--rounds 1] [--json OUT.json] [--profile-out FILE.yaml] [--plot OUT.png]
+        [--output 32] [--rounds 1] [--tiny llama-gqa] [--json OUT.json] [--profile-out FILE.yaml] [--plot OUT.png]
     python -m benchmarks.bench_speed --replot docs/findings/speed.json --plot docs/findings/speed.png
 
 Starts vLLM once (the embedded Gemma 3 270M with its `writer` demo adapter mounted, the CPU build,
@@ -27,19 +27,30 @@ from lcserve.deploy.plan import PlanRequest, plan_deployment
 from lcserve.deploy.speed import model_identity
 from lcserve.embedded import embedded_model_path
 from lcserve.paths import demo_adapter_dir
+from tests.support.tiny_models import build_tiny_model
 
 
 def numbers(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+COLUMNS = {  # row key -> heading: the client's medians, then vLLM's own means (its histograms)
+    "ttft_ms_p50": "TTFT ms p50",
+    "itl_ms_p50": "ITL ms p50",
+    "output_tokens_per_s": "out tok/s",
+    "ttft_ms_mean": "engine TTFT ms mean",
+    "itl_ms_mean": "engine ITL ms mean",
+}
+
+
 def table(rows: list[dict]) -> str:
-    head = f"{'model':<24} {'users':>5} {'prompt':>6}  {'TTFT ms pred/meas (err)':>28}  {'ITL ms pred/meas (err)':>26}"
-    lines = [head + f"  {'out tok/s pred/meas (err)':>28}"]
+    head = f"{'model':<24} {'users':>5} {'prompt':>6}  " + "  ".join(
+        f"{h + ' pred/meas (err)':>31}" for h in COLUMNS.values()
+    )
+    lines = [head]
     for r in rows:
         cells = [
-            f"{r[k]['predicted']:>9,.1f} / {r[k]['measured']:>9,.1f} ({r[k]['error_pct']:+4.0f}%)"
-            for k in ("ttft_ms_p50", "itl_ms_p50", "output_tokens_per_s")
+            f"{r[k]['predicted']:>10,.1f} / {r[k]['measured']:>10,.1f} ({r[k]['error_pct']:+4.0f}%)" for k in COLUMNS
         ]
         lines.append(f"{r['model']:<24} {r['users']:>5} {r['prompt']:>6}  " + "  ".join(cells))
     return "\n".join(lines)
@@ -52,6 +63,9 @@ def main() -> int:
     parser.add_argument("--output", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--no-adapter", action="store_true", help="Measure the base model only.")
+    parser.add_argument(
+        "--tiny", metavar="NAME", help="A tiny random test model (tests/support/tiny_models.py) instead, base only."
+    )
     parser.add_argument("--json", type=Path, help="Write the figures here as JSON.")
     parser.add_argument("--profile-out", type=Path, help="Also write the calibrated profile here.")
     parser.add_argument("--plot", type=Path, help="Draw predicted against measured (PNG) here.")
@@ -61,8 +75,9 @@ def main() -> int:
         plot(json.loads(args.replot.read_text()), args.plot or args.replot.with_suffix(".png"))
         return 0
 
-    adapter = None if args.no_adapter else demo_adapter_dir()
-    profile, model, adapters = read_plan_inputs(embedded_model_path(), "cpu", [adapter] if adapter else [])
+    adapter = None if args.no_adapter or args.tiny else demo_adapter_dir()
+    folder = build_tiny_model(args.tiny) if args.tiny else embedded_model_path()
+    profile, model, adapters = read_plan_inputs(folder, "cpu", [adapter] if adapter else [])
     plan = plan_deployment(profile, model, adapters, PlanRequest(max_model_len=4096, kv_cache_gib=1))
     loads = [(n, p) for p in args.prompts for n in args.users]
     log = Path(tempfile.mkstemp(prefix="lcserve-bench-speed-", suffix=".log")[1])
@@ -92,7 +107,9 @@ def main() -> int:
     print("predicted vs measured at points not used in the fit (medians; closed loop, streamed):")
     print(table(rows))
     doc = {
-        "model": "Gemma 3 270M (embedded, bf16)" + (", alone and with the `writer` demo adapter" if lora else ""),
+        "model": f"tiny test model {args.tiny} ({model.architecture}, random weights)"
+        if args.tiny
+        else "Gemma 3 270M (embedded, bf16)" + (", alone and with the `writer` demo adapter" if lora else ""),
         "calibration": calibration.__dict__,
         "rows": rows,
         "conditions": run_conditions("python " + " ".join(sys.argv)),

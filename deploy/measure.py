@@ -26,6 +26,7 @@ import httpx
 from lcserve.adapters.mount import lora_module
 from lcserve.engine import EngineProcess, EngineSpec, free_port
 from lcserve.errors import EngineError
+from lcserve.vllm_rules import ITL_HISTOGRAM, TTFT_HISTOGRAM
 
 from .plan import ServePlan
 
@@ -103,6 +104,8 @@ class LoadRun:
     tpots: tuple[float, ...]  # each request's mean gap: robust where the server sends tokens in bursts
     output_tokens: int
     seconds: float
+    engine_ttft_mean: float | None = None  # vLLM's own histograms over the run (None: the server has none)
+    engine_itl_mean: float | None = None
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -176,12 +179,13 @@ def run_load(
 ) -> LoadRun:
     """`users` closed-loop users, each sending `rounds` requests one after another (prompt and output
     lengths exact, distinct prompts); EngineError when the server does not answer."""
-    start = time.perf_counter()
+    start, before = time.perf_counter(), engine_latency_totals(url)
     try:
         results = asyncio.run(_load(url, model, users, prompt, output, rounds, vocab_size))
     except httpx.HTTPError as e:
         raise EngineError(f"{url}: no answer from the server ({type(e).__name__}: {e}); is it running?") from None
     seconds = time.perf_counter() - start
+    engine = mean_between(before, engine_latency_totals(url))
     flat = [r for per_user in results for r in per_user]
     return LoadRun(
         users,
@@ -193,7 +197,36 @@ def run_load(
         tuple(sum(gaps) / len(gaps) for _, gaps in flat if gaps),
         users * rounds * output,
         seconds,
+        engine.get(TTFT_HISTOGRAM),
+        engine.get(ITL_HISTOGRAM),
     )
+
+
+def engine_latency_totals(url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of vLLM's TTFT and ITL histograms, over every label set; empty when the server
+    exposes none. The engine times each token as it leaves the scheduler: at a few milliseconds per
+    step (a tiny model) the client's own reading of the stream, not the engine, decides what it sees."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    totals = {}
+    for name in (TTFT_HISTOGRAM, ITL_HISTOGRAM):
+        sums = re.findall(rf"^{name}_sum(?:{{[^}}]*}})? ([\d.e+-]+)$", text, re.M)
+        counts = re.findall(rf"^{name}_count(?:{{[^}}]*}})? ([\d.e+-]+)$", text, re.M)
+        if counts:
+            totals[name] = (sum(map(float, sums)), sum(map(float, counts)))
+    return totals
+
+
+def mean_between(before: dict, after: dict) -> dict[str, float]:
+    """Each histogram's mean over the observations made between two readings."""
+    means = {}
+    for name, (total, count) in after.items():
+        old_total, old_count = before.get(name, (0.0, 0.0))
+        if count > old_count:
+            means[name] = (total - old_total) / (count - old_count)
+    return means
 
 
 def server_state(url: str) -> dict:

@@ -281,11 +281,6 @@ def options(command: str):
     return decorate
 
 
-def request_values(values: dict) -> dict:
-    """The PlanRequest fields among a command's parameters (the rest stay with the command)."""
-    return {name: values.pop(name) for name in list(values) if name in BY_NAME}
-
-
 def argument_names(command: str, positional: bool = False) -> dict[str, str]:
     """How `command` names each setting in its errors: the option its user typed, the variable
     `serve` reads instead, or serve_vllm.sh's positional name."""

@@ -358,6 +358,8 @@ def load_summary(sim: Simulation) -> dict:
         "itl_ms_p50": round(median(itl) * 1e3, 2),
         "itl_ms_p90": round(percentile(itl, 0.9) * 1e3, 2),
         "tpot_ms_p50": round(median(sim.tpots() or [0.0]) * 1e3, 2),
+        "ttft_ms_mean": round(statistics.fmean(ttft) * 1e3, 1),
+        "itl_ms_mean": round(statistics.fmean(itl) * 1e3, 2),
         "output_tokens_per_s": round(sim.output_tokens_per_s(), 1),
     }
 

@@ -22,6 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+# vLLM's own latency histograms (one observation per request for TTFT, one per scheduler step per
+# running request for ITL), read by the gateway's live capacity and by `deploy calibrate|bench`.
+TTFT_HISTOGRAM = "vllm:time_to_first_token_seconds"
+ITL_HISTOGRAM = "vllm:inter_token_latency_seconds"
 TESTED_VLLM = "0.32.0"  # the release these facts are read from: pyproject's extras and the rendered image pin it
 # vllm/config/lora.py MaxLoRARanks
 MaxLoRARanks = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily
 
-TTFT = "vllm:time_to_first_token_seconds"
-ITL = "vllm:inter_token_latency_seconds"
+from lcserve.vllm_rules import ITL_HISTOGRAM, TTFT_HISTOGRAM
+
+TTFT, ITL = TTFT_HISTOGRAM, ITL_HISTOGRAM
 HISTOGRAMS = (TTFT, ITL)
 QUANTILES = (0.5, 0.9)
 WINDOW_S = 60.0  # observed quantiles describe about the last minute, not the engine's whole life

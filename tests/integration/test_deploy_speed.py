@@ -59,6 +59,20 @@ def test_bench_prints_predicted_against_measured(engine, calibrated):
             assert v["error_pct"] == pytest.approx(100 * (v["predicted"] - v["measured"]) / v["measured"], abs=0.1)
 
 
+def test_a_load_reads_the_engines_own_latency_beside_the_clients(engine):
+    """vLLM's histograms (what calibrate fits and bench reports as the engine's figures) describe the same
+    requests the client timed: the engine's TTFT is inside the client's (it starts later, ends earlier),
+    its per-step ITL the client's mean gap within a factor of two."""
+    from statistics import fmean
+
+    from lcserve.deploy.measure import run_load
+
+    run = run_load(engine.url, engine.base_model, users=2, prompt=64, output=8, vocab_size=262144)
+    assert run.engine_ttft_mean is not None and run.engine_itl_mean is not None
+    assert 0 < run.engine_ttft_mean <= max(run.ttfts), (run.engine_ttft_mean, run.ttfts)
+    assert 0.5 < run.engine_itl_mean / fmean(run.itls) < 2.0, (run.engine_itl_mean, fmean(run.itls))
+
+
 def test_a_busy_engine_is_refused_in_one_line(engine, tmp_path):
     """Busy for as long as a read stream is open, whatever this machine's speed: the check runs once
     vLLM's own gauges count it (the figure the check reads), and closing the stream aborts it."""

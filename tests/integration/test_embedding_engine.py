@@ -18,6 +18,7 @@ import pytest
 from rich.console import Console
 
 from lcserve import embedded as emb
+from lcserve.deploy.plan_types import PlanRequest
 from lcserve.serving.cli import read_inputs
 from lcserve.serving.embeddings import POLICY_HEADER, chunk_windows, special_wrap
 from lcserve.serving.gateway import Gateway
@@ -59,7 +60,11 @@ def served(tmp_path_factory):
     model_dir = emb.embedding_model_path()
     adapter = make_minilm_lora(tmp_path_factory.mktemp("minilm-lora") / "adapter")
     options = ServeOptions(
-        model=str(model_dir), adapters=((ADAPTER, adapter),), mode="mount", max_model_len=MAX_MODEL_LEN, port=0
+        model=str(model_dir),
+        adapters=((ADAPTER, adapter),),
+        mode="mount",
+        request=PlanRequest(max_model_len=MAX_MODEL_LEN),
+        port=0,
     )
     launch = describe_launch(options, read_inputs(options, Console(stderr=True)))
     assert "--enable-lora" in launch.spec.args
