@@ -47,7 +47,24 @@ _SUMMARY_FAMILIES = frozenset(
 
 PROBE_ACCURACY = "lcserve_probe_accuracy"
 PROBE_EFFECTIVE_LENGTH = "lcserve_probe_effective_length"
-_PROBE_LABELS = {PROBE_ACCURACY: ("model", "task", "length"), PROBE_EFFECTIVE_LENGTH: ("model",)}
+# the field's definitions of the needle effective length (serving/probes/verdicts.py), beside lcserve's
+PROBE_EFFECTIVE_LENGTH_BY = {
+    "lcserve_probe_effective_length_ruler": "effective_length_ruler",
+    "lcserve_probe_effective_length_nolima": "effective_length_nolima",
+}
+_PROBE_LABELS = {
+    PROBE_ACCURACY: ("model", "task", "length"),
+    PROBE_EFFECTIVE_LENGTH: ("model",),
+    **{name: ("model",) for name in PROBE_EFFECTIVE_LENGTH_BY},
+}
+_PROBE_HELP = {
+    PROBE_ACCURACY: "Probe accuracy (0..1) by model, task and context length in tokens (length 0: the no-context control).",
+    PROBE_EFFECTIVE_LENGTH: "Longest probed length at which the model's needle accuracy held the threshold (tokens).",
+    "lcserve_probe_effective_length_ruler": "RULER's needle effective length: the longest probed length scoring "
+    "above 85.6% (tokens; 0: none).",
+    "lcserve_probe_effective_length_nolima": "NoLiMa's needle effective length: the longest probed length keeping "
+    "85% of the model's best score at 1K tokens or fewer (tokens; 0: none).",
+}
 
 
 @dataclass(frozen=True)
@@ -399,16 +416,8 @@ class _ProbeCollector:
 
     def collect(self):
         families = {
-            PROBE_ACCURACY: GaugeMetricFamily(
-                PROBE_ACCURACY,
-                "Probe accuracy (0..1) by model, task and context length in tokens (length 0: the no-context control).",
-                labels=list(_PROBE_LABELS[PROBE_ACCURACY]),
-            ),
-            PROBE_EFFECTIVE_LENGTH: GaugeMetricFamily(
-                PROBE_EFFECTIVE_LENGTH,
-                "Longest probed length at which the model's needle accuracy held the threshold (tokens).",
-                labels=list(_PROBE_LABELS[PROBE_EFFECTIVE_LENGTH]),
-            ),
+            name: GaugeMetricFamily(name, _PROBE_HELP[name], labels=list(labels))
+            for name, labels in _PROBE_LABELS.items()
         }
         with self.lock:
             for (name, labels), value in sorted(self.samples.items()):
@@ -426,12 +435,12 @@ _PROBE_REGISTRY.register(_PROBES)
 def set_probe_results(samples: list[tuple[str, dict[str, str], float]]) -> None:
     """Publish probe results (`serving.probes.gauges.gauge_samples`) on every gateway of this
     process. A model's previous results are replaced; other models' stay. ValueError on a
-    name or label set that is not one of the two probe gauges."""
+    name or label set that is not one of the probe gauges."""
     checked = {}
     for name, labels, value in samples:
         expected = _PROBE_LABELS.get(name)
         if expected is None:
-            raise ValueError(f"{name!r} is not a probe gauge; use {PROBE_ACCURACY} or {PROBE_EFFECTIVE_LENGTH}")
+            raise ValueError(f"{name!r} is not a probe gauge; use one of {', '.join(_PROBE_LABELS)}")
         if set(labels) != set(expected):
             raise ValueError(f"{name} takes labels {', '.join(expected)}, got {', '.join(sorted(labels)) or 'none'}")
         checked[(name, tuple((k, str(labels[k])) for k in expected))] = float(value)

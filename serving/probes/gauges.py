@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-ACCURACY = "lcserve_probe_accuracy"
-EFFECTIVE_LENGTH = "lcserve_probe_effective_length"
+from ..metrics import PROBE_ACCURACY, PROBE_EFFECTIVE_LENGTH, PROBE_EFFECTIVE_LENGTH_BY
 
 
 def gauge_samples(summary: dict) -> list[tuple[str, dict[str, str], float]]:
     """(name, labels, value) per model: accuracy per retrieval task and length (the no-context
-    control as length "0"), and the needle effective length (0 when even the shortest rung fails)."""
+    control as length "0"), and the needle effective length by lcserve's, RULER's and NoLiMa's definitions
+    (0 when none holds)."""
     samples: list[tuple[str, dict[str, str], float]] = []
     for model, entry in summary["models"].items():
         tasks = entry["tasks"]
@@ -17,11 +17,15 @@ def gauge_samples(summary: dict) -> list[tuple[str, dict[str, str], float]]:
             for length, row in tasks.get(task, {}).get("by_length", {}).items():
                 if row["accuracy"] is not None:
                     samples.append(
-                        (ACCURACY, {"model": model, "task": task, "length": str(length)}, float(row["accuracy"]))
+                        (PROBE_ACCURACY, {"model": model, "task": task, "length": str(length)}, float(row["accuracy"]))
                     )
         control = tasks.get("control")
         if control and control["accuracy"] is not None:
-            samples.append((ACCURACY, {"model": model, "task": "control", "length": "0"}, float(control["accuracy"])))
+            samples.append(
+                (PROBE_ACCURACY, {"model": model, "task": "control", "length": "0"}, float(control["accuracy"]))
+            )
         if "needle" in tasks:
-            samples.append((EFFECTIVE_LENGTH, {"model": model}, float(tasks["needle"]["effective_length"] or 0)))
+            samples.append((PROBE_EFFECTIVE_LENGTH, {"model": model}, float(tasks["needle"]["effective_length"] or 0)))
+            for name, key in PROBE_EFFECTIVE_LENGTH_BY.items():
+                samples.append((name, {"model": model}, float(tasks["needle"].get(key) or 0)))
     return samples

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from .verdicts import NOLIMA_KEEP, NOLIMA_SHORT, RULER_THRESHOLD
+
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.0%}"
@@ -56,6 +58,13 @@ def model_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
         "trained at": lambda e: str(e["training_length"]) if e["role"] == "adapter" else "(base)",
         "effective length, needle": lambda e: str(e["tasks"].get("needle", {}).get("effective_length") or "none"),
         "effective length, passkey": lambda e: str(e["tasks"].get("passkey", {}).get("effective_length") or "none"),
+        **{
+            f"{task} effective length, {name}": (
+                lambda e, task=task, key=key: str(e["tasks"].get(task, {}).get(key) or "none")
+            )
+            for task in ("needle", "passkey")
+            for name, key in (("RULER", "effective_length_ruler"), ("NoLiMa", "effective_length_nolima"))
+        },
         "no-context control": lambda e: _pct(e["tasks"].get("control", {}).get("accuracy")),
         "empty answers": lambda e: str(
             sum(r["empty"] for t in ("passkey", "needle") for r in e["tasks"].get(t, {}).get("by_length", {}).values())
@@ -115,6 +124,13 @@ def markdown(summary: dict) -> str:
         parts.append("|" + "---|" * len(header))
         parts += ["| " + " | ".join(row) + " |" for row in rows]
         parts.append("")
+    parts += [
+        f"Effective length: lcserve's, the longest length up to which every rung scores at least "
+        f"{summary['threshold']:.0%}; RULER's, the longest length scoring above {RULER_THRESHOLD:.1%} "
+        f"(Llama-2-7B at 4K); NoLiMa's, the longest length keeping {NOLIMA_KEEP:.0%} of the model's own best "
+        f"score at {NOLIMA_SHORT:,} tokens or fewer.",
+        "",
+    ]
     if summary["dropped"]:
         parts += ["Dropped to fit the budget: " + "; ".join(summary["dropped"]), ""]
     for name, comp in summary["comparisons"].items():

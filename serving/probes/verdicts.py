@@ -60,6 +60,29 @@ def effective_length(accuracy: dict[int, float | None], threshold: float) -> int
     return best
 
 
+# The field's definitions, beside lcserve's (every rung up to the length holds `threshold`), so a result
+# reads against published ones:
+RULER_THRESHOLD = 0.856  # RULER: Llama-2-7B's score at 4K; effective length is the longest length above it
+NOLIMA_KEEP = 0.85  # NoLiMa: the longest length keeping 85% of the model's own short-context score ...
+NOLIMA_SHORT = 1024  # ... its best score at 1K tokens or fewer (NoLiMa measures 250, 500 and 1K)
+
+
+def ruler_effective_length(accuracy: dict[int, float | None]) -> int | None:
+    """RULER's effective length: the longest probed length whose score exceeds RULER_THRESHOLD."""
+    held = [length for length, a in accuracy.items() if a is not None and a > RULER_THRESHOLD]
+    return max(held, default=None)
+
+
+def nolima_effective_length(accuracy: dict[int, float | None]) -> int | None:
+    """NoLiMa's effective length: the longest probed length that keeps NOLIMA_KEEP of the model's base
+    score (its best at NOLIMA_SHORT tokens or fewer). None without a short rung, or with a base of 0."""
+    short = [a for length, a in accuracy.items() if length <= NOLIMA_SHORT and a is not None]
+    if not short or max(short) <= 0:
+        return None
+    floor = NOLIMA_KEEP * max(short)
+    return max((length for length, a in accuracy.items() if a is not None and a >= floor), default=None)
+
+
 def paired_bootstrap(diffs: list[float], seed: int, resamples: int = RESAMPLES, level: float = 0.95) -> dict | None:
     """Mean of paired differences (adapter - base on the same prompts), its percentile interval,
     and whether that is a regression (interval below 0, at least MIN_PAIRS pairs)."""
@@ -133,10 +156,13 @@ def summarize(
         for task in RETRIEVAL:
             acc = accuracy_by_length(records, model, task)
             if acc:
+                scores = {k: v["accuracy"] for k, v in acc.items()}
                 entry["tasks"][task] = {
                     "by_length": acc,
                     "grid": depth_grid(records, model, task),
-                    "effective_length": effective_length({k: v["accuracy"] for k, v in acc.items()}, threshold),
+                    "effective_length": effective_length(scores, threshold),
+                    "effective_length_ruler": ruler_effective_length(scores),
+                    "effective_length_nolima": nolima_effective_length(scores),
                 }
         control = accuracy_by_length(records, model, "control")
         if control:

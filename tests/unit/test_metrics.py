@@ -362,6 +362,20 @@ def test_probe_results_replace_per_model():
     assert value(text, "lcserve_probe_accuracy", model="base", task="needle", length="1024") == 1.0
 
 
+def test_the_fields_effective_lengths_are_published_beside_lcserves():
+    m.set_probe_results(
+        [
+            (m.PROBE_EFFECTIVE_LENGTH, {"model": "field"}, 2048),
+            ("lcserve_probe_effective_length_ruler", {"model": "field"}, 1024),
+            ("lcserve_probe_effective_length_nolima", {"model": "field"}, 4096),
+        ]
+    )
+    text = m.GatewayMetrics(Status()).render()
+    assert value(text, "lcserve_probe_effective_length", model="field") == 2048
+    assert value(text, "lcserve_probe_effective_length_ruler", model="field") == 1024
+    assert value(text, "lcserve_probe_effective_length_nolima", model="field") == 4096
+
+
 @pytest.mark.parametrize(
     "sample",
     [

@@ -11,7 +11,9 @@ from lcserve.serving.probes.verdicts import (
     accuracy_by_length,
     effective_length,
     loss_profile,
+    nolima_effective_length,
     paired_bootstrap,
+    ruler_effective_length,
     summarize,
 )
 
@@ -72,6 +74,34 @@ def test_distractor_answers_are_counted():
 )
 def test_effective_length(accuracy, expected):
     assert effective_length(accuracy, 0.8) == expected
+
+
+# Expected values worked out by hand from the published definitions: RULER, the longest length scoring
+# above Llama-2-7B's 85.6% at 4K; NoLiMa, the longest length keeping 85% of the best score at <= 1K.
+FIELD_CASES = [
+    # 0.86 beats 85.6%, 0.855 does not; NoLiMa's floor is 0.85 x 1.0, which 0.855 keeps
+    ({256: 1.0, 1024: 0.9, 2048: 0.86, 4096: 0.855, 8192: 0.5}, 2048, 4096),
+    # a weak model: nothing beats 85.6%; its own best short score is 0.6, floor 0.51
+    ({512: 0.6, 1024: 0.5, 4096: 0.52, 8192: 0.3}, None, 4096),
+    ({2048: 1.0, 4096: 1.0}, 4096, None),  # no rung at 1K or below: no NoLiMa base
+    ({512: 0.0, 1024: 0.0, 2048: None}, None, None),
+]
+
+
+@pytest.mark.parametrize("accuracy, ruler, nolima", FIELD_CASES)
+def test_the_fields_effective_lengths(accuracy, ruler, nolima):
+    assert ruler_effective_length(accuracy) == ruler
+    assert nolima_effective_length(accuracy) == nolima
+
+
+def test_the_fields_effective_lengths_fail_on_a_perturbed_threshold(monkeypatch):
+    """Each expectation above pins its definition's threshold: nudged, the first case changes."""
+    from lcserve.serving.probes import verdicts
+
+    accuracy, ruler, nolima = FIELD_CASES[0]
+    monkeypatch.setattr(verdicts, "RULER_THRESHOLD", 0.85)
+    monkeypatch.setattr(verdicts, "NOLIMA_KEEP", 0.86)
+    assert ruler_effective_length(accuracy) != ruler and nolima_effective_length(accuracy) != nolima
 
 
 def test_paired_bootstrap_is_seeded_and_flags_only_clear_regressions():
@@ -188,4 +218,7 @@ def test_gauge_samples_mirror_the_summary():
     assert len(accuracy) == 2 * (len(LENGTHS) + 1)
     effective = {s[1]["model"]: s[2] for s in samples if s[0] == "lcserve_probe_effective_length"}
     assert effective == {"base": 1024.0, "writer": 512.0}
+    for name, key in (("ruler", "effective_length_ruler"), ("nolima", "effective_length_nolima")):
+        by = {s[1]["model"]: s[2] for s in samples if s[0] == f"lcserve_probe_effective_length_{name}"}
+        assert by == {m: float(e["tasks"]["needle"][key] or 0) for m, e in summary["models"].items()}
     assert all(isinstance(v, float) and all(isinstance(x, str) for x in labels.values()) for _, labels, v in samples)
