@@ -20,6 +20,7 @@ from lcserve.errors import PlanError
 from lcserve.options import RenamedOption
 from lcserve.vllm_rules import KV_CACHE_DTYPES, human_readable_int
 
+from .inputs import CPU_KV_CACHE_ENV
 from .plan_types import TRAINING_RATIO_WARN, PlanRequest
 
 SERVE, DEPLOY = "serve", "deploy"  # the commands that plan: `lcserve serve` and `lcserve deploy plan|render|check`
@@ -187,7 +188,7 @@ SETTINGS: tuple[Setting, ...] = (
         click.INT,
         "CPU: fix VLLM_CPU_KVCACHE_SPACE (GiB) instead of sizing it.",
         commands=(DEPLOY,),
-        env="VLLM_CPU_KVCACHE_SPACE",
+        env=CPU_KV_CACHE_ENV,
     ),
     Setting(
         "training_ratio_warn",

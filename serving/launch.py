@@ -16,6 +16,7 @@ from lcserve.adapters.inspection import AdapterReport
 from lcserve.adapters.mount import ModeDecision, decide_mode, lora_modules_args
 from lcserve.adapters.reader import LoraAdapter
 from lcserve.deploy.hardware import Profile
+from lcserve.deploy.inputs import CPU_KV_CACHE_ENV, cpu_kv_cache_space
 from lcserve.deploy.plan import PlanRequest, ServePlan, plan_deployment
 from lcserve.deploy.pooling import PoolingPlan, plan_pooling
 from lcserve.deploy.settings import take_vllm_args
@@ -227,8 +228,8 @@ def planned_args(
                 "vLLM's)"
             )
         notes += plan_summary(plan, environ)
-    if "VLLM_CPU_KVCACHE_SPACE" in environ and build == "cpu":
-        notes.append(f"VLLM_CPU_KVCACHE_SPACE={environ['VLLM_CPU_KVCACHE_SPACE']} GiB (from the environment)")
+    if CPU_KV_CACHE_ENV in environ and build == "cpu":
+        notes.append(f"{CPU_KV_CACHE_ENV}={environ[CPU_KV_CACHE_ENV]} GiB (from the environment)")
     if options.request.gpu_memory_utilization is not None:
         if build == "cpu":
             notes.append(
@@ -247,8 +248,7 @@ def take_planned_flags(options: ServeOptions) -> ServeOptions:
 
 def plan_request(options: ServeOptions, inputs: ServeInputs) -> PlanRequest:
     """The planner's request: the user's explicit values, and a KV cache size the environment fixes."""
-    kv_env = inputs.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    fixed_gib = int(kv_env) if inputs.profile.is_cpu and kv_env and kv_env.isdigit() else None
+    fixed_gib = cpu_kv_cache_space(inputs.environ) if inputs.profile.is_cpu else None
     return dataclasses.replace(options.request, kv_cache_gib=fixed_gib)
 
 

@@ -70,7 +70,7 @@ def test_serve_takes_every_setting_but_the_cluster_ones_and_the_environments():
             assert s.name not in params, s.name
 
 
-def test_hidden_aliases_parse_but_only_the_first_flag_is_shown():
+def test_only_the_first_flag_of_each_setting_is_in_the_help():
     from lcserve.deploy.cli import deploy
 
     ctx = click.Context(deploy.commands["plan"])
