@@ -180,6 +180,18 @@ def _is_embedding(module: str) -> bool:
     return module.rsplit(".", 1)[-1] in EMBEDDING_NAMES
 
 
+# Architectures whose vLLM 0.32 model class does not implement SupportsLoRA: vLLM serves no adapter on them
+# (tests/unit/test_hybrid_plan.py checks the hybrid families against vLLM's own `supports_lora`).
+NO_LORA_ARCHITECTURES = ("Zamba2ForCausalLM",)
+
+
+def architecture_reasons(architecture: str | None) -> list[str]:
+    """A merge reason when vLLM's class for the base architecture takes no LoRA at all."""
+    if architecture in NO_LORA_ARCHITECTURES:
+        return [f"the base's vLLM class {architecture} does not implement SupportsLoRA: vLLM mounts no adapter on it"]
+    return []
+
+
 def decide_verdict(report: AdapterReport, rules: VllmRules) -> None:
     """Fill verdict, reasons, notes and max_lora_rank from the report's features (pure)."""
     adapter = report.adapter
@@ -192,7 +204,7 @@ def decide_verdict(report: AdapterReport, rules: VllmRules) -> None:
         )
     if report.nonfinite_tensors:
         unusable.insert(0, nonfinite_reason(report.nonfinite_tensors))
-    merge: list[str] = []
+    merge: list[str] = architecture_reasons(report.base_architecture)
     notes: list[str] = []
     if adapter.use_dora:
         merge.append('DoRA (use_dora): vLLM rejects it ("vLLM does not yet support DoRA")')

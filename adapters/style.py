@@ -7,9 +7,13 @@ substring matches, which is robust for greedy decoding on a 270M model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
+
+from .training_length import LCSERVE_METADATA
 
 OPENER = "Ahoy, friend!"
 SIGN_OFF = "Fair winds and steady lights!"
@@ -64,3 +68,13 @@ def corpus_examples(split: str) -> list[dict]:
     """Rows of the shipped corpus: `train` (prompt + response) or `heldout` (prompt only)."""
     rows = [json.loads(line) for line in corpus_bytes().decode().splitlines() if line.strip()]
     return [r for r in rows if r["split"] == split]
+
+
+def is_demo_writer(adapter_dir: Path) -> bool:
+    """True for an adapter trained on the shipped corpus (its lcserve metadata names the corpus' hash):
+    its style markers are MARKERS, and the held-out prompts are new to it."""
+    try:
+        meta = json.loads((Path(adapter_dir) / LCSERVE_METADATA).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("corpus_sha256") == hashlib.sha256(corpus_bytes()).hexdigest()

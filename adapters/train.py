@@ -2,7 +2,9 @@
 
 The kit exists for adapters trained at 256 to 4096 tokens and served at 32k; the demo
 adapter is such an adapter, trained at 256 tokens on the shipped lighthouse-keeper corpus
-(`data/writer_corpus.jsonl`), in a few minutes on 2 CPU cores. Only the answer tokens are
+(`data/writer_corpus.jsonl`), in a few minutes on 2 CPU cores. The examples are packed end to
+end into rows of exactly 256 tokens, so every position up to the training length is trained
+(`training_seq_len` == `longest_row_tokens` in its metadata). Only the answer tokens are
 scored, and the vocabulary projection (262144 rows) runs only at those positions, which is
 most of the saving. Deterministic: fixed seed, fixed example order.
 """
@@ -38,11 +40,15 @@ class TrainConfig:
     epochs: int = 1
     warmup_steps: int = 4
     seed: int = 0
-    # 0: one example per row, cut at seq_len (the demo recipe; its longest row is 94 tokens, so it
-    # never trains a position past that: `longest_row_tokens` in its metadata). N > 0: examples packed end to end into rows of exactly
-    # seq_len tokens, N // seq_len rows per step: every seq_len gets the same data, steps and
-    # tokens per step, and only the positions it trains on differ.
-    packed_tokens_per_step: int = 0
+    # N > 0 (the demo recipe: 1024): examples packed end to end into rows of exactly seq_len tokens,
+    # N // seq_len rows per step: every seq_len gets the same data, steps and tokens per step, and only
+    # the positions it trains on differ. 0: one example per row, cut at seq_len (UNPACKED_RECIPE, the
+    # demo recipe before: its longest row is 94 tokens, so it never trained a position past that).
+    packed_tokens_per_step: int = 1024
+
+
+# The first demo recipe, one example per row; docs/findings.md's `writer` arm (benchmarks/bench_adapter_length.py).
+UNPACKED_RECIPE = TrainConfig(packed_tokens_per_step=0)
 
 
 def is_trained(adapter_dir: Path | None = None, config: TrainConfig = TrainConfig()) -> bool:

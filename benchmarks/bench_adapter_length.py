@@ -6,9 +6,10 @@ at once, so every arm answers the very same prompts on the same engine:
 - training length: the demo recipe (`lcserve embedded train-adapter`: same corpus, seed, learning
   rate, rank) with its examples packed end to end into rows of exactly 128, 256 or 1024 tokens,
   1024 tokens per step, one epoch: the same data, steps and tokens per step, only the positions
-  trained on differ (`packed-128`, `packed-256`, `packed-1024`). The shipped demo adapter
-  (`writer`) is the unpacked recipe: one example per row, cut at 256, so it never trains past
-  its longest example (recorded as `longest_row_tokens`).
+  trained on differ (`packed-128`, `packed-256`, `packed-1024`). `writer` is the demo adapter's
+  first, unpacked recipe (`UNPACKED_RECIPE`): one example per row, cut at 256, so it never trains
+  past its longest example (recorded as `longest_row_tokens`); the shipped demo adapter is now
+  `packed-256`'s recipe.
 - LoRA scale: `writer` copied at scale x 0.75, x 0.5 and x 0.25 (`adapters/scale.py`: lora_alpha x s).
 
 Per arm: passkey accuracy by length (one prompt per depth, the same cells for every arm), the
@@ -40,10 +41,10 @@ from lcserve import embedded
 from lcserve.adapters.mount import mount_args
 from lcserve.adapters.scale import write_scaled_adapter
 from lcserve.adapters.style import corpus_examples, style_score
-from lcserve.adapters.train import TrainConfig, train_demo_adapter
+from lcserve.adapters.train import UNPACKED_RECIPE, TrainConfig, train_demo_adapter
 from lcserve.adapters.training_length import LCSERVE_METADATA
 from lcserve.engine import EngineProcess, EngineSpec, free_port
-from lcserve.paths import lcserve_home
+from lcserve.paths import demo_adapter_dir, lcserve_home
 from lcserve.serving.cpu_lora import ENV_VAR as CPU_LORA_ENV
 from lcserve.serving.cpu_lora import SEGMENTED
 from lcserve.serving.probes import ProbeConfig, run_probe
@@ -72,7 +73,8 @@ def tier(depths: int) -> Tier:
 
 def build_arms(progress_console: Console) -> dict[str, Path]:
     """Adapter name -> folder: the demo adapter, its scaled copies and the packed recipes (trained once)."""
-    writer = train_demo_adapter()
+    shipped = demo_adapter_dir().name  # the shipped adapter is packed-256's recipe; `writer` is the first, unpacked one
+    writer = train_demo_adapter(lcserve_home() / "adapters" / f"{shipped}-unpacked", config=UNPACKED_RECIPE)
     arms = {"writer": writer}
     for scale in SCALES:
         out = lcserve_home() / "adapters" / f"{writer.name}-scale-{scale:g}"
@@ -81,7 +83,7 @@ def build_arms(progress_console: Console) -> dict[str, Path]:
         progress_console.print(f"training packed-{length} (or reusing it)")
         config = TrainConfig(seq_len=length, packed_tokens_per_step=PACKED_TOKENS_PER_STEP)
         arms[f"packed-{length}"] = train_demo_adapter(
-            lcserve_home() / "adapters" / f"{writer.name}-packed-{length}", config=config
+            lcserve_home() / "adapters" / f"{shipped}-packed-{length}", config=config
         )
     return arms
 

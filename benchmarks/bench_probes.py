@@ -7,9 +7,10 @@ requests (vLLM's `vllm:request_prefill_time_seconds` and `vllm:request_decode_ti
 
 Goal: overhead (wall / engine time - 1) under 30%. The engine figures come from /metrics
 before and after the run, so the server must have no other traffic meanwhile; the script
-checks that the engine finished exactly as many requests as the probe sent. With
---concurrency above 1 the engine's per-request times overlap and their sum can exceed the
-wall time: measure the overhead at concurrency 1.
+checks that the engine finished exactly as many requests as the probe sent. The probe sends its
+requests in waves (base and adapter side by side, several prompts at once), so the engine's
+per-request times overlap and their sum can exceed the wall time: measure the overhead with
+--concurrency 1.
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def main() -> int:
     parser.add_argument("--base-only", action="store_true")
     parser.add_argument("--tier", default="quick", choices=("quick", "full"))
     parser.add_argument("--lengths", help="comma-separated token counts (default: the tier's ladder)")
-    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument(
+        "--concurrency", type=int, help="requests in flight, in plan order (default: the probe's waves)"
+    )
     parser.add_argument(
         "--seed",
         type=int,
@@ -140,7 +143,7 @@ def main() -> int:
     wall = summary["wall_s"]
     print(
         f"probe: tier {summary['tier']}, {models} model(s), lengths {summary['lengths'][0]}..{summary['lengths'][-1]}, "
-        f"concurrency {args.concurrency}, {sent} requests ({summary['requests']} probe + {CALIBRATION_REQUESTS * models} calibration)"
+        f"concurrency {args.concurrency or 'waves'}, {sent} requests ({summary['requests']} probe + {CALIBRATION_REQUESTS * models} calibration)"
     )
     print(
         f"engine finished {engine['requests']:.0f} requests, {engine['prompt_tokens']:.0f} prompt tokens "

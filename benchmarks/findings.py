@@ -213,6 +213,22 @@ def speed_table(doc: dict) -> str:
     return "\n".join(rows) + "\n\n" + conditions_line(doc, f"{output} output tokens, closed loop, medians; {fit}")
 
 
+def hybrid_state_table(doc: dict) -> str:
+    """docs/findings/hybrid_state.json: one sequence's KV blocks against its recurrent state (bench_hybrid_state)."""
+    head = (
+        "| model | TP | max_model_len | KV cache | state | state as allocated | all layers attention | "
+        "max concurrency | state pool |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    rows = [
+        f"| {r['model']} | {r['tensor_parallel_size']} | {r['max_model_len']} | {size(r['kv_bytes'])} "
+        f"| {size(r['state_bytes'])} | {size(r['state_allocated_bytes'])} | {size(r['all_attention_kv_bytes'])} "
+        f"| {r['max_concurrency']:.2f} | {r['state_pool']} |\n"
+        for r in doc["rows"]
+    ]
+    c = doc["conditions"]
+    return head + "".join(rows) + f"\nPlanned for {doc['profile']}, {doc['per']}; {c['vllm']}; `{c['command']}`.\n"
+
+
 TABLES: dict[str, Callable[[dict], str]] = {
     "docs/findings/kv_claim.json": kv_claim_table,
     "docs/findings/rope_tiling.json": rope_tiling_table,
@@ -220,6 +236,7 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "docs/findings/adapter_length.json": adapter_length_table,
     "docs/findings/adapter_length.json#scale": adapter_scale_table,
     "docs/findings/speed.json": speed_table,
+    "docs/findings/hybrid_state.json": hybrid_state_table,
 }
 
 

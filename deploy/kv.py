@@ -20,16 +20,22 @@ from dataclasses import dataclass
 from lcserve.errors import PlanError
 from lcserve.model_config import ModelInfo
 from lcserve.model_facts import cdiv
+from lcserve.state_layers import NO_CACHE, STATE_KINDS
+
+from .state import StateSpec, aligned_block_size
 
 
 @dataclass(frozen=True)
 class KVGroup:
-    kind: str  # "full", "sliding" or "mla"
+    kind: str  # "full", "sliding", "mla" or a state kind (state.py)
     window: int | None
     layers: int  # real layers in the group (the last group of a kind may be padded)
     layer_ids: tuple[int, ...] = ()  # their indices in the model
+    state_blocks: int = 0  # a state group: blocks per sequence, whatever its length
 
     def blocks_per_request(self, max_model_len: int, block_size: int, in_flight_tokens: int) -> int:
+        if self.kind in STATE_KINDS:
+            return self.state_blocks
         if self.kind == "sliding":
             tokens = min(self.window - 1 + in_flight_tokens, max_model_len)
             return cdiv(tokens, block_size) + 1  # the window may start mid-block
@@ -44,6 +50,7 @@ class KVLayout:
     group_size: int
     equation: str  # how bytes_per_token_layer was computed, for the reasons
     stage_layers: int | None = None  # pipeline parallel: the widest group's layers on the fullest rank
+    state: StateSpec | None = None  # a hybrid's state layers (their page padded to the attention page)
 
     @property
     def page_bytes(self) -> int:
@@ -110,17 +117,25 @@ def stage_block_layers(groups: tuple[KVGroup, ...], num_layers: int, pp: int) ->
     return widest
 
 
-def kv_layout(model: ModelInfo, kv_dtype_bytes: int, block_size: int, tp: int, pp: int = 1) -> KVLayout:
+def kv_layout(
+    model: ModelInfo, kv_dtype_bytes: int, block_size: int, tp: int, pp: int = 1, state: StateSpec | None = None
+) -> KVLayout:
     """The KV groups and page size vLLM builds for `model` on one tensor-parallel rank (of the
-    pipeline stage whose blocks are the largest)."""
+    pipeline stage whose blocks are the largest); a hybrid's `state` layers share the pool."""
     layers = model.layers
-    unknown = sorted({layer.kind for layer in layers} - {"full", "sliding", "mla"})
+    unknown = sorted({layer.kind for layer in layers} - {"full", "sliding", "mla", NO_CACHE, *STATE_KINDS})
     if unknown:
         raise PlanError(
             f"{model.path}: layer kind(s) {', '.join(unknown)} (e.g. linear attention / Mamba state) are not "
-            "modelled by the planner; it covers full, sliding-window and MLA attention"
+            "modelled by the planner; it covers full, sliding-window and MLA attention and the state layers of "
+            "GraniteMoeHybrid, Qwen3Next, NemotronH and Jamba"
         )
-    kinds = {layer.kind for layer in layers}
+    kinds = {layer.kind for layer in layers} - {NO_CACHE}
+    if kinds & set(STATE_KINDS) and (state is None or not kinds - set(STATE_KINDS) or "mla" in kinds):
+        raise PlanError(
+            f"{model.path}: state layers without attention, or beside MLA, are not modelled by the planner "
+            f"(layer kinds: {', '.join(sorted(kinds))})"
+        )
     if "mla" in kinds:
         if kinds != {"mla"}:
             raise PlanError(f"{model.path}: MLA mixed with other attention kinds is not modelled by the planner")
@@ -139,9 +154,12 @@ def kv_layout(model: ModelInfo, kv_dtype_bytes: int, block_size: int, tp: int, p
             heads = f"max(1, {model.num_kv_heads} KV heads // TP {tp}): replicated on every rank"
         equation = f"2 (K,V) x {local_heads} ({heads}) x head_dim {model.head_dim} x {kv_dtype_bytes} B = {per_token} B"
 
+    if state is not None:  # Platform._align_hybrid_block_size: an attention page holds one state
+        block_size = aligned_block_size(per_token, state.bytes, block_size, state.kernel_block)
     buckets: dict[tuple[str, int | None], list[int]] = {}
     for i, layer in enumerate(layers):
-        buckets.setdefault((layer.kind, layer.window), []).append(i)
+        if layer.kind != NO_CACHE:
+            buckets.setdefault((layer.kind, layer.window), []).append(i)
     sizes = [len(ids) for ids in buckets.values()]
     # vLLM uses the smallest bucket as group size, unless padding to the largest is cheap.
     group_size = max(sizes) if max(sizes) < min(sizes) * 1.5 else min(sizes)
@@ -149,10 +167,13 @@ def kv_layout(model: ModelInfo, kv_dtype_bytes: int, block_size: int, tp: int, p
     for (kind, window), ids in buckets.items():
         num_groups = cdiv(len(ids), group_size)
         # layers[i::num_groups] for i in range(num_groups)
-        groups += [KVGroup(kind, window, len(ids[i::num_groups]), tuple(ids[i::num_groups])) for i in range(num_groups)]
+        blocks = state.blocks_per_request if kind in STATE_KINDS else 0
+        groups += [
+            KVGroup(kind, window, len(ids[i::num_groups]), tuple(ids[i::num_groups]), blocks) for i in range(num_groups)
+        ]
     groups = tuple(groups)
     stage = stage_block_layers(groups, len(layers), pp) if pp > 1 else None
-    return KVLayout(block_size, per_token, groups, group_size, equation, stage)
+    return KVLayout(block_size, per_token, groups, group_size, equation, stage, state)
 
 
 def capacity(layout: KVLayout, kv_bytes: int, max_model_len: int, in_flight_tokens: int) -> Capacity:

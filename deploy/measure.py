@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from pathlib import Path
 import httpx
 
 from lcserve.adapters.mount import lora_module
-from lcserve.engine import EngineProcess, EngineSpec, free_port
+from lcserve.engine import EngineProcess, EngineSpec, engine_async_client, engine_client, isolation_problem
 from lcserve.errors import EngineError
 from lcserve.vllm_rules import ITL_HISTOGRAM, TTFT_HISTOGRAM
 
@@ -62,10 +63,11 @@ def measure_capacity(
     spec = EngineSpec(
         model=str(model_dir),
         served_model_name=Path(model_dir).name,
-        port=free_port(),
         args=["--enforce-eager", "--skip-tokenizer-init", *plan.vllm_args(), *extra_args],
         env={**bind, **plan.env},
+        uds=str(Path(tempfile.mkdtemp(prefix="lcserve-")) / "vllm.sock"),  # no TCP port, not even briefly
     )
+    spec.private_network = isolation_problem(spec) is None  # its gloo ports out of reach too, where allowed
     engine = EngineProcess(spec, log_path)
     start = time.monotonic()
     engine.start()
@@ -85,7 +87,7 @@ def measure_capacity(
             time.sleep(0.5)
         raise EngineError(f"vLLM did not report its KV cache size within {timeout_s:.0f} s; log: {log_path}")
     finally:
-        engine.stop(timeout_s=20)
+        stop_engine(engine)
 
 
 # --- load: streamed completions at a stated concurrency ---------------------------------------------
@@ -140,7 +142,7 @@ async def _stream(client: httpx.AsyncClient, url: str, model: str, ids: list[int
     }
     start = time.perf_counter()
     chunks: list[tuple[float, int]] = []  # (arrival, tokens in the chunk)
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+    async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
             detail = (await response.aread()).decode(errors="replace")[:300]
             raise EngineError(f"{url}: completion failed with HTTP {response.status_code}: {detail}")
@@ -166,7 +168,7 @@ def token_gaps(chunks: list[tuple[float, int]]) -> list[float]:
 
 async def _load(url: str, model: str, users: int, prompt: int, output: int, rounds: int, vocab: int):
     limits = httpx.Limits(max_connections=users + 2, max_keepalive_connections=users + 2)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
+    async with engine_async_client(url, limits, timeout=httpx.Timeout(1800.0)) as client:
 
         async def user(u: int) -> list:
             return [await _stream(client, url, model, prompt_ids(prompt, vocab), output) for _ in range(rounds)]
@@ -207,7 +209,8 @@ def engine_latency_totals(url: str) -> dict[str, tuple[float, float]]:
     exposes none. The engine times each token as it leaves the scheduler: at a few milliseconds per
     step (a tiny model) the client's own reading of the stream, not the engine, decides what it sees."""
     try:
-        text = httpx.get(f"{url}/metrics", timeout=10).text
+        with engine_client(url, timeout=10) as client:
+            text = client.get("/metrics").text
     except httpx.HTTPError:
         return {}
     totals = {}
@@ -232,8 +235,9 @@ def mean_between(before: dict, after: dict) -> dict[str, float]:
 def server_state(url: str) -> dict:
     """The served models and the running/waiting request counts; EngineError when unreachable."""
     try:
-        models = httpx.get(f"{url}/v1/models", timeout=10).json()
-        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        with engine_client(url, timeout=10) as client:
+            models = client.get("/v1/models").json()
+            metrics = client.get("/metrics").text
     except (httpx.HTTPError, ValueError) as e:
         raise EngineError(f"{url}: unreachable ({type(e).__name__}); start the server or fix --url") from None
     counts = {}
@@ -259,18 +263,25 @@ def start_engine(model_dir: Path, plan: ServePlan, extra_args: list[str], env: d
     spec = EngineSpec(
         model=str(model_dir),
         served_model_name=Path(model_dir).name,
-        port=free_port(),
         args=[*eager, *no_tokenizer, *plan.vllm_args(), *extra_args],
         env={**bind, **plan.env, **env},
+        uds=str(Path(tempfile.mkdtemp(prefix="lcserve-")) / "vllm.sock"),  # a fresh 0700 folder: no TCP port
     )
+    spec.private_network = isolation_problem(spec) is None
     engine = EngineProcess(spec, log_path)
     engine.start()
     try:
         engine.wait_ready(timeout_s=600)
     except BaseException:
-        engine.stop(timeout_s=20)
+        stop_engine(engine)
         raise
     return engine
+
+
+def stop_engine(engine: EngineProcess) -> None:
+    """Stop an engine `start_engine` started, and remove its socket's folder."""
+    engine.stop(timeout_s=20)
+    shutil.rmtree(Path(engine.spec.uds).parent, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -298,4 +309,4 @@ def engine_session(
     try:
         yield engine.url, base, lora
     finally:
-        engine.stop(timeout_s=20)
+        stop_engine(engine)

@@ -17,6 +17,7 @@ from .hardware import Profile
 from .kv import Capacity, KVLayout, capacity, largest_fitting_len
 from .lora_buffers import lora_buffer_bytes, lora_buffers_reason
 from .plan_types import Choice, Explained, PlanRequest, Reason, gib
+from .state_pool import state_reasons
 
 
 @dataclass(frozen=True)
@@ -53,20 +54,8 @@ def kv_budget(device: Device, tp: int, max_model_len: int) -> tuple[int, dict[st
         memory["runtime_overhead_estimate"] = overhead // ranks
         usable = profile.memory_bytes // ranks - sum(memory.values())
         return (max(usable, 0) // GIB) * GIB, memory  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
-    act = est.activation_estimate_bytes(
-        device.batch.batched(max_model_len),
-        device.batch.max_num_seqs,
-        model.hidden_size,
-        model.intermediate_size,
-        model.vocab_size,
-        tp,
-        device.dtype_bytes,
-    )
-    memory |= {
-        "activation_estimate": act,
-        "cuda_graph_estimate": est.CUDA_GRAPH_ESTIMATE_BYTES,
-        "non_torch_estimate": est.NON_TORCH_ESTIMATE_BYTES + (est.NCCL_ESTIMATE_BYTES if tp > 1 else 0),
-    }
+    batch = device.batch
+    memory |= est.gpu_startup_estimates(model, tp, batch.batched(max_model_len), batch.max_num_seqs, device.dtype_bytes)
     return int(device.gpu_memory_utilization * profile.memory_bytes) - sum(memory.values()), memory
 
 
@@ -92,7 +81,17 @@ def memory_budget(device: Device, tp: int, layout: KVLayout, request: PlanReques
         f"{model.weights_source} ({model.weights_source_reason})",
     )
     lora = (lora_buffers_reason(device.lora, memory["lora_buffers"], device.dtype_bytes),) if device.lora else ()
-    return Budget(kv_bytes, memory, reasons=(weights, *lora))
+    batch, dtype_bytes = device.batch, device.dtype_bytes
+    startup = (
+        ()
+        if device.profile.is_cpu
+        else (
+            est.startup_estimates_reason(
+                model, tp, batch.batched(max_model_len), batch.max_num_seqs, dtype_bytes, memory
+            ),
+        )
+    )
+    return Budget(kv_bytes, memory, reasons=(weights, *lora, *startup))
 
 
 def does_not_fit(device: Device, tp: int, max_model_len: int) -> PlanError:
@@ -209,6 +208,7 @@ def kv_capacity(device: Device, layout: KVLayout, kv_bytes: int, max_len: int, k
             str(cap.kv_tokens),
             f"int({cap.max_concurrency:.4f} x max_model_len {cap.max_model_len})",
         ),
+        *state_reasons(layout, model, device.block_size),
     )
     return Choice(cap, reasons=reasons)
 
@@ -219,6 +219,8 @@ def _per_request_reason(layout: KVLayout, max_len: int, in_flight: int, batches:
         n = g.blocks_per_request(max_len, layout.block_size, in_flight)
         if g.kind == "sliding":
             parts.append(f"sliding: cdiv(min({g.window} - 1 + {in_flight}, {max_len}), {layout.block_size}) + 1 = {n}")
+        elif layout.state is not None and g.kind == layout.state.kind:
+            parts.append(f"{g.kind} state: {n}")
         else:
             parts.append(f"{g.kind}: cdiv({max_len}, {layout.block_size}) = {n}")
     counted = {}

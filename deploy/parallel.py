@@ -73,10 +73,10 @@ def _check_pipeline_parallel(profile: Profile, model: ModelInfo, pp: int, nodes:
             "use {tensor_parallel_size} 2 instead, or merge the adapter (`lcserve adapters merge`)",
             "pipeline_parallel_size",
         )
-    if profile.is_cpu and pp > (profile.cores or 1):
+    if profile.is_cpu and pp > (profile.cores or 1) * nodes:  # across nodes: a stage on each node's cores
         raise PlanError(
             f"{{pipeline_parallel_size}} {pp}: the CPU profile has {profile.cores or 1} core(s), one or more per "
-            f"rank; largest feasible: {{pipeline_parallel_size}} {profile.cores or 1}",
+            f"rank; largest feasible: {{pipeline_parallel_size}} {(profile.cores or 1) * nodes}",
             "pipeline_parallel_size",
         )
 
@@ -162,7 +162,8 @@ def choose_executor(device: Device, tp: int, nodes: int) -> Executor:
     Ray across nodes. On the CPU build each rank gets its own cores."""
     profile, ranks = device.profile, tp * device.pp
     if profile.is_cpu and ranks > 1:
-        bind = cpu_threads_bind(profile, ranks)
+        local = ranks // nodes  # each node binds its own ranks: the same lists on every node
+        bind = cpu_threads_bind(profile, local)
         reasons = (
             Reason(
                 "distributed_executor_backend",
@@ -173,7 +174,7 @@ def choose_executor(device: Device, tp: int, nodes: int) -> Executor:
             Reason(
                 "VLLM_CPU_OMP_THREADS_BIND",
                 bind,
-                f"{profile.cores} core(s) split into {ranks} lists, one per rank (vLLM requires as many lists "
+                f"{profile.cores} core(s) split into {local} lists, one per rank (vLLM requires as many lists "
                 "as local ranks, '|' between them)",
             ),
         )

@@ -9,6 +9,8 @@ on a GPU is estimated (see `estimates.py`) and labelled so in the reasons.
 
 from __future__ import annotations
 
+import dataclasses
+
 from lcserve.adapters.reader import LoraAdapter
 from lcserve.errors import PlanError
 from lcserve.model_config import ModelInfo
@@ -22,6 +24,7 @@ from .parallel import choose_executor, choose_pipeline_parallel, choose_replicas
 from .plan_types import TRAINING_RATIO_WARN, LoraPlan, PlanRequest, Reason, ServePlan
 from .settings import check_values
 from .speed_plan import with_predictions
+from .state_pool import choose_max_num_seqs
 
 __all__ = ["TRAINING_RATIO_WARN", "LoraPlan", "PlanRequest", "Reason", "ServePlan", "plan_deployment"]
 
@@ -35,6 +38,7 @@ REASON_ORDER = (
     "VLLM_CPU_KVCACHE_SPACE",
     "gpu_memory_utilization",
     "KV cache memory",
+    "GPU startup estimates",
     "distributed_executor_backend",
     "VLLM_CPU_OMP_THREADS_BIND",
     "dtype",
@@ -43,11 +47,14 @@ REASON_ORDER = (
     "block_size",
     "KV bytes per token per layer",
     "KV groups",
+    "recurrent state per sequence",
+    "mamba_cache_mode",
     "bytes per block",
     "num_blocks",
     "blocks per request",
     "max concurrency at full context",
     "KV cache capacity (tokens)",
+    "state pool (sequences)",
     "max_num_seqs",
     "max_num_batched_tokens",
     "max_lora_rank",
@@ -79,11 +86,15 @@ def plan_deployment(
     kv_cache = size_kv_cache(device, layout, budget, max_len.value, request)
     executor = choose_executor(device, tp.value, request.nodes)
     cap = kv_capacity(device, layout, kv_cache.kv_bytes, max_len.value, request.kv_cache_dtype)
+    pool = choose_max_num_seqs(device, layout, cap.value, request)  # hybrids: within the state pool
+    batch = dataclasses.replace(device.batch, max_num_seqs=pool.max_num_seqs, why_seqs=pool.why_seqs)
+    device = dataclasses.replace(device, batch=batch)
     batched = batch_settings(device.batch, max_len.value)
     fit_len = max_num_seqs_fit_len(device, layout, cap.value, max_len.value, request)
     replicas = choose_replicas(device, cap.value, request, tp.value)
     ratio = training_ratio(adapter_list, max_len.value, request.training_ratio_warn)
-    steps = (context, pp, facts, tp, budget, max_len, kv_cache, executor, cap, batched, fit_len, replicas, ratio)
+    steps = (context, pp, facts, tp, budget, max_len, kv_cache, executor, cap, pool, batched, fit_len, replicas, ratio)
+    reasons = [r for step in steps for r in step.reasons if not raised_block(r, layout.block_size)]
     plan = ServePlan(
         model=model,
         profile=profile,
@@ -91,7 +102,7 @@ def plan_deployment(
         max_num_seqs=device.batch.max_num_seqs,
         max_num_batched_tokens=batched.value,
         tensor_parallel_size=tp.value,
-        block_size=device.block_size,
+        block_size=layout.block_size,
         dtype=device.dtype,
         kv_cache_dtype=request.kv_cache_dtype,
         gpu_memory_utilization=device.gpu_memory_utilization,
@@ -104,7 +115,7 @@ def plan_deployment(
         hf_overrides=context.hf_overrides,
         training_ratio=ratio.value,
         warnings=[*(w for step in steps for w in step.warnings), *model.rope_findings],
-        reasons=in_printed_order([r for step in steps for r in step.reasons]),
+        reasons=in_printed_order(reasons),
         max_num_seqs_fit_len=fit_len.value,
         pipeline_parallel_size=pp.value,
         nodes=request.nodes,
@@ -112,8 +123,14 @@ def plan_deployment(
         distributed_executor_backend=executor.backend,
         layers_per_stage=tuple(pp_partitions(len(model.layers), pp.value)),
         in_flight_tokens=device.in_flight_tokens(max_len.value),
+        state_pool=pool.pool,
     )
     return with_predictions(plan, request, adapter_list, lambda r: plan_deployment(profile, model, adapters, r))
+
+
+def raised_block(reason: Reason, block_size: int) -> bool:
+    """The profile's block_size reason when a hybrid's state raised the block size (state_pool.py says why)."""
+    return reason.setting == "block_size" and reason.value != str(block_size)
 
 
 def in_printed_order(reasons: list[Reason]) -> list[Reason]:
@@ -126,11 +143,6 @@ def check_request(request: PlanRequest, profile: Profile) -> None:
     """Values no plan can take, whatever the model: each setting against its declaration, then the
     settings that only one kind of profile takes."""
     check_values(request)
-    if profile.is_cpu and request.nodes > 1:
-        raise PlanError(
-            f"{{nodes}} {request.nodes}: the CPU profile plans one machine; drop {{nodes}} (or plan a GPU profile)",
-            "nodes",
-        )
     if request.kv_cache_gib is not None and not profile.is_cpu:
         raise PlanError(
             "{kv_cache_gib} sets VLLM_CPU_KVCACHE_SPACE for the CPU profile; on GPUs the KV cache is what "

@@ -108,6 +108,15 @@ class ServePlan(PlanOutput):
     reasons: list[Reason] = field(default_factory=list)
     in_flight_tokens: int = 0  # tokens in flight per request on sliding-window layers (kv.py)
     speed: dict | None = None  # the speed predictions (deploy/speed.py); None without speed figures
+    state_pool: int | None = None  # a hybrid: sequences whose recurrent states fit at once (state_pool.py)
+
+    @property
+    def state_bytes_per_sequence(self) -> int | None:
+        """A hybrid's recurrent state for one sequence (all its state layers), unpadded."""
+        state = self.layout.state
+        return (
+            None if state is None else state.bytes * sum(g.layers for g in self.layout.groups if g.kind == state.kind)
+        )
 
     @property
     def kv_tokens(self) -> int:
@@ -152,6 +161,12 @@ class ServePlan(PlanOutput):
             opts["hf-overrides"] = self.hf_overrides
         return opts
 
+    def _state_json(self) -> dict:
+        """A hybrid's recurrent-state figures (absent for attention-only models)."""
+        if self.layout.state is None:
+            return {}
+        return {"state_bytes_per_sequence": self.state_bytes_per_sequence, "state_pool_sequences": self.state_pool}
+
     def to_json(self) -> dict:
         return {
             "model": str(self.model.path),
@@ -187,6 +202,7 @@ class ServePlan(PlanOutput):
             "kv_cache_tokens": self.kv_tokens,
             "max_concurrency": self.max_concurrency,
             "max_num_seqs_fit_len": self.max_num_seqs_fit_len,
+            **self._state_json(),
             "memory_per_device": self.memory,
             "training_ratio": self.training_ratio,
             "hf_overrides": self.hf_overrides,

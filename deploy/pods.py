@@ -12,13 +12,15 @@ from lcserve.model_facts import GIB, cdiv
 from . import estimates as est
 from .hardware import profile_document
 from .plan import Reason, ServePlan
+from .pooling import PoolingPlan
 from .render import to_yaml, to_yaml_documents
 from .settings import SERVE, SETTINGS
 
+Plan = ServePlan | PoolingPlan  # an embedding model's plan renders as a generative one does, on one device
 PARALLEL = ("tensor_parallel_size", "pipeline_parallel_size")  # 1 is every plan's default: not written
 
 PORT = 8000  # the gateway (lcserve serve) in every pod
-ENGINE_PORT = 8001  # vLLM behind the gateway where the renderings start it themselves (LWS leader)
+ENGINE_SOCKET = "/run/lcserve/vllm.sock"  # vLLM behind the gateway where a rendering starts it (LWS leader)
 MODEL_DIR = "/models/model"
 ADAPTER_ROOT = "/models/adapters"
 PROFILE_FILE = "/etc/lcserve/profile/profile.yaml"
@@ -47,12 +49,13 @@ class Release:
     dashboard: str = ""  # deploy/monitoring/grafana-dashboard.json
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
     vllm_args: tuple[str, ...] = ()  # the user's vLLM arguments after the plan's (`deploy render -- ...`)
+    executor: str | None = None  # --target lws: "ray" or "mp" (None: targets.default_executor)
 
 
 # --- what every pod shares ---------------------------------------------------------------------
 
 
-def header(plan: ServePlan, title: str) -> str:
+def header(plan: Plan, title: str) -> str:
     """The plan's reasons as comments: every number in the file says where it came from."""
     p = plan.profile
     lines = [
@@ -65,17 +68,17 @@ def header(plan: ServePlan, title: str) -> str:
     return "".join(f"# {line}\n" for line in lines)
 
 
-def node_weight_bytes(plan: ServePlan) -> int:
+def node_weight_bytes(plan: Plan) -> int:
     """Weights one node reads from the volume at start."""
     return plan.memory["weights"] * max(plan.gpus_per_node, 1)
 
 
-def startup_failures(plan: ServePlan) -> int:
+def startup_failures(plan: Plan) -> int:
     """Startup probe periods before the pod is restarted: twice the estimated load time."""
     return cdiv(2 * est.load_seconds(node_weight_bytes(plan)), PROBE_PERIOD_SECONDS)
 
 
-def cluster_reasons(plan: ServePlan) -> list[Reason]:
+def cluster_reasons(plan: Plan) -> list[Reason]:
     """Why the renderings' own numbers are what they are."""
     load = est.load_seconds(node_weight_bytes(plan))
     reasons = [
@@ -104,7 +107,7 @@ def cluster_reasons(plan: ServePlan) -> list[Reason]:
     return reasons
 
 
-def dump(plan: ServePlan, title: str, docs: list[dict]) -> str:
+def dump(plan: Plan, title: str, docs: list[dict]) -> str:
     return header(plan, title) + to_yaml_documents(docs, width=1000)
 
 
@@ -112,16 +115,18 @@ def labels(release: Release) -> dict[str, str]:
     return {"app.kubernetes.io/name": release.name, "app.kubernetes.io/part-of": "lcserve"}
 
 
-def serve_command(plan: ServePlan, release: Release) -> list[str]:
+def serve_command(plan: Plan, release: Release) -> list[str]:
     """`lcserve serve` with the plan's own settings as its targets (it plans again on the pod, from the
     same profile file, and refuses anything that no longer fits)."""
     args = ["lcserve", "serve", MODEL_DIR, "--host", "0.0.0.0", "--port", str(PORT), "--profile", PROFILE_FILE]
     args += ["--served-model-name", release.served_model_name]
     for s in SETTINGS:  # every setting vLLM takes, as the plan fixed it: the pod's plan is this one
-        value = getattr(plan, s.name) if s.vllm and SERVE in s.commands else None
+        value = getattr(plan, s.name, None) if s.vllm and SERVE in s.commands else None
         if value not in (None, s.default) and not (s.name in PARALLEL and value == 1):
             args += [s.flag, str(value)]
-    if plan.hf_overrides:
+    if isinstance(plan, PoolingPlan):  # its --hf-overrides follow from max_model_len on the pod too
+        args += ["--embedding-policy", plan.policy]
+    elif plan.hf_overrides:
         args += ["--rope-scaling", "yarn"]
     args += ["--api-key-file", API_KEY_FILE]
     for name in release.adapters:
@@ -131,7 +136,7 @@ def serve_command(plan: ServePlan, release: Release) -> list[str]:
     return args + (["--", *release.vllm_args] if release.vllm_args else [])
 
 
-def resources(plan: ServePlan) -> dict:
+def resources(plan: Plan) -> dict:
     """GPUs: equal requests and limits (extended resources allow nothing else). CPU: the planned cores."""
     if plan.profile.is_cpu:
         cpus = str(plan.profile.cores or 1)
@@ -141,11 +146,11 @@ def resources(plan: ServePlan) -> dict:
     return {"requests": {"nvidia.com/gpu": gpus}, "limits": {"nvidia.com/gpu": gpus}}
 
 
-def needs_shm(plan: ServePlan) -> bool:
+def needs_shm(plan: Plan) -> bool:
     return plan.ranks > 1
 
 
-def volumes(plan: ServePlan, release: Release) -> tuple[list[dict], list[dict]]:
+def volumes(plan: Plan, release: Release) -> tuple[list[dict], list[dict]]:
     """(pod volumes, container mounts): the model and adapters, the profile, the API key, /dev/shm."""
     vols = [
         {"name": "models", "persistentVolumeClaim": {"claimName": f"{release.name}-models", "readOnly": True}},
@@ -164,7 +169,7 @@ def volumes(plan: ServePlan, release: Release) -> tuple[list[dict], list[dict]]:
     return vols, mounts
 
 
-def probes(plan: ServePlan) -> dict:
+def probes(plan: Plan) -> dict:
     """Startup on /health sized from the planned load time; readiness on /health (503 while the engine
     restarts); liveness on /metrics, which the gateway answers even then, so a restart is not a kill."""
     failures = startup_failures(plan)
@@ -180,12 +185,14 @@ def probes(plan: ServePlan) -> dict:
     }
 
 
-def serve_container(plan: ServePlan, release: Release, name: str = "lcserve", port_name: str = "http") -> dict:
+def serve_container(plan: Plan, release: Release, name: str = "lcserve", port_name: str = "http") -> dict:
     _, mounts = volumes(plan, release)
     return {
         "name": name,
         "image": release.image,
         "command": serve_command(plan, release),
+        # the plan's environment (the CPU build's KV cache space and cores): `serve` plans with it as given
+        **({"env": [{"name": k, "value": v} for k, v in plan.env.items()]} if plan.env else {}),
         "ports": [{"name": port_name, "containerPort": PORT}],
         "resources": resources(plan),
         "volumeMounts": mounts,
@@ -194,7 +201,7 @@ def serve_container(plan: ServePlan, release: Release, name: str = "lcserve", po
     }
 
 
-def pod_spec(plan: ServePlan, release: Release, containers: list[dict]) -> dict:
+def pod_spec(plan: Plan, release: Release, containers: list[dict]) -> dict:
     vols, _ = volumes(plan, release)
     return {
         "enableServiceLinks": False,  # a Service named vllm would inject VLLM_PORT=tcp://..., which vLLM misreads
@@ -204,7 +211,7 @@ def pod_spec(plan: ServePlan, release: Release, containers: list[dict]) -> dict:
     }
 
 
-def profile_configmap(plan: ServePlan, release: Release) -> dict:
+def profile_configmap(plan: Plan, release: Release) -> dict:
     count = plan.gpus_per_node or 1
     text = to_yaml(profile_document(plan.profile, count))
     return {
@@ -252,7 +259,7 @@ def monitoring(release: Release) -> list[dict]:
     ]
 
 
-def scaled_object(plan: ServePlan, release: Release, kind: str) -> dict:
+def scaled_object(plan: Plan, release: Release, kind: str) -> dict:
     """KEDA: more replicas as the replicas approach saturation (the gateway's lcserve_saturation_ratio,
     which rises when requests queue, the KV cache fills or decoding slows past the plan)."""
     where = f'{{service="{release.name}"}}'

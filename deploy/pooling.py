@@ -18,6 +18,10 @@ from .device import batch_sizes
 from .hardware import Profile
 from .plan_types import Choice, Explained, PlanOutput, PlanRequest, Reason
 
+# What /v1/embeddings does with an input past max_model_len: `lcserve serve --embedding-policy`
+# (serving/embeddings.py's POLICIES, which a unit test keeps equal to these).
+EMBEDDING_POLICIES = ("reject", "truncate", "chunk")
+
 
 @dataclass
 class PoolingPlan(PlanOutput):
@@ -33,6 +37,19 @@ class PoolingPlan(PlanOutput):
     env: dict[str, str] = field(default_factory=dict)
     reasons: list[Reason] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    # The shape the cluster renderings read off any plan (deploy/pods.py): one device, one replica, no
+    # LoRA buffers (vLLM's pooling runner serves no adapters), the weights as all of its memory.
+    tensor_parallel_size = pipeline_parallel_size = nodes = replicas = ranks = 1
+    lora = None
+
+    @property
+    def gpus_per_node(self) -> int:
+        return 0 if self.profile.is_cpu else 1
+
+    @property
+    def memory(self) -> dict[str, int]:
+        return {"weights": self.model.weight_bytes}
 
     def vllm_options(self) -> dict:
         opts = {"runner": "pooling", "max-model-len": self.max_model_len}

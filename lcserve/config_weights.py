@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+from .config_weights_hybrid import HYBRID_MODEL_TYPES, hybrid_layer_tensors
 from .errors import ModelError
 from .model_facts import DTYPE_NAMES, cdiv, config_dtype, text_config, tied_embeddings
 from .safetensors_header import TensorInfo
@@ -30,6 +31,7 @@ KNOWN_MODEL_TYPES = (
     "qwen3_moe",
     "deepseek_v2",
     "deepseek_v3",
+    *HYBRID_MODEL_TYPES,
 )
 FOUR_NORMS = ("gemma2", "gemma3_text")  # pre/post feed-forward norms besides the usual two
 PER_HEAD_QK_NORM = ("qwen3", "qwen3_moe", "gemma3_text")
@@ -85,7 +87,10 @@ def embedding_tensors(c: dict, dtype: str) -> dict[str, TensorInfo]:
 
 
 def decoder_layer_tensors(c: dict, i: int, dtype: str) -> dict[str, TensorInfo]:
-    """One decoder layer: attention (standard or MLA), its norms, and a dense or MoE MLP."""
+    """One decoder layer: attention (standard or MLA), its norms, and a dense or MoE MLP; a hybrid's
+    state layers in config_weights_hybrid.py."""
+    if c["model_type"] in HYBRID_MODEL_TYPES:
+        return hybrid_layer_tensors(c, i, dtype)
     prefix = f"model.layers.{i}"
     attention = mla_tensors if c["model_type"] in MLA else attention_tensors
     out = {**attention(c, f"{prefix}.self_attn", dtype), **layer_norm_tensors(c, prefix, dtype)}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +36,30 @@ from lcserve.vllm_rules import TESTED_VLLM
 
 SUPPORTED_VLLM = tuple(int(part) for part in TESTED_VLLM.split(".")[:2])  # any patch release of that minor
 ANY_VLLM_ENV = "LCSERVE_ALLOW_ANY_VLLM"  # set to 1 to run with another vLLM anyway
+UNIX_SCHEME = "unix:"  # an engine address `unix:/path/vllm.sock`: vLLM's `--uds`, no TCP port
+
+
+def engine_address(url: str) -> tuple[str, str | None]:
+    """(HTTP base URL, Unix socket path or None) of an engine address: `http://host:port`, or
+    `unix:/path/vllm.sock` (HTTP over that socket; the host in the base URL is only a header)."""
+    if url.startswith(UNIX_SCHEME):
+        return "http://localhost", url[len(UNIX_SCHEME) :]
+    return url.rstrip("/"), None
+
+
+def engine_client(url: str, **kwargs) -> httpx.Client:
+    """An httpx client whose relative paths go to the engine at `url` (TCP or Unix socket)."""
+    base, uds = engine_address(url)
+    transport = httpx.HTTPTransport(uds=uds) if uds else None
+    return httpx.Client(base_url=base, transport=transport, **kwargs)
+
+
+def engine_async_client(url: str, limits: httpx.Limits | None = None, **kwargs) -> httpx.AsyncClient:
+    """The asynchronous `engine_client`."""
+    limits = limits or httpx.Limits()
+    base, uds = engine_address(url)
+    transport = httpx.AsyncHTTPTransport(uds=uds, limits=limits) if uds else None
+    return httpx.AsyncClient(base_url=base, transport=transport, limits=limits, **kwargs)
 
 
 def free_port() -> int:
@@ -52,10 +77,12 @@ class EngineSpec:
     port: int = 8000
     args: list[str] = field(default_factory=list)  # every other vLLM argument, in order (the plan's, then the user's)
     env: dict[str, str] = field(default_factory=dict)
+    uds: str | None = None  # a Unix socket path: vLLM listens there (`--uds`) instead of host:port
+    private_network: bool = False  # run vLLM in a network namespace of its own (see `isolated`)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{UNIX_SCHEME}{self.uds}" if self.uds else f"http://{self.host}:{self.port}"
 
 
 def vllm_version_problem(version: str, where: str = "installed") -> str | None:
@@ -101,6 +128,7 @@ def vllm_build() -> str:
 
 
 def vllm_command(spec: EngineSpec, python: str = sys.executable) -> list[str]:
+    listen = ["--uds", spec.uds] if spec.uds else ["--host", spec.host, "--port", str(spec.port)]
     return [
         python,
         "-m",
@@ -109,12 +137,41 @@ def vllm_command(spec: EngineSpec, python: str = sys.executable) -> list[str]:
         spec.model,
         "--served-model-name",
         spec.served_model_name,
-        "--host",
-        spec.host,
-        "--port",
-        str(spec.port),
+        *listen,
         *spec.args,
     ]
+
+
+# Arguments that make vLLM talk to other nodes (or fetch from a hub): it then needs the host's network.
+_NETWORKED_ARGS = ("--nnodes", "--node-rank", "--master-addr", "--data-parallel-address", "--headless", "ray")
+
+
+def isolation_problem(spec: EngineSpec) -> str | None:
+    """Why vLLM cannot get a network of its own here (None: it can). With `--uds`, vLLM's HTTP server
+    needs no network, but torch.distributed's gloo groups still listen on loopback TCP ports (about
+    15 on the CPU build, in every engine); in a namespace of its own those ports are out of reach
+    of every other process, and the socket (a path on disk) still works."""
+    if not spec.uds:
+        return "vLLM listens on TCP"
+    if not Path(spec.model).is_dir() or any(a.startswith(_NETWORKED_ARGS) or a == "ray" for a in spec.args):
+        return "vLLM needs the network (a hub model, several nodes or Ray)"
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        return "`unshare` or `ip` is not installed (util-linux, iproute2)"
+    trial = subprocess.run([*_unshare(), "true"], capture_output=True, timeout=10)
+    if trial.returncode != 0:
+        return f"this system refuses a new network namespace ({trial.stderr.decode(errors='replace').strip()[:200]})"
+    return None
+
+
+def _unshare() -> list[str]:
+    """A new network namespace; as a user, inside a user namespace of its own (root there, to bring up lo)."""
+    return ["unshare", "--net", *([] if os.geteuid() == 0 else ["--map-root-user"]), "--"]
+
+
+def isolated(command: list[str]) -> list[str]:
+    """`command` in a network namespace of its own, with only a loopback interface (brought up:
+    gloo binds to it); `unshare` and `sh` exec, so the engine keeps the pid the watchdog watches."""
+    return [*_unshare(), "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command]
 
 
 def watched(command: list[str], parent_pid: int, python: str = sys.executable) -> list[str]:
@@ -140,10 +197,13 @@ class EngineProcess:
         return None if self.proc is None else self.proc.poll()
 
     def command(self) -> list[str]:
-        return vllm_command(self.spec)
+        command = vllm_command(self.spec)
+        return isolated(command) if self.spec.private_network else command
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.spec.uds:  # a socket left by an engine that died: vLLM's bind would fail on it
+            Path(self.spec.uds).unlink(missing_ok=True)
         env = {**os.environ, **self.spec.env}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -171,7 +231,7 @@ class EngineProcess:
     def wait_ready(self, timeout_s: float = 600.0, poll_s: float = 0.5) -> None:
         """Block until GET /health answers 200; EngineError (with the log tail) on exit or timeout."""
         deadline = time.monotonic() + timeout_s
-        with httpx.Client(timeout=2.0) as client:
+        with engine_client(self.url, timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if not self.alive():
                     raise EngineError(
@@ -179,7 +239,7 @@ class EngineProcess:
                         f"Last log lines:\n{self.log_tail(25)}"
                     )
                 try:
-                    if client.get(f"{self.url}/health").status_code == 200:
+                    if client.get("/health").status_code == 200:
                         return
                 except httpx.HTTPError:
                     pass

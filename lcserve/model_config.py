@@ -22,6 +22,7 @@ from .errors import ModelError
 from .model_facts import config_dtype, rope_parameters, text_config, tied_embeddings
 from .model_weights import WEIGHTS_FROM_HEADERS, model_weights
 from .rope_check import served_model_findings
+from .state_layers import StateDims, hybrid_layers
 
 # vLLM `derive_max_model_len_and_key`: the smallest of these keys is the derived maximum.
 MAX_LEN_KEYS = (
@@ -42,8 +43,9 @@ DEFAULT_MAX_LEN = 2048  # vLLM's assumption when config.json states no length at
 
 @dataclass(frozen=True)
 class LayerAttention:
-    """One layer's KV kind: "full", "sliding" (with `window`), "mla", or another raw
-    layer type (for example "linear_attention") that the planner does not model."""
+    """One layer's KV kind: "full", "sliding" (with `window`), "mla", a hybrid's state kind ("mamba2",
+    "mamba1", "gated_delta_net"; "none" for a layer without cache: lcserve.state_layers), or another
+    raw layer type (for example "linear_attention" outside those families) that the planner refuses."""
 
     kind: str
     window: int | None = None
@@ -106,6 +108,8 @@ class ModelInfo:
     weights_source_reason: str = ""  # for people: why this source, and what it read
     pooling: PoolingInfo | None = None  # an embedding model (sentence-transformers folder or encoder)
     rope_findings: tuple[str, ...] = ()  # positions/RoPE that differ from the recorded base (lcserve.rope_check)
+    state: StateDims | None = None  # a hybrid's recurrent-state dimensions (lcserve.state_layers)
+    moe: tuple[int, int, int] = ()  # MoE: (routed experts, experts per token, expert intermediate size); () dense
 
     @property
     def weight_bytes(self) -> int:
@@ -146,7 +150,9 @@ def read_model(model_dir: str | Path) -> ModelInfo:
     def need(key: str, *alternatives: str) -> int:
         return positive_field(text, config_path, key, *alternatives)
 
-    num_layers = need("num_hidden_layers", "n_layer", "num_layers")
+    blocks = text.get("layers_block_type")  # NemotronH as transformers 5 writes it: no num_hidden_layers
+    listed = isinstance(blocks, list) and text.get("num_hidden_layers") is None
+    num_layers = len(blocks) if listed else need("num_hidden_layers", "n_layer", "num_layers")
     hidden = need("hidden_size", "n_embd", "d_model")
     heads = need("num_attention_heads", "n_head")
     kv_heads = need("num_key_value_heads") if text.get("num_key_value_heads") is not None else heads
@@ -164,6 +170,8 @@ def read_model(model_dir: str | Path) -> ModelInfo:
         derived = pooling.max_seq_length
         reason = f"max_seq_length={derived} in sentence_bert_config.json (vLLM caps an embedding model there)"
     quant = config.get("quantization_config")
+    hybrid = hybrid_layers(text, num_layers)  # Mamba / gated-delta-net hybrids: their own layer kinds
+    layers = tuple(map(LayerAttention, hybrid[0])) if hybrid else layer_attention(text, num_layers, mla is not None)
     return ModelInfo(
         path=model_dir,
         architecture=(config.get("architectures") or [config.get("model_type", "unknown")])[0],
@@ -176,7 +184,7 @@ def read_model(model_dir: str | Path) -> ModelInfo:
         num_attention_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        layers=layer_attention(text, num_layers, mla is not None),
+        layers=layers,
         mla=mla,
         max_position_embeddings=text.get("max_position_embeddings"),
         rope_parameters=rope,
@@ -195,7 +203,16 @@ def read_model(model_dir: str | Path) -> ModelInfo:
         weights_source=weights.source,
         weights_source_reason=weights.reason,
         pooling=pooling,
+        state=hybrid[1] if hybrid else None,
+        moe=moe_facts(text),
     )
+
+
+def moe_facts(text: dict) -> tuple[int, int, int]:
+    """(routed experts, experts per token, expert intermediate size) of a MoE config; () when dense."""
+    experts = int(next((text[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if text.get(k)), 0))
+    inter = int(text.get("moe_intermediate_size") or text.get("intermediate_size") or 0)
+    return (experts, int(text.get("num_experts_per_tok") or 0), inter) if experts else ()
 
 
 # Encoder families vLLM's pooling runner embeds with; a folder without modules.json is recognised by these.

@@ -19,6 +19,7 @@ import aiohttp
 from lcserve.adapters.training_length import training_seq_len
 from lcserve.model_config import base_training_len, is_embedding_model
 
+from .adapter_metrics import LoadedAdapter, adapter_rank
 from .embeddings import DEFAULT_POLICY
 from .metrics import ModelLimits
 from .upstream import UPSTREAM_FAILURES, Upstream
@@ -37,12 +38,14 @@ def model_limits(entry: dict, overrides: dict[str, int], policies: dict[str, str
         training = training_seq_len(root) if entry.get("parent") else base_training_len(root)
     max_len = entry.get("max_model_len")
     embed = name in policies or (local and not entry.get("parent") and is_embedding_model(root))
+    parent = entry.get("parent")
     return ModelLimits(
         name,
         training,
         max_len if isinstance(max_len, int) else None,
         task="embed" if embed else "generate",
         policy=policies.get(name, DEFAULT_POLICY),
+        adapter=LoadedAdapter(name, parent, "mount", adapter_rank(root)) if isinstance(parent, str) else None,
     )
 
 
@@ -64,8 +67,10 @@ class ModelCatalog:
         upstream: Upstream,
         training_lengths: dict[str, int] | None = None,
         embedding_policies: dict[str, str] | None = None,
+        merged: dict[str, LoadedAdapter] | None = None,
     ):
         self.upstream = upstream
+        self.merged = dict(merged or {})  # served name -> the adapter merged into it at start
         self.training_lengths = dict(training_lengths or {})
         self.embedding_policies = dict(embedding_policies or {})
         self._models: dict[str, ModelLimits] = {}
@@ -105,6 +110,8 @@ class ModelCatalog:
                 parent = models.get(e.get("parent"))
                 if parent is not None and parent.task == "embed" and e.get("id") in models:
                     models[e["id"]] = dataclasses.replace(models[e["id"]], task="embed", policy=parent.policy)
+            for name in self.merged.keys() & models.keys():
+                models[name] = dataclasses.replace(models[name], adapter=self.merged[name])
             self._models = models
             self.base_dir = base_dir(entries)
             self._generation = generation

@@ -25,13 +25,14 @@ from lcserve.adapters.reader import read_adapter
 from lcserve.deploy import settings
 from lcserve.deploy.inputs import cpu_kv_cache_space, read_plan_inputs
 from lcserve.deploy.plan_types import PlanRequest
-from lcserve.engine import EngineProcess, free_port, vllm_build
+from lcserve.engine import EngineProcess, vllm_build
 from lcserve.errors import LcserveError, ModelError, PlanError
 from lcserve.model_config import require_weights
 from lcserve.output import emit
 from lcserve.paths import demo_adapter_dir, lcserve_home
 from lcserve.progress import progress_bar
 
+from .adapter_metrics import LoadedAdapter
 from .capacity import predictions_from_plan
 from .cpu_lora import check_environment as check_cpu_lora_environment
 from .embeddings import DEFAULT_POLICY, POLICIES
@@ -39,7 +40,7 @@ from .gateway_cli import gateway_access, gateway_security_options
 from .launch import Launch, ServedAdapter, ServeInputs, ServeOptions, describe_launch
 from .probe_schedule import ProbeSchedule
 from .probes.runner import ProbeConfig
-from .security import exposure_warning
+from .security import SOCKET_DIR_OPTION, SOCKET_NAME, default_socket_dir, engine_socket, exposure_warning
 from .stack import EngineAlone, Stack, run_served
 
 # How `lcserve serve` names the planner's settings in its errors, by who called it.
@@ -141,7 +142,10 @@ def read_inputs(options: ServeOptions, console: Console) -> ServeInputs:
         build=build,
         profile=profile,
         environ=environ,
-        engine_port=free_port() if options.gateway else options.port,
+        engine_port=options.port,
+        engine_socket=str(Path(options.engine_socket_dir or default_socket_dir()) / SOCKET_NAME)
+        if options.gateway
+        else None,
         adapters=served,
         merged_dir=merged_dir(served[0].name, served[0].adapter, model_dir) if served else None,
     )
@@ -183,6 +187,13 @@ def read_inputs(options: ServeOptions, console: Console) -> ServeInputs:
     help="Put lcserve's gateway (/metrics, context checks, 503 while restarting) on PORT, vLLM behind it.",
 )
 @gateway_security_options
+@click.option(
+    SOCKET_DIR_OPTION,
+    "engine_socket_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for vLLM's Unix socket behind the gateway (created 0700; an existing one must be 0700 and "
+    "yours). Default: a fresh folder under $TMPDIR, removed at exit.",
+)
 @click.option(
     "--probe-on-start",
     is_flag=True,
@@ -240,6 +251,7 @@ def serve(
     api_key,
     api_key_file,
     allow_adapter_dirs,
+    engine_socket_dir,
     probe_on_start,
     probe_every,
     profile,
@@ -268,6 +280,8 @@ def serve(
     if (probe_on_start or probe_every) and not gateway:
         raise click.UsageError("--probe-on-start/--probe-every publish through the gateway; drop --no-gateway")
     api_key, allowed = gateway_access(api_key, api_key_file, allow_adapter_dirs, console.print)
+    if engine_socket_dir is not None and gateway and not dry_run:
+        engine_socket(engine_socket_dir)  # a folder others could open is refused before anything starts
     if model in (None, "embedded") and not adapter_specs and not base_only:
         adapter_specs = demo_adapter(console, dry_run)
     options = ServeOptions(
@@ -286,6 +300,7 @@ def serve(
         dry_run=dry_run,
         embedding_policy=embedding_policy,
         training_len=training_len,
+        engine_socket_dir=engine_socket_dir,
     )
     launch = plan_launch(options, console, ARGUMENT_NAMES[argument_names])
     if dry_run:
@@ -361,7 +376,7 @@ def gateway_stack(
     console: Console,
     allowed_adapter_dirs: tuple[Path, ...],
 ) -> Stack:
-    """The gateway on PORT and the supervised engine on an internal port."""
+    """The gateway on PORT and the supervised engine on a private Unix socket."""
     spec = launch.spec
     if api_key and allowed_adapter_dirs:  # the gateway's adapter loading needs vLLM's runtime LoRA API
         spec.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
@@ -371,11 +386,12 @@ def gateway_stack(
     if warning:
         console.print(f"[bold red]{warning}[/bold red]")
     console.print(
-        f"starting vLLM for {spec.served_model_name} on internal port {spec.port} (log: {log_path}); "
+        f"starting vLLM for {spec.served_model_name} on the private socket {spec.uds} (log: {log_path}); "
         f"gateway on {host}:{port}"
     )
     return Stack(
         spec,
+        socket_dir=Path(spec.uds).parent,
         gateway_host=host,
         gateway_port=int(port),
         api_key=api_key,
@@ -386,7 +402,17 @@ def gateway_stack(
         ready_timeout_s=ready_timeout,
         probe=probe,
         allowed_adapter_dirs=allowed_adapter_dirs,
+        merged_adapters=merged_adapters(launch),
     )
+
+
+def merged_adapters(launch: Launch) -> dict[str, LoadedAdapter]:
+    """The adapter merged into the served model at start, for `lcserve_lora_adapter_loaded`."""
+    if launch.merge is None:
+        return {}
+    adapter, base, _ = launch.merge
+    name = launch.served_names[0]
+    return {name: LoadedAdapter(name, Path(base).name, "merge", adapter.max_rank)}
 
 
 def probe_schedule(launch: Launch, on_start: bool, every_minutes: float | None) -> ProbeSchedule | None:

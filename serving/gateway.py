@@ -31,6 +31,7 @@ from aiohttp import web
 
 from lcserve.errors import LcserveError
 
+from .adapter_metrics import LoadedAdapter
 from .admission import Admission, BadBody, content_type_problem, error_response, json_object, tokenize_all
 from .capacity import Predictions
 from .catalog import ModelCatalog
@@ -72,16 +73,20 @@ class Gateway:
         send_timeout_s: float = SEND_TIMEOUT_S,
         embedding_policies: dict[str, str] | None = None,
         predictions: Predictions | None = None,
+        upstream_api_key: str | None = None,
+        adapter_snapshots: Path | None = None,
+        merged_adapters: dict[str, LoadedAdapter] | None = None,
     ):
+        self.merged_adapters = dict(merged_adapters or {})  # served name -> the adapter merged into it
         self.engine = engine
         self.training_lengths = dict(training_lengths or {})
         self.embedding_policies = dict(embedding_policies or {})  # served name -> long-input policy
         self.max_body_bytes = max_body_bytes
         self.metrics = GatewayMetrics(engine)
         self.metrics.predictions = predictions  # the plan's speed, published beside the observed
-        self.upstream = Upstream(engine, read_timeout_s)
+        self.upstream = Upstream(engine, read_timeout_s, upstream_api_key)
         self.admission = Admission(self.upstream, self.metrics, api_key=api_key, retry_after_s=retry_after_s)
-        self.adapter_gate = AdapterGate(allowed_adapter_dirs)
+        self.adapter_gate = AdapterGate(allowed_adapter_dirs, adapter_snapshots)
         self.relay = Relay(self.upstream, self.metrics, retry_after_s, send_timeout_s)
         self.catalog: ModelCatalog | None = None  # built per start by `app`: its lock belongs to one event loop
         self.engine_scrape: EngineScrape | None = None  # likewise
@@ -99,7 +104,7 @@ class Gateway:
     def app(self) -> web.Application:
         """The route table, with the parts that hold asyncio locks built afresh: a stopped gateway
         can start again on a new event loop."""
-        self.catalog = ModelCatalog(self.upstream, self.training_lengths, self.embedding_policies)
+        self.catalog = ModelCatalog(self.upstream, self.training_lengths, self.embedding_policies, self.merged_adapters)
         self.engine_scrape = EngineScrape(self.upstream)
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors_in_vllm_shape])
         app.router.add_post("/v1/completions", self._generate)

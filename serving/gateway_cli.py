@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from lcserve.engine import UNIX_SCHEME
 from lcserve.errors import LcserveError
 from lcserve.options import option
 
@@ -77,8 +78,50 @@ def _parse_training_lengths(_ctx, _param, pairs: tuple[str, ...]) -> dict[str, i
     return lengths
 
 
+def upstream_address(url: str) -> str:
+    """`--upstream` as the gateway uses it: http(s)://HOST:PORT, or unix:/ABSOLUTE/PATH for a vLLM
+    started with `--uds PATH`; LcserveError naming the fix otherwise."""
+    if url.startswith(("http://", "https://")):
+        return url
+    if url.startswith(UNIX_SCHEME) and Path(url[len(UNIX_SCHEME) :]).is_absolute():
+        return url
+    raise LcserveError(
+        f"--upstream {url}: write http://HOST:PORT for a vLLM on TCP, or unix:/ABSOLUTE/PATH for a vLLM "
+        "started with --uds PATH"
+    )
+
+
+def read_upstream_key(key_file: Path | None) -> str | None:
+    """The remote vLLM's `--api-key`, from --upstream-api-key-file (its first line)."""
+    if key_file is None:
+        return None
+    try:
+        lines = Path(key_file).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LcserveError(
+            f"--upstream-api-key-file {key_file}: cannot read it ({getattr(e, 'strerror', None) or e}); "
+            "pass a readable file whose first line is the key vLLM was started with (--api-key)"
+        ) from None
+    if not lines or not lines[0].strip():
+        raise LcserveError(
+            f"--upstream-api-key-file {key_file}: the file is empty; write vLLM's --api-key on its first line"
+        )
+    return lines[0].strip()
+
+
 @click.command("gateway", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--upstream", required=True, help="URL of a running vLLM OpenAI server, e.g. http://127.0.0.1:8000.")
+@click.option(
+    "--upstream",
+    required=True,
+    help="The running vLLM OpenAI server: http://HOST:PORT, or unix:/PATH/vllm.sock for a vLLM started with "
+    "--uds PATH (the socket's folder should be 0700, shared only with the gateway).",
+)
+@click.option(
+    "--upstream-api-key-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File whose first line is the key the upstream vLLM was started with (its --api-key); sent on every "
+    "request to it, never to clients.",
+)
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise)."
 )
@@ -93,9 +136,13 @@ def _parse_training_lengths(_ctx, _param, pairs: tuple[str, ...]) -> dict[str, i
     callback=_parse_training_lengths,
     help="Training length of a served model when its folder has no metadata (repeatable).",
 )
-def gateway(upstream, host, port, api_key, api_key_file, allow_adapter_dirs, training_lengths) -> None:
+def gateway(
+    upstream, upstream_api_key_file, host, port, api_key, api_key_file, allow_adapter_dirs, training_lengths
+) -> None:
     """Serve the OpenAI-compatible gateway (with /metrics) in front of a vLLM started elsewhere."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    upstream = upstream_address(upstream)
+    upstream_key = read_upstream_key(upstream_api_key_file)
     api_key, allowed = gateway_access(
         api_key, api_key_file, allow_adapter_dirs, lambda line: click.echo(line, err=True)
     )
@@ -104,6 +151,7 @@ def gateway(upstream, host, port, api_key, api_key_file, allow_adapter_dirs, tra
         click.secho(warning, err=True, fg="red", bold=True)
     run_stack(
         upstream_url=upstream,
+        upstream_api_key=upstream_key,
         gateway_host=host,
         gateway_port=port,
         api_key=api_key,

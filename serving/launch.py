@@ -48,6 +48,7 @@ class ServeOptions:
     dry_run: bool = False  # a dry run may describe another machine: a GPU profile on this CPU build
     embedding_policy: str = "reject"  # an embedding model's long-input policy (serving/embeddings.py)
     training_len: int | None = None  # an embedding model's training length, when its folder does not say
+    engine_socket_dir: Path | None = None  # the private folder of vLLM's socket (default: a fresh one)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class ServeInputs:
     engine_port: int
     adapters: tuple[ServedAdapter, ...] = ()  # the option adapters, in order
     merged_dir: Path | None = None  # where the merge of the first adapter is (or would be) cached
+    engine_socket: str | None = None  # behind the gateway: vLLM's Unix socket (`--uds`), its only address
 
 
 @dataclass
@@ -144,7 +146,12 @@ def describe_launch(options: ServeOptions, inputs: ServeInputs) -> Launch:
         port=inputs.engine_port if options.gateway else options.port,
         args=args + passthrough,
         env=env,
+        uds=inputs.engine_socket if options.gateway else None,
     )
+    if spec.uds:
+        notes.append(
+            f"vLLM listens on the Unix socket {spec.uds} only (0700 folder, no TCP port): the gateway is its door"
+        )
     policies = {}
     if isinstance(plan, PoolingPlan):
         policies = {name: plan.policy for name in [served_name, *(a.name for a in mounted)]}

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
+from .adapter_metrics import LoadedAdapter, loaded_family
 from .capacity import HISTOGRAMS, LatencyWindow, Predictions, capacity_families, histogram_buckets
 
 # Prompt length / training length. Dense around 1 (the training length) and up to 128x, the
@@ -52,10 +53,22 @@ PROBE_EFFECTIVE_LENGTH_BY = {
     "lcserve_probe_effective_length_ruler": "effective_length_ruler",
     "lcserve_probe_effective_length_nolima": "effective_length_nolima",
 }
+# style at length (serving/probes/style.py): the writer and the base on the same held-out prompts
+PROBE_STYLE_MARKERS = "lcserve_probe_style_markers_per_answer"
+PROBE_STYLE_SIGNED_OFF = "lcserve_probe_style_signed_off"
+# the retrieval probe of an embedding model (serving/probes/retrieval.py), per long-input policy
+PROBE_RETRIEVAL_RECALL = "lcserve_probe_retrieval_recall_at_1"
+PROBE_RETRIEVAL_MRR = "lcserve_probe_retrieval_mrr"
+PROBE_RETRIEVAL_EFFECTIVE_LENGTH = "lcserve_probe_retrieval_effective_length"
 _PROBE_LABELS = {
     PROBE_ACCURACY: ("model", "task", "length"),
     PROBE_EFFECTIVE_LENGTH: ("model",),
     **{name: ("model",) for name in PROBE_EFFECTIVE_LENGTH_BY},
+    PROBE_STYLE_MARKERS: ("model", "length"),
+    PROBE_STYLE_SIGNED_OFF: ("model", "length"),
+    PROBE_RETRIEVAL_RECALL: ("model", "policy", "length"),
+    PROBE_RETRIEVAL_MRR: ("model", "policy", "length"),
+    PROBE_RETRIEVAL_EFFECTIVE_LENGTH: ("model", "policy"),
 }
 _PROBE_HELP = {
     PROBE_ACCURACY: "Probe accuracy (0..1) by model, task and context length in tokens (length 0: the no-context control).",
@@ -64,6 +77,16 @@ _PROBE_HELP = {
     "above 85.6% (tokens; 0: none).",
     "lcserve_probe_effective_length_nolima": "NoLiMa's needle effective length: the longest probed length keeping "
     "85% of the model's best score at 1K tokens or fewer (tokens; 0: none).",
+    PROBE_STYLE_MARKERS: "Style at length: the writer's style markers per answer after a neutral preamble, by model "
+    "and context length in tokens (the base answers the same prompts).",
+    PROBE_STYLE_SIGNED_OFF: "Style at length: share of answers (0..1) that end with the demo writer's sign-off, by model "
+    "and context length in tokens.",
+    PROBE_RETRIEVAL_RECALL: "Retrieval probe of an embedding model: recall@1 (0..1) by long-input policy and document "
+    "length in tokens.",
+    PROBE_RETRIEVAL_MRR: "Retrieval probe of an embedding model: mean reciprocal rank (0..1) by long-input policy and "
+    "document length in tokens.",
+    PROBE_RETRIEVAL_EFFECTIVE_LENGTH: "Retrieval probe: longest document length up to which recall@1 held the "
+    "threshold, by long-input policy (tokens; 0: none).",
 }
 
 
@@ -185,6 +208,7 @@ class ModelLimits:
     max_model_len: int | None
     task: str = "generate"  # "embed" for a model vLLM's pooling runner serves (/v1/embeddings)
     policy: str = "reject"  # an embedding model's long-input policy (serving/embeddings.py)
+    adapter: LoadedAdapter | None = None  # set when the model is a LoRA adapter (mounted, or merged at start)
 
 
 class GatewayMetrics:
@@ -249,6 +273,13 @@ class GatewayMetrics:
             ["model", "policy", "action"],
             registry=r,
         )
+        self.generation_tokens = Counter(
+            "lcserve_generation_tokens",
+            "Generated tokens of completed requests (vLLM's usage), by model (an adapter is a model).",
+            ["model"],
+            registry=r,
+        )
+        self.adapters: list[LoadedAdapter] = []  # the served adapters, from the last served-model list
         for reason in ("context_overflow", "engine_unavailable", "engine_lost"):
             self.errors.labels(reason)
         self._longest: dict[str, int] = {}
@@ -260,6 +291,7 @@ class GatewayMetrics:
 
     def set_models(self, models: list[ModelLimits]) -> None:
         """The served models' limits, and their per-model series at 0 before their first request."""
+        self.adapters = [m.adapter for m in models if m.adapter is not None]
         self.engine_max_model_len = next(
             (m.max_model_len for m in models if m.max_model_len), self.engine_max_model_len
         )
@@ -270,12 +302,14 @@ class GatewayMetrics:
                 self.max_model_len.labels(m.name).set(m.max_model_len)
             self.requests.labels(m.name)
             self.beyond.labels(m.name)
+            self.generation_tokens.labels(m.name)
             if m.task == "embed":
                 self.embedding_inputs.labels(m.name, m.policy, "as_is")
 
     def record(self, model: ModelLimits, prompt_tokens: int, context_tokens: int) -> None:
         """Account one completed request (token counts from vLLM's `usage`)."""
         self.prompt_tokens.labels(model.name).inc(prompt_tokens)
+        self.generation_tokens.labels(model.name).inc(max(0, context_tokens - prompt_tokens))
         if model.training_len:
             self.prompt_ratio.labels(model.name).observe(prompt_tokens / model.training_len)
             if context_tokens > model.training_len:
@@ -360,6 +394,8 @@ class _LiveCollector:
                     value=snap.preemptions,
                 )
         yield from capacity_families(self.metrics.predictions, self.metrics.latency, snap)
+        if engine.up:
+            yield loaded_family(self.metrics.adapters)
         gpus = _NVML.memory()
         if gpus:
             used = GaugeMetricFamily("lcserve_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["gpu"])

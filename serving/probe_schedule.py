@@ -19,6 +19,7 @@ from lcserve.errors import LcserveError
 
 from .metrics import set_probe_results
 from .probes import gauge_samples
+from .probes.retrieval import run_retrieval_probe, served_embedding_model
 from .probes.runner import ProbeConfig, run_probe
 
 log = logging.getLogger("lcserve.serving.probes")
@@ -26,7 +27,9 @@ log = logging.getLogger("lcserve.serving.probes")
 
 class ProbeSchedule:
     """Probe `config` (its url is replaced by the engine's) on start when `on_start`, then every
-    `every_s` seconds when given; each run's files go to a timestamped folder under `out_root`."""
+    `every_s` seconds when given; each run's files go to a timestamped folder under `out_root`.
+    An embedding model gets the retrieval probe, which compares the gateway's long-input policies:
+    it runs against `gateway_url` (set it to the gateway's address) or else the given url."""
 
     def __init__(self, config: ProbeConfig, out_root: Path, on_start: bool = True, every_s: float | None = None):
         if not on_start and not every_s:
@@ -35,6 +38,7 @@ class ProbeSchedule:
         self.out_root = Path(out_root)
         self.on_start = on_start
         self.every_s = every_s
+        self.gateway_url: str | None = None
         self.runs = 0
         self.last_summary: dict | None = None
         self.last_error: str | None = None
@@ -63,7 +67,7 @@ class ProbeSchedule:
         started = time.monotonic()
         log.info("probe run %d starting against %s (files in %s)", self.runs + 1, url, out_dir)
         try:
-            summary = run_probe(dataclasses.replace(self.config, url=url, out_dir=out_dir, console=None))
+            summary = self._probe(url, out_dir)
             set_probe_results(gauge_samples(summary))
             self.last_summary, self.last_error = summary, None
             log.info(
@@ -72,9 +76,10 @@ class ProbeSchedule:
                 time.monotonic() - started,
                 "; ".join(
                     f"{model} effective length {entry['tasks']['needle']['effective_length']}"
-                    for model, entry in summary["models"].items()
+                    for model, entry in summary.get("models", {}).items()
                     if "needle" in entry["tasks"]
-                ),
+                )
+                or "; ".join(summary.get("verdict", [])),
             )
             return summary
         except (LcserveError, OSError) as e:
@@ -84,3 +89,13 @@ class ProbeSchedule:
         finally:
             self.runs += 1
             self.finished.set()
+
+    def _probe(self, url: str, out_dir: Path) -> dict:
+        """The generative probes, or the retrieval probe when the base is an embedding model."""
+        embedding = served_embedding_model(url, self.config.base)
+        if embedding is None:
+            return run_probe(dataclasses.replace(self.config, url=url, out_dir=out_dir, console=None))
+        c = self.config
+        return run_retrieval_probe(
+            self.gateway_url or url, embedding, c.tier, out_dir, c.training_length, c.threshold, c.seed
+        )

@@ -10,14 +10,26 @@ engine's user, and would fetch a hub id it cannot find on disk. So the gateway a
 vLLM is then sent the resolved path: it reads the folder that was inspected. The allowed folders
 are the operator's; whoever can write into them can still swap files after the check.
 
+vLLM itself listens on a Unix socket in a folder only lcserve's user can open (`engine_socket`),
+with no TCP port: the gateway is the one door, so the key, the folder rules and the inspection
+cannot be walked around by another local process. A loaded adapter is copied into that private
+folder under a name made of its content's digest (`snapshot`): vLLM keys its prefix cache by
+adapter name and path, so new weights under an old name get a new path, and vLLM reads exactly
+the bytes that were inspected.
+
 The API key may come from the environment or a file, so it need not sit in argv, where `ps`
 shows it to every user of the machine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import itertools
 import os
+import shutil
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +38,10 @@ from lcserve.adapters.reader import read_adapter
 from lcserve.errors import LcserveError
 
 API_KEY_FILE_OPTION = "--api-key-file"
+SOCKET_DIR_OPTION = "--engine-socket-dir"
+SOCKET_NAME = "vllm.sock"
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
+_FOLDERS = itertools.count()
 
 
 def is_loopback(host: str) -> bool:
@@ -69,6 +85,73 @@ def read_api_key(key: str | None, key_file: Path | None) -> str | None:
     return lines[0].strip()
 
 
+def default_socket_dir() -> Path:
+    """A short path of its own under the temporary folder (socket paths are limited to 107 bytes)."""
+    return Path(tempfile.gettempdir()) / f"lcserve-{os.getpid()}-{next(_FOLDERS)}"
+
+
+def engine_socket(folder: Path) -> Path:
+    """The engine's socket path in `folder`, which is created 0700 when missing; LcserveError (one
+    line, naming the folder and the fix) when it exists but others may open it, or when lcserve
+    cannot write there, or when the path is too long for a socket."""
+    folder, path = Path(folder), Path(folder) / SOCKET_NAME
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise LcserveError(
+            f"{SOCKET_DIR_OPTION} {folder}: the socket path {path} is longer than {MAX_SOCKET_PATH} bytes, "
+            "which a Unix socket cannot have; pass a shorter folder"
+        )
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise LcserveError(
+            f"{SOCKET_DIR_OPTION} {folder}: cannot create it ({e.strerror}); pass a folder lcserve may create"
+        ) from None
+    info = folder.stat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise LcserveError(f"{SOCKET_DIR_OPTION} {folder}: not a folder; pass a folder for vLLM's socket")
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise LcserveError(
+            f"{SOCKET_DIR_OPTION} {folder}: mode {stat.S_IMODE(info.st_mode):04o}, owner uid {info.st_uid}: "
+            f"other users could open vLLM's socket; run `chmod 700 {folder}` as uid {os.geteuid()}, "
+            "or pass a new folder"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LcserveError(
+            f"{SOCKET_DIR_OPTION} {folder}: lcserve cannot write there; run `chmod u+wx {folder}`, or pass a new folder"
+        )
+    return path
+
+
+def content_digest(folder: Path) -> str:
+    """sha256 over the folder's file names and bytes (what vLLM reads), hex."""
+    digest = hashlib.sha256()
+    for entry in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        digest.update(entry.name.encode() + b"\0")
+        with entry.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def snapshot(folder: Path, root: Path) -> Path:
+    """A copy of `folder` at `root/<digest>` (made once; written beside and renamed, so never
+    partial): the path names the weights, and later changes to `folder` do not reach it."""
+    out = Path(root) / content_digest(folder)[:32]
+    if out.is_dir():
+        return out
+    Path(root).mkdir(mode=0o700, parents=True, exist_ok=True)
+    part = Path(tempfile.mkdtemp(dir=root, prefix=".part-"))
+    for entry in Path(folder).iterdir():
+        if entry.is_file():
+            shutil.copyfile(entry, part / entry.name)
+    try:
+        part.rename(out)
+    except OSError:  # another load made it first
+        shutil.rmtree(part, ignore_errors=True)
+    return out
+
+
 def allowed_dirs(dirs: tuple[str | Path, ...] | list[str | Path]) -> tuple[Path, ...]:
     """The operator's adapter folders, resolved; LcserveError for one that is not a folder."""
     resolved = []
@@ -93,8 +176,9 @@ class Refusal(Exception):
 class AdapterGate:
     """Admits runtime adapter loads from the allowed folders only, after inspection."""
 
-    def __init__(self, dirs: tuple[str | Path, ...] | list[str | Path] = ()):
+    def __init__(self, dirs: tuple[str | Path, ...] | list[str | Path] = (), snapshots: Path | None = None):
         self.allowed = allowed_dirs(dirs)
+        self.snapshots = snapshots  # where inspected adapters are copied for vLLM (None: vLLM reads the folder)
 
     def confine(self, lora_path: object) -> Path:
         """The folder `lora_path` names, resolved, when it and each of its files lie inside an
@@ -143,8 +227,9 @@ class AdapterGate:
         name = body.get("lora_name")
         if not isinstance(name, str) or not name.strip():
             raise Refusal(400, "lora_name must be a non-empty string: the name clients will use", param="lora_name")
-        folder = self.confine(body.get("lora_path"))
-        try:
+        source = self.confine(body.get("lora_path"))
+        try:  # with snapshots, the copy vLLM will read is the one inspected
+            folder = snapshot(source, self.snapshots) if self.snapshots is not None else source
             report = inspect_adapter(read_adapter(folder), base_dir)
         except (LcserveError, OSError) as e:
             raise Refusal(400, f"the adapter cannot be loaded: {' '.join(str(e).split())}") from None
@@ -156,7 +241,7 @@ class AdapterGate:
             )
             raise Refusal(
                 400,
-                f"{folder}: lcserve's inspection says {report.verdict}, not mount ({'; '.join(report.reasons)}); {fix}",
+                f"{source}: lcserve's inspection says {report.verdict}, not mount ({'; '.join(report.reasons)}); {fix}",
             )
         flags = {k: body[k] for k in ("load_inplace", "is_3d_lora_weight") if isinstance(body.get(k), bool)}
         return {"lora_name": name, "lora_path": str(folder), **flags}

@@ -1,6 +1,6 @@
 """What a serve path runs, and the one loop that runs it until SIGINT/SIGTERM.
 
-`Stack`: a supervised vLLM on an internal loopback port, the gateway on the public one (with
+`Stack`: a supervised vLLM on a private Unix socket, the gateway on the public port (with
 `upstream_url`, the gateway fronts a vLLM that is managed elsewhere). `EngineAlone`: vLLM itself
 on the public port (`serve --no-gateway`). `run_served` runs either (`lcserve serve`);
 `run_stack` builds and runs a `Stack` (`lcserve gateway`, tests).
@@ -11,19 +11,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import resource
+import shutil
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lcserve.engine import EngineProcess, EngineSpec, free_port
-from lcserve.errors import EngineError
+from lcserve.engine import EngineProcess, EngineSpec, isolation_problem
 from lcserve.paths import lcserve_home
 
+from .adapter_metrics import LoadedAdapter
 from .capacity import Predictions
 from .gateway import Gateway
 from .probe_schedule import ProbeSchedule
+from .security import SOCKET_NAME, default_socket_dir, engine_socket
 from .supervisor import ExternalEngine, Supervisor
 
 if TYPE_CHECKING:
@@ -33,15 +35,19 @@ log = logging.getLogger("lcserve.serving")
 
 
 class Stack:
-    """Engine + gateway. Give `spec` to launch and supervise vLLM (always on 127.0.0.1, on
-    `spec.port`, or a free port when it is 0: only the gateway is reachable from outside, so its
-    API key guards everything), or `upstream_url` to front an engine that is already running."""
+    """Engine + gateway. Give `spec` to launch and supervise vLLM on a Unix socket in a private
+    folder (`socket_dir`, or a fresh one under the temporary folder; no TCP port: only the gateway
+    is reachable, so its API key guards everything), or `upstream_url` (`http://...` or
+    `unix:/path/vllm.sock`) to front an engine that is already running, with `upstream_api_key`
+    when that vLLM was started with `--api-key`."""
 
     def __init__(
         self,
         spec: EngineSpec | None = None,
         *,
         upstream_url: str | None = None,
+        upstream_api_key: str | None = None,
+        socket_dir: Path | None = None,
         gateway_host: str = "127.0.0.1",
         gateway_port: int = 8080,
         api_key: str | None = None,
@@ -52,21 +58,32 @@ class Stack:
         allowed_adapter_dirs: tuple[str | Path, ...] = (),
         embedding_policies: dict[str, str] | None = None,
         predictions: Predictions | None = None,
+        merged_adapters: dict[str, LoadedAdapter] | None = None,
     ):
         if (spec is None) == (upstream_url is None):
             raise ValueError("give exactly one of spec (launch vLLM) and upstream_url (front a running vLLM)")
+        self.socket_dir: Path | None = None  # the private folder, removed at stop when this stack made it
+        self.made_socket_dir = False
+        snapshots = None
         if spec is not None:
-            if spec.port and spec.port == gateway_port:
-                raise EngineError(
-                    f"the engine's internal port and the gateway port are both {gateway_port}; "
-                    "give the engine another port"
+            folder = Path(socket_dir) if socket_dir else default_socket_dir()
+            made = not folder.exists()
+            spec = dataclasses.replace(spec, uds=str(engine_socket(folder)))
+            problem = isolation_problem(spec)
+            spec = dataclasses.replace(spec, private_network=problem is None)
+            if problem:
+                log.warning(
+                    "vLLM shares this machine's network (%s): its torch.distributed (gloo) groups listen on "
+                    "loopback TCP ports, which other local processes can reach (they serve no HTTP)",
+                    problem,
                 )
-            spec = dataclasses.replace(spec, host="127.0.0.1", port=spec.port or free_port())
+            self.socket_dir, self.made_socket_dir = folder, made
+            snapshots = folder / "adapters"
             self.engine: Supervisor | ExternalEngine = Supervisor(
-                spec, log_path or lcserve_home() / "logs" / f"vllm-{spec.port}.log", ready_timeout_s=ready_timeout_s
+                spec, log_path or lcserve_home() / "logs" / f"vllm-{folder.name}.log", ready_timeout_s=ready_timeout_s
             )
         else:
-            self.engine = ExternalEngine(upstream_url)
+            self.engine = ExternalEngine(upstream_url, api_key=upstream_api_key)
         self.gateway = Gateway(
             self.engine,
             api_key=api_key,
@@ -74,6 +91,9 @@ class Stack:
             allowed_adapter_dirs=allowed_adapter_dirs,
             embedding_policies=embedding_policies,
             predictions=predictions,
+            upstream_api_key=upstream_api_key,
+            adapter_snapshots=snapshots,
+            merged_adapters=merged_adapters,
         )
         self.gateway_host = gateway_host
         self.gateway_port = gateway_port
@@ -95,6 +115,7 @@ class Stack:
             self.gateway.stop()
             raise
         if self.probe is not None:  # straight to the engine: probe traffic stays out of the gateway's series
+            self.probe.gateway_url = self.url  # but the retrieval probe compares the gateway's long-input policies
             self.probe.start(self.engine.url)
 
     def wait(self) -> None:
@@ -107,6 +128,11 @@ class Stack:
             self.probe.stop()
         self.gateway.stop()
         self.engine.stop()
+        if self.made_socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+        elif self.socket_dir is not None:  # the operator's folder: only what lcserve put there goes
+            (self.socket_dir / SOCKET_NAME).unlink(missing_ok=True)
+            shutil.rmtree(self.socket_dir / "adapters", ignore_errors=True)
 
     def __enter__(self) -> Stack:
         self.start()
@@ -172,6 +198,7 @@ def run_stack(
     gateway_port: int = 8080,
     *,
     upstream_url: str | None = None,
+    upstream_api_key: str | None = None,
     api_key: str | None = None,
     training_lengths: dict[str, int] | None = None,
     log_path: Path | None = None,
@@ -189,6 +216,7 @@ def run_stack(
     stack = Stack(
         spec,
         upstream_url=upstream_url,
+        upstream_api_key=upstream_api_key,
         gateway_host=gateway_host,
         gateway_port=gateway_port,
         api_key=api_key,

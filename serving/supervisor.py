@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from lcserve.engine import EngineProcess, EngineSpec, check_vllm_version
+from lcserve.engine import EngineProcess, EngineSpec, check_vllm_version, engine_client
 from lcserve.errors import EngineError
 
 log = logging.getLogger("lcserve.serving")
@@ -162,9 +162,10 @@ class ExternalEngine:
     """An engine managed elsewhere (another supervisor, Kubernetes): watched through GET /health
     every `poll_s`, never restarted. Same attributes as Supervisor, for the gateway."""
 
-    def __init__(self, url: str, poll_s: float = 1.0):
-        self.url = url.rstrip("/")
+    def __init__(self, url: str, poll_s: float = 1.0, api_key: str | None = None):
+        self.url = url.rstrip("/")  # http://host:port, or unix:/path/vllm.sock
         self.poll_s = poll_s
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.up = False
         self.restarts = 0
         self.generation = 0
@@ -175,7 +176,7 @@ class ExternalEngine:
     def start(self) -> None:
         """EngineError when nothing healthy answers at the URL now, or when the vLLM there is not a
         release the kit is tested with (its /version)."""
-        with httpx.Client(timeout=5.0) as client:
+        with engine_client(self.url, timeout=5.0, headers=self.headers) as client:
             self._check(client)
             if not self.up:
                 raise EngineError(f"no healthy vLLM answers at {self.url}/health; start it first or fix the URL")
@@ -193,14 +194,14 @@ class ExternalEngine:
     def _version(self, client: httpx.Client) -> str | None:
         """vLLM's GET /version, None when the server does not say."""
         try:
-            version = client.get(f"{self.url}/version").json().get("version")
+            version = client.get("/version").json().get("version")
         except (httpx.HTTPError, ValueError, AttributeError):
             return None
         return version if isinstance(version, str) else None
 
     def _check(self, client: httpx.Client) -> None:
         try:
-            healthy = client.get(f"{self.url}/health").status_code == 200
+            healthy = client.get("/health").status_code == 200
         except httpx.HTTPError:
             healthy = False
         if healthy and not self.up:
@@ -208,6 +209,6 @@ class ExternalEngine:
         self.up = healthy
 
     def _watch(self) -> None:
-        with httpx.Client(timeout=max(1.0, self.poll_s)) as client:
+        with engine_client(self.url, timeout=max(1.0, self.poll_s), headers=self.headers) as client:
             while not self._stopping.wait(self.poll_s):
                 self._check(client)

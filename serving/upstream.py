@@ -1,6 +1,11 @@
 """The gateway's one HTTP session to the engine, shared by the catalog, admission, the relay and
 the exporter's engine scrape.
 
+The engine's address is `http://host:port`, or `unix:/path/vllm.sock` for vLLM's `--uds` (how
+`lcserve serve` runs it: no TCP port, so the gateway is the one door). A remote vLLM started with
+`--api-key` gets that key on every request (`api_key`); clients' own keys are the gateway's and
+never go upstream.
+
 An aiohttp session belongs to the event loop it was opened on, and the gateway's loop runs on its
 own thread; so the session is opened and closed with the gateway's app, not when it is built.
 """
@@ -10,6 +15,8 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+
+from lcserve.engine import engine_address
 
 from .metrics import EngineStatus
 
@@ -21,18 +28,22 @@ UPSTREAM_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError)
 class Upstream:
     """The engine's address (read at each call: the supervisor owns it) and the session to it."""
 
-    def __init__(self, engine: EngineStatus, read_timeout_s: float = 3600.0):
+    def __init__(self, engine: EngineStatus, read_timeout_s: float = 3600.0, api_key: str | None = None):
         self.engine = engine
         self.read_timeout_s = read_timeout_s
+        self.api_key = api_key
         self.session: aiohttp.ClientSession | None = None
 
     def url(self, path: str) -> str:
-        return self.engine.url + path
+        return engine_address(self.engine.url)[0] + path
 
     async def open(self) -> None:
+        uds = engine_address(self.engine.url)[1]
+        connector = aiohttp.UnixConnector(path=uds, limit=0) if uds else aiohttp.TCPConnector(limit=0)
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
+            connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.read_timeout_s),
+            headers={"Authorization": f"Bearer {self.api_key}"} if self.api_key else None,
         )
 
     async def close(self) -> None:

@@ -1,7 +1,7 @@
 """HTTP client for an OpenAI-compatible vLLM endpoint (vLLM itself or the lcserve gateway).
 
 Only the calls the probes need: `/v1/models`, `/tokenize` (vLLM's exact count with the served
-tokenizer), `/v1/completions` and `/metrics`. Every failure a user can cause becomes one
+tokenizer), `/v1/completions`, `/v1/chat/completions` and `/metrics`. Every failure a user can cause becomes one
 ProbeError line that names the URL and the fix.
 """
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from lcserve.engine import engine_client
 from lcserve.errors import ProbeError
 
 
@@ -28,7 +29,8 @@ class ProbeClient:
     def __init__(self, url: str, timeout_s: float = 1800.0):
         self.url = url.rstrip("/")
         try:
-            self._http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0))
+            # engine_client: `lcserve serve` probes its engine on the Unix socket (unix:/path/vllm.sock)
+            self._http = engine_client(self.url, timeout=httpx.Timeout(timeout_s, connect=10.0))
         except httpx.InvalidURL as e:
             raise ProbeError(f"--url {url} is not a valid URL ({e}); check --url") from None
 
@@ -46,6 +48,11 @@ class ProbeClient:
         """Prompt length in tokens as the server will see it (BOS included)."""
         return int(self._request("POST", "/tokenize", {"model": model, "prompt": text})["count"])
 
+    def count_chat(self, model: str, messages: list[dict]) -> int:
+        """A chat prompt's length in tokens, the model's chat template and generation prompt applied."""
+        body = {"model": model, "messages": messages, "add_generation_prompt": True}
+        return int(self._request("POST", "/tokenize", body)["count"])
+
     def tokens(self, model: str, text: str) -> list[int]:
         """Token ids of a generated text (no BOS), for n-gram statistics."""
         body = {"model": model, "prompt": text, "add_special_tokens": False}
@@ -55,6 +62,11 @@ class ProbeClient:
         """A completion, greedy unless `extra` sets sampling; returns the JSON body (choices[0].text, usage, ...)."""
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, **extra}
         return self._request("POST", "/v1/completions", body)
+
+    def chat(self, model: str, messages: list[dict], max_tokens: int) -> dict:
+        """A greedy chat completion (the model's chat template, as an adapter trained on chats is served)."""
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+        return self._request("POST", "/v1/chat/completions", body)
 
     def metrics(self) -> str:
         response = self._send("GET", "/metrics")

@@ -128,8 +128,38 @@ def repetition(summary: dict, path: Path) -> Path | None:
     return path
 
 
+def style(summary: dict, path: Path) -> Path | None:
+    """Style at length: markers per answer by context length, one line per model; each writer's paired
+    95% interval against the base as a band around its line."""
+    models = {m: e["style"] for m, e in summary["models"].items() if "style" in e}
+    if not models:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model, by_length in models.items():
+        lengths = sorted(int(k) for k in by_length)
+        values = [by_length[str(n)]["markers_per_answer"] for n in lengths]
+        (line,) = ax.plot(lengths, values, marker="o", label=model)
+        comp = summary["comparisons"].get(model, {}).get("style")
+        base = summary["models"][next(m for m, e in summary["models"].items() if e["role"] == "base")].get("style", {})
+        if comp and base:
+            lo = [base[str(n)]["markers_per_answer"] + comp[str(n)]["lo"] for n in lengths]
+            hi = [base[str(n)]["markers_per_answer"] + comp[str(n)]["hi"] for n in lengths]
+            ax.fill_between(lengths, lo, hi, alpha=0.2, color=line.get_color(), label=f"{model}: base + 95% interval")
+    ax.set_xscale("log", base=2)
+    lengths = sorted({int(k) for by_length in models.values() for k in by_length})
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xlabel("context length (neutral preamble + question + answer, tokens)")
+    ax.set_ylabel("style markers per answer")
+    ax.set_title("style at length: does the writer keep its voice?")
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def write_all(summary: dict, out_dir: Path) -> list[Path]:
     made = [
+        style(summary, out_dir / "style_by_length.png"),
         heatmaps(summary, "needle", out_dir / "heatmap_needle.png"),
         heatmaps(summary, "passkey", out_dir / "heatmap_passkey.png"),
         loss_by_position(summary, out_dir / "loss_by_position.png"),

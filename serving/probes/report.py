@@ -14,8 +14,29 @@ def _pct(x: float | None) -> str:
 def _diff(result: dict | None) -> str:
     if not result:
         return "-"
-    mark = " !" if result["regression"] else ""
+    mark = " !" if result["regression"] else " ?" if result.get("decision") == "undecided" else ""
     return f"{result['mean']:+.2f} [{result['lo']:+.2f},{result['hi']:+.2f}]{mark}"
+
+
+def style_rows(summary: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Style at length per context length: markers per answer (and sign-offs) of each model, and each
+    writer's paired difference to the base with its 95% interval; None when the run had no style probe."""
+    models = {m: e["style"] for m, e in summary["models"].items() if "style" in e}
+    writers = {name: comp["style"] for name, comp in summary["comparisons"].items() if comp.get("style")}
+    if not models:
+        return None
+    header = ["style length", *(f"{m} markers/answer (signed off)" for m in models)]
+    header += [f"{w} Δ markers" for w in writers]
+    rows = []
+    for length in sorted({int(k) for rows in models.values() for k in rows}):
+        row = [str(length)]
+        for by_length in models.values():
+            r = by_length.get(str(length))
+            signed = f" ({_pct(r['signed_off'])})" if r and r["signed_off"] is not None else ""
+            row.append(f"{r['markers_per_answer']:.2f}{signed}" if r else "-")
+        row += [_diff(by_length.get(str(length))) for by_length in writers.values()]
+        rows.append(row)
+    return header, rows
 
 
 def accuracy_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
@@ -102,7 +123,9 @@ def _num(x: float | None, digits: int) -> str:
 
 def rich_tables(summary: dict) -> list[Table]:
     tables = []
-    for title, (header, rows) in (("accuracy by length", accuracy_rows(summary)), ("per model", model_rows(summary))):
+    named = [("accuracy by length", accuracy_rows(summary)), ("per model", model_rows(summary))]
+    named += [("style at length", style_rows(summary))] if style_rows(summary) else []
+    for title, (header, rows) in named:
         table = Table(title=title)
         for i, column in enumerate(header):
             table.add_column(column, justify="left" if i == 0 else "right")
@@ -119,7 +142,8 @@ def markdown(summary: dict) -> str:
         f"tier {summary['tier']}, threshold {summary['threshold']:.0%}, wall time {summary['wall_s']:.0f} s",
         "",
     ]
-    for header, rows in (accuracy_rows(summary), model_rows(summary)):
+    tables = [accuracy_rows(summary), model_rows(summary), style_rows(summary)]
+    for header, rows in filter(None, tables):
         parts.append("| " + " | ".join(header) + " |")
         parts.append("|" + "---|" * len(header))
         parts += ["| " + " | ".join(row) + " |" for row in rows]
@@ -130,9 +154,22 @@ def markdown(summary: dict) -> str:
         f"(Llama-2-7B at 4K); NoLiMa's, the longest length keeping {NOLIMA_KEEP:.0%} of the model's own best "
         f"score at {NOLIMA_SHORT:,} tokens or fewer.",
         "",
+        "Intervals are 95%: Wilson's for an accuracy, a paired bootstrap for a difference to the base; "
+        "'?' marks a difference whose interval crosses 0 (undecided: more prompts would decide it), "
+        "'!' a significant regression.",
+        "",
     ]
+    if summary.get("style_markers"):
+        parts += [
+            "Style at length: held-out prompts of the writer's corpus after a neutral preamble (the shipped novel, "
+            f"an earlier chat turn), greedy, scored with {summary['style_markers']}; Δ markers is writer - base "
+            "on the same prompts.",
+            "",
+        ]
+    if "planned_requests" in summary:
+        parts += [f"{summary['requests']} requests of {summary['planned_requests']} planned.", ""]
     if summary["dropped"]:
-        parts += ["Dropped to fit the budget: " + "; ".join(summary["dropped"]), ""]
+        parts += ["Left out (max_model_len, no markers, or the budget): " + "; ".join(summary["dropped"]), ""]
     for name, comp in summary["comparisons"].items():
         parts.append(f"## {name} vs base")
         parts += [f"- {line}" for line in comp["verdict"]]

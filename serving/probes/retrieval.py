@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from lcserve.engine import engine_client
 from lcserve.errors import ProbeError
 from lcserve.model_config import is_embedding_model
 from lcserve.paths import check_output, output_dir
@@ -206,7 +207,8 @@ def served_embedding_model(url: str, name: str | None) -> dict | None:
     """The `/v1/models` entry to probe for retrieval: `name` when it is an embedding model, or the one
     model served when it is; None otherwise (a generative server: the generative probes apply)."""
     try:
-        models = httpx.get(url.rstrip("/") + "/v1/models", timeout=30).json()["data"]
+        with engine_client(url, timeout=30) as client:  # the engine's own socket too (a scheduled probe)
+            models = client.get("/v1/models").json()["data"]
     except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError):
         return None  # the generative probe's client words the URL problem
     chosen = [m for m in models if m["id"] == name] or (models if len(models) == 1 else [])

@@ -9,46 +9,42 @@ stopped or killed run never leaves a folder that reads as a finished report.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import lru_cache
+from itertools import count as count_from
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress, TextColumn
 
 from lcserve.embedded import SERVED_NAME
 from lcserve.errors import ProbeError
 from lcserve.paths import check_output, output_dir
-from lcserve.progress import progress_bar
 
 from . import plots, report
 from .client import ProbeClient, ServedModel
 from .plan import (
     REPETITION_PROMPT_TOKENS,
-    REPETITION_SAMPLING,
-    REPETITION_WINDOW,
     TIERS,
     Plan,
     Rates,
     Tier,
     estimate_s,
+    fit_style_lengths,
     ladder,
+    ladder_top,
     make_plan,
     trim,
 )
-from .scoring import rep_by_window, score_needle, score_passkey
+from .send import Job, execute
 from .sizing import Filler, repeated
+from .style import DEMO_MARKERS, Markers, load_markers, messages, questions, size_preamble
 from .tasks import (
     ANSWER_TOKENS,
-    Cell,
     Prompt,
     control_cells,
     control_prompts,
@@ -76,23 +72,12 @@ class ProbeConfig:
     training_length: int | None = None  # overrides the adapters' own metadata
     threshold: float = 0.8
     seed: int = 0
-    concurrency: int = 1
+    concurrency: int | None = None  # None: wave by wave (base and adapters side by side on one prompt)
     repetition: bool = True  # the long continuation (rep-n); False leaves it out
+    style: bool = True  # style at length for the writers (adapters whose style markers are known)
+    style_markers: Path | None = None  # the user's markers file: every adapter is a writer
+    style_lengths: tuple[int, ...] | None = None  # None: the tier's, capped by max_model_len
     console: Console | None = field(default=None, repr=False)  # progress and notes; None: silent
-
-
-@dataclass(frozen=True)
-class Job:
-    """One request of the run."""
-
-    model: str
-    task: str  # passkey | needle | control | loss | repetition
-    length: int  # target context of the prompt (0 for the control)
-    text: str
-    tokens: int  # prompt tokens by the served tokenizer
-    max_tokens: int
-    est_s: float
-    prompt: Prompt | None = None  # retrieval only
 
 
 def run_probe(config: ProbeConfig) -> dict:
@@ -162,6 +147,10 @@ def check_lengths(lengths: tuple[int, ...], max_model_len: int, url: str) -> lis
 
 
 CALIBRATION_REQUESTS = 5  # per model
+# Retrieval prompts of one task and length sent together (each with the base and every adapter): their
+# 16-token answers decode as one batch, and a wave's prompts share the haystack before their needles
+# with the deeper ones of the wave before it.
+WAVE_PROMPTS = 4
 BUDGET_MARGIN = 0.9
 
 
@@ -199,36 +188,56 @@ def _note(config: ProbeConfig, text: str) -> None:
         config.console.print(text, highlight=False)
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What the server serves, made into a plan."""
+
+    tier: Tier
+    adapters: dict[str, int]  # adapter -> training length
+    max_model_len: int
+    reference: int
+    plan: Plan
+    markers: Markers | None  # the writers' style markers (None: no style at length)
+    notes: list[str]  # what the tier leaves out on this server, and why
+
+
 def _run(client: ProbeClient, config: ProbeConfig) -> dict:
     """Plan, calibrate, size and send the requests; the summary records how long each phase took."""
     started = time.time()
-    tier, adapters, max_model_len, reference, plan = _plan_run(client, config)
+    setup = _plan_run(client, config)
     document = load_document()
     count = lru_cache(maxsize=None)(lambda text: client.count(config.base, text))
     document_tokens = count(document)
-    plan = replace(plan, loss_tokens=min(plan.loss_tokens, document_tokens))
-    _note(config, f"probing {', '.join(plan.models)} at {config.url} (max_model_len {max_model_len}); calibrating")
+    plan = replace(setup.plan, loss_tokens=min(setup.plan.loss_tokens, document_tokens))
+    for note in setup.notes:
+        _note(config, f"left out: {note}")
+    _note(
+        config, f"probing {', '.join(plan.models)} at {config.url} (max_model_len {setup.max_model_len}); calibrating"
+    )
     timings = {"setup_s": time.time() - started}
     mark = time.time()
     rates = calibrate(client, plan.models, document)
     timings["calibrate_s"] = time.time() - mark
-    plan, dropped = _fit_budget(config, tier, plan, rates, started)
+    plan, dropped = _fit_budget(config, setup.tier, plan, rates, started)
 
     mark = time.time()
     jobs = _jobs(plan, config.seed, document, document_tokens, count, rates)
+    jobs += _style_jobs(client, plan, setup.markers, document, document_tokens, rates)
     timings["sizing_s"] = time.time() - mark
     estimate = sum(j.est_s for j in jobs)
     _note(
         config,
-        f"{len(jobs)} requests, lengths {', '.join(map(str, plan.lengths))}; estimated {estimate / 60:.1f} min of engine time",
+        f"{len(jobs)} requests (planned {plan.requests()}), lengths {', '.join(map(str, plan.lengths))}; "
+        f"estimated {estimate / 60:.1f} min of engine time",
     )
 
     with output_dir(Path(config.out_dir), force=True) if config.out_dir else nullcontext() as out_dir:
         mark = time.time()
-        records = _execute(client, jobs, config, out_dir / "records.jsonl" if out_dir else None)
+        jsonl = out_dir / "records.jsonl" if out_dir else None
+        records = execute(client, jobs, config.concurrency, config.seed, config.console, jsonl)
         timings["requests_s"] = time.time() - mark
 
-        summary = summarize(records, config.base, adapters, reference, config.threshold, config.seed)
+        summary = summarize(records, config.base, setup.adapters, setup.reference, config.threshold, config.seed)
         summary.update(
             {
                 "url": config.url,
@@ -236,11 +245,13 @@ def _run(client: ProbeClient, config: ProbeConfig) -> dict:
                 "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
                 "wall_s": round(time.time() - started, 1),
                 "estimate_s": round(estimate, 1),
-                "max_model_len": max_model_len,
+                "max_model_len": setup.max_model_len,
                 "lengths": list(plan.lengths),
                 "plan": asdict(plan),
-                "dropped": dropped,
+                "planned_requests": plan.requests(),
+                "dropped": setup.notes + dropped,
                 "answer_tokens": ANSWER_TOKENS,
+                "style_markers": setup.markers.source if setup.markers and plan.style_models else None,
                 "requests": len(records),
                 "rates": {m: asdict(r) for m, r in rates.items()},
                 "timings": {k: round(v, 1) for k, v in timings.items()},
@@ -250,9 +261,9 @@ def _run(client: ProbeClient, config: ProbeConfig) -> dict:
     return summary
 
 
-def _plan_run(client: ProbeClient, config: ProbeConfig) -> tuple[Tier, dict[str, int], int, int, Plan]:
-    """(tier, adapters with their training lengths, max_model_len, ladder reference, plan) from what
-    the server serves; ProbeError for an unknown tier or a server that does not state its max_model_len."""
+def _plan_run(client: ProbeClient, config: ProbeConfig) -> Setup:
+    """The plan from what the server serves; ProbeError for an unknown tier, an embedding model or a
+    server that does not state its max_model_len."""
     if config.tier not in TIERS:
         raise ProbeError(f"--tier {config.tier} is unknown; use one of: {', '.join(TIERS)}")
     tier = TIERS[config.tier]
@@ -263,16 +274,48 @@ def _plan_run(client: ProbeClient, config: ProbeConfig) -> tuple[Tier, dict[str,
         raise ProbeError(
             f"{config.url}/v1/models does not state max_model_len for '{config.base}'; is --url a vLLM endpoint?"
         )
+    refuse_embedding(served[config.base], config.url)
     models = (config.base, *adapters)
     reference = min(adapters.values(), default=config.training_length or DEFAULT_REFERENCE)
     if config.lengths:
         lengths = check_lengths(config.lengths, max_model_len, config.url)
     else:
-        lengths = ladder(reference, min(max_model_len, tier.max_length or max_model_len))
-    plan = make_plan(tier, models, lengths, reference, max_model_len)
+        lengths = ladder(reference, ladder_top(tier, reference, max_model_len))
+    markers, writers, notes = _writers(config, served, tuple(adapters))
+    style_lengths, over = fit_style_lengths(
+        config.style_lengths or tier.style_lengths, max_model_len, config.url, config.style_lengths is not None
+    )
+    style_models = (config.base, *writers) if writers and tier.style_prompts else ()
+    plan = make_plan(tier, models, lengths, reference, max_model_len, style_models, style_lengths)
     if not config.repetition:
         plan = replace(plan, generation_tokens=0)
-    return tier, adapters, max_model_len, reference, plan
+    return Setup(tier, adapters, max_model_len, reference, plan, markers, notes + (over if style_models else []))
+
+
+def refuse_embedding(model: ServedModel, url: str) -> None:
+    """One line for the generative probes against an embedding model (on this machine: vLLM's `root`)."""
+    from lcserve.model_config import is_embedding_model
+
+    if model.root and Path(model.root).is_dir() and is_embedding_model(Path(model.root)):
+        raise ProbeError(
+            f"'{model.name}' at {url} is an embedding model: passkey, needle, loss, repetition and style at "
+            "length need text generation; run `lcserve probe --url URL` without generation options for its retrieval probe"
+        )
+
+
+def _writers(config: ProbeConfig, served: dict[str, ServedModel], adapters: tuple[str, ...]):
+    """(markers, the adapters whose style is scored, notes): every adapter with the user's markers, else
+    the adapters trained on the shipped writer corpus with the demo writer's markers."""
+    from lcserve.adapters.style import is_demo_writer
+
+    if not config.style or not adapters:
+        return None, (), []
+    if config.style_markers:
+        return load_markers(config.style_markers), adapters, []
+    writers = tuple(a for a in adapters if served[a].root and is_demo_writer(Path(served[a].root)))
+    others = [a for a in adapters if a not in writers]
+    notes = [f"style at length for {', '.join(others)} (no style markers known; pass --style-markers FILE)"]
+    return (DEMO_MARKERS if writers else None), writers, notes if others else []
 
 
 def _fit_budget(
@@ -287,8 +330,8 @@ def _fit_budget(
         return plan, dropped
     # what is left of the budget, less a margin for sizing, the estimate's error and the plots
     left_s = (budget * 60 - (time.time() - started)) * BUDGET_MARGIN
-    # the tier's own budget never costs a rung of the ladder: the lengths are the point of the tier
-    plan, dropped, fits = trim(plan, rates, left_s, keep_lengths=not explicit)
+    # the tier's own budget never costs a rung, a depth or a prompt: its statistical power is its point
+    plan, dropped, fits = trim(plan, rates, left_s, keep_power=not explicit)
     if dropped:
         _note(config, f"budget {budget:g} min: dropped {'; '.join(dropped)}")
     if not fits and explicit:
@@ -300,8 +343,8 @@ def _fit_budget(
     if not fits:
         _note(
             config,
-            f"this engine is slower than the {tier.name} tier's {budget:g}-minute budget allows even with one "
-            f"depth (see the calibrated ms/token in the report); running the whole ladder anyway",
+            f"this engine is slower than the {tier.name} tier's {budget:g}-minute budget allows (see the calibrated "
+            f"ms/token in the report); running the whole plan anyway, so that every length can be decided",
         )
     return plan, dropped
 
@@ -321,169 +364,82 @@ def _write_reports(summary: dict, out_dir: Path | None, started: float) -> None:
 def _jobs(plan: Plan, seed: int, document: str, document_tokens: int, count, rates: dict[str, Rates]) -> list[Job]:
     """Size every prompt once (with the base's tokenizer) and list the requests of every model.
 
-    Order: lengths ascending, so a budget cut drops the longest rungs; within a task and length,
-    needles from deepest to shallowest, so each prompt's text before its needle is already
-    in the prefix cache; base and adapters take turns on the same prompt.
+    Order: lengths ascending; within a task and length, one haystack and the needles from deepest to
+    shallowest, so each prompt's text before its needle is already in the prefix cache; base and
+    adapters answer WAVE_PROMPTS prompts at a time side by side (one wave).
     """
     doc_filler = Filler(document)
     words_per_token = doc_filler.words / document_tokens
     haystack = Filler(repeated(document, math.ceil(max(plan.lengths) / document_tokens) + 1))
+    waves = count_from(1)
 
     def retrieval(prompts: list[Prompt]) -> list[Job]:
-        ordered = sorted(prompts, key=lambda p: -(p.cell.depth or 0))
-        return [
-            Job(
-                m,
-                p.cell.task,
-                p.cell.length,
-                p.text,
-                p.tokens,
-                ANSWER_TOKENS,
-                rates[m].prompt_s(p.tokens) + ANSWER_TOKENS * rates[m].decode,
-                p,
-            )
-            for p in ordered
-            for m in plan.models
-        ]
+        jobs, wave = [], 0
+        for i, p in enumerate(sorted(prompts, key=lambda p: -(p.cell.depth or 0))):
+            cached = int((p.cell.depth or 0) * p.tokens) if i else 0
+            wave = next(waves) if i % WAVE_PROMPTS == 0 else wave
+            for m in plan.models:
+                est = rates[m].extend_s(cached, p.tokens) + ANSWER_TOKENS * rates[m].decode / WAVE_PROMPTS
+                jobs.append(Job(m, p.cell.task, p.cell.length, p.text, p.tokens, ANSWER_TOKENS, est, p, wave))
+        return jobs
 
     jobs: list[Job] = []
     for length in plan.lengths:
-        jobs += retrieval(
-            size_cells(passkey_cells(length, plan.passkey_depths, seed), haystack, count, words_per_token)
-        )
-        jobs += retrieval(
-            size_cells(
-                needle_cells(length, plan.needle_depths, plan.distractors, seed), haystack, count, words_per_token
-            )
-        )
+        passkey = passkey_cells(length, plan.passkey_depths, seed)
+        needle = needle_cells(length, plan.needle_depths, plan.distractors, seed, plan.needle_per_depth)
+        jobs += retrieval(size_cells(passkey, haystack, count, words_per_token))
+        jobs += retrieval(size_cells(needle, haystack, count, words_per_token))
     jobs += retrieval(control_prompts(control_cells(plan.controls, seed), count))
     if plan.loss_tokens:
         text, tokens = document_prefix(doc_filler, count, plan.loss_tokens - 1, words_per_token)
+        wave = next(waves)
         jobs += [
-            Job(m, "loss", plan.loss_tokens, text, tokens, 1, rates[m].prompt_s(tokens, logprobs=True))
+            Job(m, "loss", plan.loss_tokens, text, tokens, 1, rates[m].prompt_s(tokens, logprobs=True), wave=wave)
             for m in plan.models
         ]
     if plan.generation_tokens:
         text, tokens = document_prefix(doc_filler, count, REPETITION_PROMPT_TOKENS, words_per_token)
-        jobs += [
-            Job(
-                m,
-                "repetition",
-                tokens + plan.generation_tokens,
-                text,
-                tokens,
-                plan.generation_tokens,
-                rates[m].prompt_s(tokens) + plan.generation_tokens * rates[m].decode,
-            )
-            for m in plan.models
-        ]
+        wave, total = next(waves), tokens + plan.generation_tokens
+        for m in plan.models:
+            est = rates[m].prompt_s(tokens) + plan.generation_tokens * rates[m].decode
+            jobs.append(Job(m, "repetition", total, text, tokens, plan.generation_tokens, est, wave=wave))
     return jobs
 
 
-def _execute(client: ProbeClient, jobs: list[Job], config: ProbeConfig, jsonl: Path | None) -> list[dict]:
-    """Send the jobs (config.concurrency at a time), appending each record to records.jsonl as it lands."""
-    records: list[dict] = []
-    lock = threading.Lock()
-    sink = jsonl.open("w") if jsonl else None
-    if config.console is not None:
-        progress = progress_bar(config.console, TextColumn("{task.fields[done]}/{task.fields[requests]} requests"))
-    else:
-        progress = Progress(disable=True)
-    bar = progress.add_task("probing", total=sum(j.est_s for j in jobs), done=0, requests=len(jobs))
-
-    def one(job: Job) -> None:
-        progress.update(bar, description=f"{job.task} {job.length or ''} {job.model}".replace("  ", " "))
-        record = _request(client, job, config.seed)
-        with lock:
-            records.append(record)
-            if sink:
-                sink.write(json.dumps(record) + "\n")
-                sink.flush()
-            progress.update(bar, advance=job.est_s, done=len(records))
-
-    try:
-        with progress, ThreadPoolExecutor(max_workers=max(1, config.concurrency)) as pool:
-            futures = [pool.submit(one, job) for job in jobs]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in done if f.exception()]
-            if failed:
-                for f in futures:
-                    f.cancel()
-                raise failed[0].exception()
-    finally:
-        if sink:
-            sink.close()
-    return records
-
-
-def _request(client: ProbeClient, job: Job, seed: int) -> dict:
-    """Send one job and turn the answer into a raw record (scored, for retrieval)."""
-    start = time.perf_counter()
-    if job.task == "loss":
-        body = client.complete(job.model, job.text, 1, prompt_logprobs=0)
-    elif job.task == "repetition":
-        body = client.complete(
-            job.model,
-            job.text,
-            job.max_tokens,
-            ignore_eos=True,
-            return_token_ids=True,
-            **REPETITION_SAMPLING,
-            seed=seed,
+def _style_jobs(
+    client: ProbeClient, plan: Plan, markers: Markers | None, document: str, document_tokens: int, rates
+) -> list[Job]:
+    """Style at length: per length, one preamble sized for the longest question; the first question
+    alone (it puts the preamble in the prefix cache), then the others together, base and writers alike."""
+    if not plan.style_models:
+        return []
+    asked = questions(plan.style_prompts)
+    filler = Filler(repeated(document, math.ceil(max(plan.style_lengths) / document_tokens) + 1))
+    jobs: list[Job] = []
+    for n, length in enumerate(plan.style_lengths):
+        preamble, _ = size_preamble(
+            filler, lambda m: client.count_chat(plan.style_models[0], m), length, plan.style_tokens, asked
         )
-    else:
-        body = client.complete(job.model, job.text, job.max_tokens)
-    elapsed = time.perf_counter() - start
-    try:
-        return _record(client, job, body, elapsed)
-    except (KeyError, IndexError, TypeError) as e:  # an OpenAI-like server that is not vLLM
-        raise ProbeError(
-            f"{client.url} answered a {job.task} request to '{job.model}' without vLLM's fields "
-            f"({type(e).__name__}: {e}); point --url at vLLM or the lcserve gateway"
-        ) from None
-
-
-def _record(client: ProbeClient, job: Job, body: dict, elapsed: float) -> dict:
-    """The raw record of one answer."""
-    choice = body["choices"][0]
-    cell: Cell | None = job.prompt.cell if job.prompt else None
-    record = {
-        "model": job.model,
-        "task": job.task,
-        "cell": cell.id if cell else f"{job.task}:{job.length}",
-        "length": job.length,
-        "depth": cell.depth if cell else None,
-        "depth_actual": job.prompt.depth_actual if job.prompt else None,
-        "prompt_tokens": body["usage"]["prompt_tokens"],
-        "sized_tokens": job.tokens,
-        "prompt_sha256": hashlib.sha256(job.text.encode()).hexdigest(),
-        "max_tokens": job.max_tokens,
-        "output": choice["text"],
-        "finish_reason": choice.get("finish_reason"),
-        "elapsed_s": round(elapsed, 3),
-    }
-    if job.task == "loss":
-        record["logprobs"] = [None] + [
-            round(next(iter(d.values()))["logprob"], 5) for d in choice["prompt_logprobs"][1:]
-        ]
-    elif job.task == "repetition":
-        # the generated ids themselves: re-tokenizing the text merges pieces and undercounts
-        tokens = choice.get("token_ids") or client.tokens(job.model, choice["text"])
-        record.update(
-            {
-                "window": REPETITION_WINDOW,
-                "output_tokens": len(tokens),
-                "rep2": [round(x, 4) for x in rep_by_window(tokens, REPETITION_WINDOW, 2)],
-                "rep4": [round(x, 4) for x in rep_by_window(tokens, REPETITION_WINDOW, 4)],
-            }
-        )
-    else:
-        score = (
-            score_passkey(choice["text"], cell.gold)
-            if job.task == "passkey"
-            else score_needle(choice["text"], cell.gold, tuple(v for _, v, _ in cell.distractors))
-        )
-        record.update(
-            {"gold": cell.gold, "correct": score.correct, "empty": score.empty, "distractor": score.distractor}
-        )
-    return record
+        for i, question in enumerate(asked):
+            turn = messages(preamble, question)
+            tokens = client.count_chat(plan.style_models[0], turn)
+            for m in plan.style_models:
+                r = rates[m]
+                est = (r.prompt_s(tokens) if i == 0 else 0.0) + plan.style_tokens * r.decode / (1 if i == 0 else 4)
+                jobs.append(
+                    Job(
+                        m,
+                        "style",
+                        length,
+                        json.dumps(turn),
+                        tokens,
+                        plan.style_tokens,
+                        est,
+                        wave=-(2 * n + (i > 0)) - 1,
+                        messages=tuple(turn),
+                        cell=f"style:{length}:{i}",
+                        question=question,
+                        markers=markers,
+                    )  # fmt: skip
+                )
+    return jobs

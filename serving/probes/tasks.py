@@ -97,23 +97,27 @@ def passkey_cells(length: int, depths: tuple[float, ...], seed: int) -> list[Cel
     return cells
 
 
-def needle_cells(length: int, depths: tuple[float, ...], distractors: int, seed: int) -> list[Cell]:
-    """RULER-style cells: one asked-for needle at each depth plus the same distractor needles
-    (other keys, other 7-digit values, fixed random depths) in every cell of this length."""
+def needle_cells(length: int, depths: tuple[float, ...], distractors: int, seed: int, per_depth: int = 1) -> list[Cell]:
+    """RULER-style cells: `per_depth` asked-for needles at each depth (each its own key and value, so
+    a cell of the heatmap averages several prompts) plus the same distractor needles (other keys,
+    other 7-digit values, fixed random depths) in every prompt of this length."""
     rng = random.Random(f"{seed}:needle:{length}:distractors")
     others: list[tuple[str, str, float]] = []
     while len(others) < distractors:
         key = _key(rng)
         if key not in (o[0] for o in others):
             others.append((key, str(rng.randint(1000000, 9999999)), round(rng.random(), 3)))
+    taken = {o[0] for o in others}
     cells = []
     for depth in depths:
-        rng = random.Random(f"{seed}:needle:{length}:{depth}")
-        key = _key(rng)
-        while key in (o[0] for o in others):
+        for k in range(per_depth):
+            rng = random.Random(f"{seed}:needle:{length}:{depth}" + (f":{k}" if k else ""))
             key = _key(rng)
-        value = str(rng.randint(1000000, 9999999))
-        cells.append(Cell("needle", length, depth, key, value, tuple(others)))
+            while key in taken:
+                key = _key(rng)
+            taken.add(key)
+            value = str(rng.randint(1000000, 9999999))
+            cells.append(Cell("needle", length, depth, key, value, tuple(others)))
     return cells
 
 

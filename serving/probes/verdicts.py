@@ -8,12 +8,25 @@ from __future__ import annotations
 import numpy as np
 
 from .scoring import nll_by_bucket, position_edges
+from .style import paired_markers, style_by_length, verdict_line
 
 RETRIEVAL = ("passkey", "needle")
 RESAMPLES = 2000
 # Fewer pairs than this cannot show a regression: with 5 of 5 prompts lost a two-sided sign
 # test still gives p = 0.06, while the percentile bootstrap would call it certain.
 MIN_PAIRS = 6
+Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson's score interval of a proportion: unlike the normal one, it stays inside [0, 1] and is
+    not zero-wide at 0/n or n/n, which a 12-prompt rung often scores."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def _mean(values) -> float | None:
@@ -26,15 +39,18 @@ def accuracy_by_length(records: list[dict], model: str, task: str) -> dict[int, 
     for r in records:
         if r["model"] == model and r["task"] == task:
             rows.setdefault(r["length"], []).append(r)
-    return {
-        length: {
+    out = {}
+    for length, rs in sorted(rows.items()):
+        lo, hi = wilson(sum(r["correct"] for r in rs), len(rs))
+        out[length] = {
             "accuracy": _mean(r["correct"] for r in rs),
             "n": len(rs),
             "empty": sum(r["empty"] for r in rs),
             "distractor": sum(r["distractor"] for r in rs),
+            "lo": lo,
+            "hi": hi,
         }
-        for length, rs in sorted(rows.items())
-    }
+    return out
 
 
 def depth_grid(records: list[dict], model: str, task: str) -> dict[int, dict[float, float]]:
@@ -85,19 +101,22 @@ def nolima_effective_length(accuracy: dict[int, float | None]) -> int | None:
 
 def paired_bootstrap(diffs: list[float], seed: int, resamples: int = RESAMPLES, level: float = 0.95) -> dict | None:
     """Mean of paired differences (adapter - base on the same prompts), its percentile interval,
-    and whether that is a regression (interval below 0, at least MIN_PAIRS pairs)."""
+    whether that is a regression (interval below 0, at least MIN_PAIRS pairs), and the decision
+    against 0: 'worse' (a regression), 'not worse' (interval at or above 0) or 'undecided'."""
     if not diffs:
         return None
     d = np.asarray(diffs, dtype=float)
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    regression = bool(hi < 0 and len(d) >= MIN_PAIRS)
     return {
         "mean": float(d.mean()),
         "lo": float(lo),
         "hi": float(hi),
         "n": len(d),
-        "regression": bool(hi < 0 and len(d) >= MIN_PAIRS),
+        "regression": regression,
+        "decision": "worse" if regression else "not worse" if lo >= 0 else "undecided",
     }
 
 
@@ -170,6 +189,9 @@ def summarize(
         loss = _record(records, model, "loss")
         if loss:
             entry["loss"] = loss_profile(loss["logprobs"], length)
+        style = style_by_length(records, model)
+        if style:
+            entry["style"] = style
         rep = _record(records, model, "repetition")
         if rep:
             entry["repetition"] = {
@@ -198,6 +220,8 @@ def summarize(
                 k: _minus(models[adapter]["repetition"][k], models[base]["repetition"][k])
                 for k in ("mean_rep2", "mean_rep4")
             }
+        if "style" in models[adapter]:
+            comp["style"] = {n: paired_bootstrap(d, seed) for n, d in paired_markers(records, base, adapter).items()}
         comp["verdict"] = verdict_lines(models[base], models[adapter], comp, threshold)
         comparisons[adapter] = comp
     return _json_keys(
@@ -224,6 +248,28 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0%}"
 
 
+def _interval(row: dict) -> str:
+    return f"{_pct(row['accuracy'])} [{_pct(row['lo'])}, {_pct(row['hi'])}]"
+
+
+def interval_lines(base: dict, adapter: dict, comp: dict) -> list[str]:
+    """Per task and length: each model's accuracy with its 95% Wilson interval, and the paired
+    adapter - base difference with its 95% bootstrap interval, decided against 0: 'worse', 'not
+    worse', or 'undecided' when the interval crosses 0 (more prompts would decide it)."""
+    lines = []
+    for task, result in comp["retrieval"].items():
+        for length, diff in result["by_length"].items():
+            a = adapter["tasks"][task]["by_length"].get(length)
+            b = base["tasks"][task]["by_length"].get(length)
+            if not (a and b and diff):
+                continue
+            lines.append(
+                f"{task} at {length} ({diff['n']} paired prompts): adapter {_interval(a)}, base {_interval(b)}; "
+                f"adapter - base {diff['mean']:+.2f} [{diff['lo']:+.2f}, {diff['hi']:+.2f}] {diff['decision']}"
+            )
+    return lines
+
+
 def verdict_lines(base: dict, adapter: dict, comp: dict, threshold: float) -> list[str]:
     """Plain sentences for the report: what holds, what regressed, and which control explains it."""
     lines = []
@@ -234,6 +280,7 @@ def verdict_lines(base: dict, adapter: dict, comp: dict, threshold: float) -> li
             f"effective length (needle accuracy >= {threshold:.0%} at every rung): adapter "
             f"{needle_a['effective_length'] or 'none'}, base {needle_b['effective_length'] or 'none'} (trained at {t})"
         )
+    lines += interval_lines(base, adapter, comp)
     for task, result in comp["retrieval"].items():
         worse = [str(length) for length, r in result["by_length"].items() if r and r["regression"]]
         if worse:
@@ -269,6 +316,8 @@ def verdict_lines(base: dict, adapter: dict, comp: dict, threshold: float) -> li
             f"loss: adapter - base {loss['within']:+.3f} nats/token before {t} tokens, {loss['beyond']:+.3f} from {t} on "
             f"({direction} beyond the training length by {abs(loss['change']):.3f})"
         )
+    if comp.get("style"):
+        lines.append(verdict_line(comp["style"], adapter["style"]))
     rep = comp.get("repetition")
     if rep and rep["mean_rep4"] is not None:
         lines.append(

@@ -19,8 +19,9 @@ def test_probe_on_start_publishes_gauges(engine, tmp_path, monkeypatch):
     # the wiring, not the figures: one rung at the adapter's training length, one depth per task and
     # no long continuation, so the run is short on any machine without a time budget to miss
     small = replace(
-        TIERS["quick"], passkey_depths=(0.5,), needle_depths=(0.5,), generation_tokens=0, budget_minutes=None
-    )
+        TIERS["quick"], passkey_depths=(0.5,), needle_depths=(0.5,), generation_tokens=0, budget_minutes=None,
+        needle_per_depth=1, style_prompts=0,
+    )  # fmt: skip
     monkeypatch.setitem(TIERS, "quick", small)
     config = ProbeConfig(base=engine.base_model, lengths=(256,))
     probe = ProbeSchedule(config, tmp_path, on_start=True)

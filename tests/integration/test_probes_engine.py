@@ -7,10 +7,11 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
+from lcserve.adapters.style import MARKERS
 from lcserve.cli import LcserveGroup
 from lcserve.serving.probes import gauge_samples
 from lcserve.serving.probes.cli import probe
-from lcserve.serving.probes.plan import REPETITION_WINDOW, TIERS
+from lcserve.serving.probes.plan import REPETITION_WINDOW, TIERS, spread
 from lcserve.serving.probes.tasks import ANSWER_TOKENS
 
 pytestmark = pytest.mark.integration
@@ -25,9 +26,12 @@ def lcserve_probe(*args):
 
 
 def test_tiny_ladder_end_to_end(engine, tmp_path, monkeypatch):
-    # one repetition window and a 1024-token loss document instead of the quick tier's four windows
-    # and 4096 tokens: on 2 cores the continuation and the long prefill are most of the run's time
-    tier = replace(TIERS["quick"], generation_tokens=REPETITION_WINDOW, loss_tokens=1024)
+    # one repetition window, a 1024-token loss document, 4 passkey prompts and 2 needle prompts per depth
+    # a length, and style at one length on 2 questions: the wiring of every task, in a few minutes on 2 cores
+    tier = replace(
+        TIERS["quick"], generation_tokens=REPETITION_WINDOW, loss_tokens=1024, passkey_depths=spread(4),
+        needle_per_depth=2, style_prompts=2, style_tokens=32,
+    )  # fmt: skip
     monkeypatch.setitem(TIERS, "quick", tier)
     # the probe takes every adapter the engine mounts on the base (none, or some when the engine has LoRA on)
     served = httpx.get(f"{engine.url}/v1/models", timeout=30).json()["data"]
@@ -42,10 +46,10 @@ def test_tiny_ladder_end_to_end(engine, tmp_path, monkeypatch):
         "256",
         "--lengths",
         ",".join(map(str, LENGTHS)),
+        "--style-lengths",
+        "1k",
         "--out",
         str(tmp_path),
-        "--concurrency",
-        "4",  # the models' continuations decode in one batch
         "--json",
     )
     assert result.exit_code == 0, result.output
@@ -55,8 +59,12 @@ def test_tiny_ladder_end_to_end(engine, tmp_path, monkeypatch):
 
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     plan = summary["plan"]
-    per_model = len(LENGTHS) * (len(plan["passkey_depths"]) + len(plan["needle_depths"])) + plan["controls"] + 2
-    assert len(records) == summary["requests"] == per_model * len(models)
+    per_length = len(plan["passkey_depths"]) + len(plan["needle_depths"]) * plan["needle_per_depth"]
+    per_model = len(LENGTHS) * per_length + plan["controls"] + 2
+    # style at length: the demo writer (known by its corpus) and the base answer the same 2 questions
+    assert plan["style_models"] == [engine.base_model, engine.adapter_model] and plan["style_lengths"] == [1024]
+    style = 2 * len(plan["style_models"])
+    assert len(records) == summary["requests"] == summary["planned_requests"] == per_model * len(models) + style
     for r in records:
         # the server saw exactly the prompt we sized with its own tokenizer
         assert r["prompt_tokens"] == r["sized_tokens"], r
@@ -69,6 +77,9 @@ def test_tiny_ladder_end_to_end(engine, tmp_path, monkeypatch):
         elif r["task"] == "repetition":
             assert r["output_tokens"] >= 0.9 * plan["generation_tokens"]
             assert len(r["rep2"]) == r["output_tokens"] // REPETITION_WINDOW
+        elif r["task"] == "style":
+            assert 1024 - 32 - 40 <= r["prompt_tokens"] <= 1024 - 32 and r["output"].strip()
+            assert r["markers"] == [m for m in MARKERS if m in r["output"].lower()]
 
     for name, entry in summary["models"].items():
         needle = entry["tasks"]["needle"]
@@ -83,7 +94,20 @@ def test_tiny_ladder_end_to_end(engine, tmp_path, monkeypatch):
         assert comp["training_length"] == 256 and comp["verdict"]
     samples = gauge_samples(summary)
     assert {s[1]["model"] for s in samples} == set(models)
-    for png in ("heatmap_needle.png", "heatmap_passkey.png", "loss_by_position.png", "repetition.png"):
+    # the demo writer keeps its voice after a 1k-token preamble: more markers than the base on the same questions
+    writer_style = summary["models"][engine.adapter_model]["style"]["1024"]
+    assert (
+        writer_style["markers_per_answer"] > summary["models"][engine.base_model]["style"]["1024"]["markers_per_answer"]
+    )
+    assert any(line.startswith("style at length") for line in summary["comparisons"][engine.adapter_model]["verdict"])
+    assert {s[1]["model"] for s in samples if s[0] == "lcserve_probe_style_markers_per_answer"} == set(models)
+    for png in (
+        "heatmap_needle.png",
+        "heatmap_passkey.png",
+        "loss_by_position.png",
+        "repetition.png",
+        "style_by_length.png",
+    ):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert "| 1024 |" in (tmp_path / "report.md").read_text()
 
@@ -95,6 +119,7 @@ def test_tiny_ladder_end_to_end(engine, tmp_path, monkeypatch):
         (["--adapter", "no-such-adapter"], "does not serve an adapter named 'no-such-adapter'"),
         (["--base-only", "--lengths", "256,16384"], "--lengths 16384 above the max_model_len 8192 of"),
         (["--base-only", "--training-length", "32768"], "above the server's max_model_len 8192"),
+        (["--style-lengths", "1k,16k"], "--style-lengths 16384 above the max_model_len 8192 of"),
     ],
 )
 def test_user_errors_are_one_line(engine, tmp_path, args, fragment):

@@ -1,5 +1,5 @@
 """The main job end to end: `./serve_vllm.sh` plans, serves the embedded model behind the gateway,
-answers, and stops cleanly on Ctrl-C (no orphaned engine, port released). The running engine's own
+answers, and stops cleanly on Ctrl-C (no orphaned engine, port and socket folder released). The running engine's own
 KV figures (`vllm:cache_config_info`) equal the `--dry-run` plan for the same arguments and environment,
 and with LCSERVE_CPU_LORA_OPS=stock vLLM's own LoRA ops serve the adapter (the plugin neither installed
 nor run; the session engine shows the segmented ops, tests/integration/test_cpu_lora_engine.py)."""
@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lcserve.engine import engine_client
 from lcserve.serving.cpu_lora import ENV_VAR, FIRST_USE, INSTALLED
 from tests.conftest import free_port
 from tests.unit.test_metrics import samples
@@ -77,9 +78,10 @@ def test_serve_script_serves_the_embedded_default_and_stops_on_ctrl_c(embedded_m
             assert r.status_code == 200 and r.json()["choices"][0]["text"].strip()
         assert "lcserve_engine_up" in httpx.get(f"{url}/metrics", timeout=30).text  # the gateway is in front
         stderr = (tmp_path / "stderr").read_text()
-        engine_port = int(re.search(r"internal port (\d+)", stderr).group(1))
-        vllm_log = Path(re.search(r"internal port \d+ \(log: ([^)]+)\)", stderr).group(1))
-        running = cache_config(httpx.get(f"http://127.0.0.1:{engine_port}/metrics", timeout=30).text)
+        sock, vllm_log = re.search(r"on the private socket (\S+) \(log: ([^)]+)\)", stderr).groups()
+        vllm_log = Path(vllm_log)
+        with engine_client(f"unix:{sock}", timeout=30) as engine:  # vLLM's one address: no TCP port
+            running = cache_config(engine.get("/metrics").text)
         print(
             f"\nplanned {plan['num_blocks']} blocks of {plan['block_size']}, {plan['kv_cache_tokens']} tokens, "
             f"{plan['max_concurrency']:.3f} full-length requests; vLLM runs with {running['num_gpu_blocks']} blocks "
@@ -96,9 +98,8 @@ def test_serve_script_serves_the_embedded_default_and_stops_on_ctrl_c(embedded_m
     stderr = (tmp_path / "stderr").read_text()
     assert "VLLM_CPU_KVCACHE_SPACE=1 GiB (from the environment)" in stderr
     assert "ready in" in stderr and "stopped" in stderr
-    engine_port = int(re.search(r"internal port (\d+)", stderr).group(1))
-    assert port_is_free(port) and port_is_free(engine_port)
-    leftovers = subprocess.run(["pgrep", "-f", f"--port {engine_port}"], capture_output=True, text=True).stdout.split()
+    assert port_is_free(port) and not Path(sock).parent.exists()  # the private socket folder goes with it
+    leftovers = subprocess.run(["pgrep", "-f", f"--uds {sock}"], capture_output=True, text=True).stdout.split()
     assert leftovers == [], f"orphaned engine processes: {leftovers}"
     log = vllm_log.read_text(errors="replace")
     assert "Loaded new LoRA adapter: name 'writer'" in log  # vLLM's own LoRA path served `writer`

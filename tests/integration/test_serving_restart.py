@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -90,6 +91,11 @@ class StackProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
+
+    @property
+    def socket(self) -> Path:
+        """vLLM's socket: the stack's first private folder under the temporary folder (no TCP port)."""
+        return Path(tempfile.gettempdir()) / f"lcserve-{self.proc.pid}-0" / "vllm.sock"
 
     def logs(self) -> str:
         return f"--- stack ---\n{self.output.read_text()[-3000:]}\n--- vllm ---\n{self.vllm_log.read_text()[-3000:]}"
@@ -202,15 +208,15 @@ def test_engine_killed_under_load_is_restarted(stack):
 
 def test_vllm_dies_with_a_sigkilled_stack(stack):
     """SIGKILL the stack (what the OOM killer does to `lcserve serve`): nothing in lcserve can clean up,
-    so the engine's watchdog must stop vLLM and free both ports. Waited for as events, not timed: a
+    so the engine's watchdog must stop vLLM and free the gateway's port. Waited for as events, not timed: a
     clean SIGINT/SIGTERM stop is tested on the engine `./serve_vllm.sh` starts (test_serve_script)."""
     server = stack.engine_pid()
     assert server is not None
     group = process_group(server)
-    assert not port_free(stack.engine_port) and not port_free(stack.gateway_port)
+    assert stack.socket.is_socket() and not port_free(stack.gateway_port) and port_free(stack.engine_port)
     stack.proc.kill()
     stack.proc.wait(60)
-    gone = wait_until(lambda: not group_alive(group) and port_free(stack.engine_port), 120)
+    gone = wait_until(lambda: not group_alive(group), 120)
     assert gone, f"vLLM outlived the SIGKILLed stack\n{stack.logs()}"
     assert port_free(stack.gateway_port)
     assert "lcserve.watchdog: lcserve" in stack.vllm_log.read_text()  # the watchdog, not luck, stopped it
@@ -234,6 +240,6 @@ def test_sigterm_while_vllm_starts_leaves_nothing_behind(embedded_model_dir, tmp
         starting.proc.send_signal(signal.SIGTERM)
         assert starting.proc.wait(90) == 0, starting.logs()
         assert wait_until(lambda: not group_alive(group), 30), starting.logs()
-        assert port_free(starting.engine_port) and port_free(starting.gateway_port)
+        assert not starting.socket.parent.exists() and port_free(starting.gateway_port)
     finally:
         starting.shutdown()

@@ -245,6 +245,65 @@ def _gemma_tied():
     )
 
 
+def _granite_hybrid(d_state: int = 64):
+    """GraniteMoeHybrid (Granite 4.0-H): mamba, attention, mamba, mamba. With d_state 64 one layer's state
+    (3 x 640 bf16 conv + 8 x 64 x 64 fp32 SSM on the CPU build) outgrows a 128-token attention page, so vLLM
+    raises the block size to 384 and pads the state page."""
+    from transformers import GraniteMoeHybridConfig
+
+    return GraniteMoeHybridConfig(
+        hidden_size=256,
+        intermediate_size=256,
+        shared_intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=16384,
+        layer_types=["mamba", "attention", "mamba", "mamba"],
+        mamba_n_heads=8,
+        mamba_d_head=64,
+        mamba_d_state=d_state,
+        mamba_n_groups=1,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+
+
+def _granite_hybrid_bigstate():
+    """The same with an 8 MiB SSM state per layer: at 1 GiB of KV cache vLLM has 127 blocks, fewer than its
+    CPU default max_num_seqs 128 (a GPU build refuses to start so)."""
+    return _granite_hybrid(d_state=4096)
+
+
+def _qwen3_next():
+    """Qwen3Next: three gated-delta-net layers, then full attention (full_attention_interval 4)."""
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=16384,
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        linear_num_key_heads=4,
+        linear_num_value_heads=8,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        linear_conv_kernel_dim=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=128,
+    )
+
+
 BUILDERS = {
     "llama-gqa": _llama_gqa,
     "qwen3": _qwen3,
@@ -260,6 +319,62 @@ WEIGHT_LAYOUT_BUILDERS = {
     "deepseek-v3-moe": _deepseek_v3_moe,
     "qwen2-tied": _qwen2_tied,
     "gemma-tied": _gemma_tied,
+}
+
+
+def _nemotron_h():
+    """NemotronH: Mamba2 (2 groups), attention, MLP (no cache), Mamba2; its SSM state float32 by default."""
+    from transformers import NemotronHConfig
+
+    return NemotronHConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        layers_block_type=["mamba", "attention", "mlp", "mamba"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        mamba_num_heads=8,
+        mamba_head_dim=32,
+        ssm_state_size=32,
+        n_groups=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=16384,
+    )
+
+
+def _jamba():
+    """Jamba: Mamba1 layers with attention every 4th layer from layer 1 (attn_layer_period 4, offset 1)."""
+    from transformers import JambaConfig
+
+    return JambaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        attn_layer_period=4,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mamba_d_state=16,
+        mamba_expand=2,
+        mamba_d_conv=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=16384,
+    )
+
+
+# Hybrid attention + state-space models; config.json arithmetic covers GraniteMoeHybrid and Qwen3Next
+# (config_weights_hybrid.py), the others are planned from the headers of the built model.
+HYBRID_BUILDERS = {
+    "granite-hybrid": _granite_hybrid,
+    "granite-hybrid-bigstate": _granite_hybrid_bigstate,
+    "qwen3-next": _qwen3_next,
+    "nemotron-h": _nemotron_h,
+    "jamba": _jamba,
 }
 LLAMA_3_1_8B_DATA = Path(__file__).resolve().parents[1] / "data" / "llama-3.1-8b"
 SHARD_BYTES = 5_000_000_000  # transformers' default max_shard_size "5GB"
@@ -278,7 +393,7 @@ def build_tiny_model(name: str, force: bool = False) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    config = {**BUILDERS, **WEIGHT_LAYOUT_BUILDERS}[name]()
+    config = {**BUILDERS, **WEIGHT_LAYOUT_BUILDERS, **HYBRID_BUILDERS}[name]()
     config.dtype = torch.bfloat16
     torch.manual_seed(0)
     transformers.utils.logging.disable_progress_bar()

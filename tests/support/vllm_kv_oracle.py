@@ -10,7 +10,9 @@ request: Xx":
 2. each worker's layer specs: the model class is instantiated on the meta device (nothing is
    allocated, no weights are read) under that config, and every attention layer's
    `get_kv_cache_spec` is collected by `vllm.v1.worker.gpu.attn_utils.get_kv_cache_spec`, which
-   is what the model runner's `get_kv_cache_spec` does;
+   is what the model runner's `get_kv_cache_spec` does; before that, as the executor does after
+   loading the model, `update_block_size_for_backend` aligns a hybrid's attention block size and
+   Mamba page (state layers report a `MambaSpec` as attention layers report theirs);
 3. the engine core's `_initialize_kv_caches`, step for step: `register_all_kvcache_specs`,
    `resolve_kv_cache_layout`, `get_kv_cache_configs` (grouping, pipeline projection, the
    smallest block count over ranks), `generate_scheduler_kv_cache_config`, the scheduler's
@@ -152,6 +154,7 @@ def worker_kv_cache_spec(model_dir: Path, vllm_args: Sequence[str], env: Mapping
     import torch
     from vllm.distributed.kv_transfer.kv_connector.utils import get_current_attn_backends
     from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.platforms import current_platform
     from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts
     from vllm.v1.worker.gpu.attn_utils import get_kv_cache_spec
 
@@ -161,6 +164,9 @@ def worker_kv_cache_spec(model_dir: Path, vllm_args: Sequence[str], env: Mapping
     with rank_place(parallel.tensor_parallel_size, parallel.pipeline_parallel_size, tp_rank, pp_rank):
         with torch.device("meta"):
             initialize_model(vllm_config)
+        # as each worker does once its model is loaded (executor): a hybrid's attention block size is
+        # raised and its Mamba page padded here, before the layers report their specs
+        current_platform.update_block_size_for_backend(vllm_config)
         specs = get_kv_cache_spec(vllm_config)
         layouts = [layout.name for layout in get_supported_kv_cache_layouts(get_current_attn_backends(vllm_config))]
     return specs, layouts

@@ -7,7 +7,15 @@ import json
 import pytest
 
 from lcserve.adapters.style import MARKERS, OPENER, SIGN_OFF, corpus_bytes, corpus_examples, markers_in, style_score
-from lcserve.adapters.train import TrainConfig, _batches, _config_json, is_trained, pack
+from lcserve.adapters.train import (
+    UNPACKED_RECIPE,
+    TrainConfig,
+    _batches,
+    _config_json,
+    _packed_batches,
+    is_trained,
+    pack,
+)
 from lcserve.adapters.training_length import training_seq_len, training_seq_len_source
 
 
@@ -83,6 +91,17 @@ def test_pack_fills_rows_of_exactly_seq_len_and_scores_only_answer_tokens():
     assert pack(examples, 13, [0, 1, 2]) == []  # 12 tokens do not fill one row: nothing, not a short row
 
 
+def test_the_demo_recipe_trains_every_position_up_to_its_training_length():
+    """Packed rows of exactly seq_len: the metadata's longest_row_tokens (the widest batch) is seq_len."""
+    config = TrainConfig()
+    assert (config.seq_len, config.packed_tokens_per_step) == (256, 1024)
+    examples = [(list(range(1, 1 + n)), 5) for n in (60, 94, 71, 88) * 20]  # lengths like the corpus's
+    batches = _packed_batches(examples, config)
+    assert {ids.shape for ids, _, _ in batches} == {(4, 256)}  # 4 rows a step, no padding
+    assert max(ids.shape[1] for ids, _, _ in batches) == config.seq_len
+    assert max(ids.shape[1] for ids, _, _ in _batches(examples, UNPACKED_RECIPE)) == 94  # the old recipe: 94
+
+
 def test_packing_is_part_of_the_recipe_identity_and_the_unpacked_recipe_is_unchanged():
-    assert "packed_tokens_per_step" not in _config_json(TrainConfig())  # the demo adapter trained before stays valid
+    assert "packed_tokens_per_step" not in _config_json(UNPACKED_RECIPE)  # an adapter trained before stays valid
     assert _config_json(TrainConfig(seq_len=1024, packed_tokens_per_step=1024))["packed_tokens_per_step"] == 1024

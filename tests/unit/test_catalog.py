@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lcserve.serving.adapter_metrics import LoadedAdapter
 from lcserve.serving.catalog import ModelCatalog, model_limits
 from lcserve.serving.metrics import ModelLimits
 from lcserve.serving.upstream import Upstream
@@ -35,7 +36,7 @@ def test_model_limits_from_folders(tmp_path: Path):
     ]
     assert [model_limits(e, {}) for e in entries] == [
         ModelLimits("base", 32768, 8192),
-        ModelLimits("writer", 256, 8192),
+        ModelLimits("writer", 256, 8192, adapter=LoadedAdapter("writer", "base", "mount", 8)),  # r from its config
     ]
     assert model_limits(entries[1], {"writer": 512}).training_len == 512
     assert model_limits({"id": "hub/model", "root": "hub/model", "max_model_len": 4096}, {}).training_len is None
@@ -59,7 +60,8 @@ def test_catalog_rereads_after_a_restart_or_an_adapter_change(engine):
 
             engine.models = [*engine.models, writer]
             catalog.mark_stale()  # an adapter was loaded
-            assert await catalog.model("writer") == ModelLimits("writer", None, MAX_MODEL_LEN)
+            mounted = LoadedAdapter("writer", "base", "mount", None)  # no folder here: rank unknown
+            assert await catalog.model("writer") == ModelLimits("writer", None, MAX_MODEL_LEN, adapter=mounted)
             assert engine.calls["models"] == 2
 
             engine.models = engine.models[:1]

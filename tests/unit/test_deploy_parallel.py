@@ -141,8 +141,11 @@ def test_cpu_parallel_plans_use_mp_and_one_core_list_per_rank(embedded_model_dir
         plan_deployment(profile, model, [adapter], PlanRequest(pipeline_parallel_size=2))
     with pytest.raises(PlanError, match="--pipeline-parallel-size 4: the CPU profile has 2 core"):
         plan_deployment(profile, model, request=PlanRequest(pipeline_parallel_size=4))
-    with pytest.raises(PlanError, match="--nodes 2: the CPU profile plans one machine"):
-        plan_deployment(profile, model, request=PlanRequest(nodes=2))
+    # two CPU nodes (LeaderWorkerSet, vLLM's multi-node mode): a stage per node, each node binds its own rank;
+    # the same figures as PP 2 on one machine (tests/integration/test_cluster_local.py runs it)
+    nodes = plan_deployment(profile, model, request=PlanRequest(max_model_len=4096, nodes=2, kv_cache_gib=1))
+    assert nodes.pipeline_parallel_size == 2 and nodes.env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"
+    assert nodes.kv_tokens == pp2.kv_tokens
 
 
 def test_bad_parallel_requests_are_one_line(llama8b, llama70b, embedded_model_dir, tmp_path):

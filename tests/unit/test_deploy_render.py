@@ -13,6 +13,7 @@ and the flags its template writes), compose and the Dockerfiles.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -178,7 +179,8 @@ def test_the_deployment_command_serves_exactly_the_plan(embedded_model_dir, tmp_
     r = CliRunner().invoke(cli, [*args[:1], "--dry-run", *args[1:]], env={"LCSERVE_HOME": str(tmp_path / "home")})
     assert r.exit_code == 0, r.output
     vllm = json.loads(r.stdout)["command"]
-    tail = vllm[vllm.index("--port") + 2 :]
+    where = max(i for i, a in enumerate(vllm) if a in ("--port", "--uds"))  # the engine's port or socket
+    tail = vllm[where + 2 :]
     assert tail == plan["vllm_args"]
     flags = [a for a in vllm if a.startswith("--")]
     assert len(flags) == len(set(flags))
@@ -205,7 +207,100 @@ def test_lws_target_for_two_nodes(tmp_path):
     assert svc["spec"]["selector"] == {"leaderworkerset.sigs.k8s.io/name": "lcserve", "role": "leader"}
     assert leader_labels["role"] == "leader"
     text = (tmp_path / "lws" / "lcserve-lws.yaml").read_text()
-    assert "# " in text.splitlines()[0] and "--nnodes 2" in text  # the reasons, the mp alternative named
+    assert "# " in text.splitlines()[0] and "--executor mp runs without Ray" in text  # the alternative named
+    assert "distributed_executor_backend = ray: the default on GPUs" in text
+
+
+def test_lws_mp_executor_runs_a_headless_vllm_per_worker(tmp_path):
+    """--executor mp: vLLM's own multi-node mode, every rank from the LeaderWorkerSet's variables (Kubernetes
+    expands $(VAR) in a command), the workers headless; no Ray anywhere."""
+    model = tmp_path / "llama-70b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_70B))
+    docs = render("--model", str(model), "--profile", "h100-80gb", "--gpus", "8", "--nodes", "2", "--target", "lws",
+                  "--executor", "mp", out=tmp_path / "lws")  # fmt: skip
+    assert all_problems(docs) == []
+    lwt = next(d for d in docs if d["kind"] == "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+    leader = lwt["leaderTemplate"]["spec"]["containers"][0]["command"]
+    worker = lwt["workerTemplate"]["spec"]["containers"][0]["command"]
+    nodes = ["--nnodes", "$(LWS_GROUP_SIZE)", "--node-rank", "$(LWS_WORKER_INDEX)",
+             "--master-addr", "$(LWS_LEADER_ADDRESS)", "--master-port", "29501"]  # fmt: skip
+    assert leader[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"] and leader[-8:] == nodes
+    assert worker[:2] == ["python3", "-c"] and worker[-9:] == [*nodes, "--headless"]
+    for command in (leader, worker):
+        assert command[command.index("--distributed-executor-backend") + 1] == "mp"
+    text = (tmp_path / "lws" / "lcserve-lws.yaml").read_text()
+    assert "ray" not in " ".join(leader + worker).lower() and "distributed_executor_backend = mp: --executor mp" in text
+    # vLLM on a Unix socket in an emptyDir that only the leader's two containers mount: the gateway is its door
+    pod = lwt["leaderTemplate"]["spec"]
+    socket = leader[leader.index("--uds") + 1]
+    gateway = pod["containers"][1]["command"]  # it waits for vLLM's /health: a restart would recreate the group
+    assert gateway[:2] == ["sh", "-c"] and gateway[2].startswith("python3 -c ") and f"' {socket} && exec " in gateway[2]
+    assert "--port" not in leader and shlex.split(gateway[2].split("exec ")[1])[2:4] == ["--upstream", f"unix:{socket}"]
+    (volume,) = [v for v in pod["volumes"] if "emptyDir" in v and not v["emptyDir"]]
+    for c in pod["containers"]:
+        assert any(
+            m["name"] == volume["name"] and m["mountPath"] == str(Path(socket).parent) for m in c["volumeMounts"]
+        )
+    assert volume["name"] not in str(lwt["workerTemplate"])
+
+
+def test_lws_executor_choices_fail_in_one_line(tmp_path):
+    model = tmp_path / "llama-70b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_70B))
+    nodes = ["--model", str(model), "--profile", "h100-80gb", "--gpus", "8", "--nodes", "2"]
+    r = CliRunner().invoke(cli, ["deploy", "render", *nodes, "--target", "lws", "--executor", "gloo",
+                                 "--out", str(tmp_path / "a")])  # fmt: skip
+    assert r.exit_code == 2 and "'gloo' is not one of 'ray', 'mp'" in r.output
+    r = CliRunner().invoke(cli, ["deploy", "render", "--model", str(model), "--profile", "h100-80gb", "--target",
+                                 "k8s", "--executor", "mp", "--out", str(tmp_path / "b")])  # fmt: skip
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "--executor mp says how the nodes of a LeaderWorkerSet join; it is for --target lws" in r.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_embedding_model_renders_with_the_same_schema_checks(tmp_path):
+    """`deploy render --model $(lcserve embedded path --embedding)`: the pooling plan in `lcserve serve` on one
+    device for k8s, KServe and compose, the same checks as the generative renderings; no KV or LoRA figures."""
+    from lcserve import embedded
+
+    minilm = str(embedded.embedding_model_path())
+    for target, out in (("k8s", "k8s"), ("kserve", "kserve")):
+        docs = render("--model", minilm, "--profile", "l40s", "--target", target, out=tmp_path / out)
+        assert all_problems(docs) == [] and docs
+    deployment = next(d for d in render("--model", minilm, "--profile", "l40s", "--target", "k8s",
+                                        "--embedding-policy", "chunk", out=tmp_path / "k8s-chunk")
+                      if d["kind"] == "Deployment")  # fmt: skip
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--embedding-policy") + 1] == "chunk"
+    assert command[command.index("--served-model-name") + 1] == "all-minilm-l6-v2"
+    assert "--adapter" not in command and "--rope-scaling" not in command
+    text = (tmp_path / "k8s" / "lcserve.yaml").read_text()
+    head = text.split("apiVersion")[0]
+    assert "runner = pooling" in head and "kv_cache = none" in head
+    assert not any(w in head for w in ("KV cache capacity", "num_blocks", "LoRA buffers", "max_lora_rank"))
+    compose = render("--model", minilm, "--profile", "cpu", "--target", "compose", out=tmp_path / "compose")
+    service = next(d for d in compose if "services" in d)["services"]["lcserve"]
+    assert "deploy" not in service and "shm_size" not in service  # one CPU process: no GPUs, no shared memory
+
+
+def test_embedding_render_refusals_are_one_line(tmp_path):
+    from lcserve import embedded
+
+    minilm = str(embedded.embedding_model_path())
+
+    def fails(*args: str) -> str:
+        r = CliRunner().invoke(cli, ["deploy", "render", "--model", minilm, "--profile", "l40s", *args])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+        return r.output
+
+    assert "is an embedding model" in fails("--target", "production-stack", "--out", str(tmp_path / "a"))
+    assert "render --target k8s, kserve, compose" in fails("--target", "lws", "--out", str(tmp_path / "b"))
+    adapter = tmp_path / "some-adapter"
+    adapter.mkdir()
+    assert "merge the adapter" in fails("--target", "k8s", "--adapter", str(adapter), "--out", str(tmp_path / "c"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["some-adapter"]
 
 
 def test_kserve_production_stack_compose_and_dockerfiles(llama8b, tmp_path):
@@ -219,7 +314,8 @@ def test_kserve_production_stack_compose_and_dockerfiles(llama8b, tmp_path):
     config = spec["vllmConfig"]
     assert config["tensorParallelSize"] == 2 and spec["shmSize"] and spec["requestGPU"] == 2
     assert spec["requestCPU"] == 8 and spec["requestMemory"] == "31Gi"  # the chart requires both; 2 x 7.48 GiB + 16
-    assert set(config) <= set(STACK_FIELDS.values()) | {"extraArgs"}
+    assert set(config) <= set(STACK_FIELDS.values()) | {"extraArgs", "enablePrefixCaching"}
+    assert config["enablePrefixCaching"] is True  # else the chart writes --no-enable-prefix-caching
     chart_flags = [f"--{k}" for k, v in STACK_FIELDS.items() if v in config] + ["--enable-lora"] * spec["enableLoRA"]
     flags = chart_flags + [a for a in config["extraArgs"] if a.startswith("--")]
     assert len(flags) == len(set(flags)), flags  # the chart's flags and extraArgs never repeat one

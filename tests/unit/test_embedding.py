@@ -282,9 +282,11 @@ def test_serve_refuses_the_generative_probe_schedule_on_an_embedding_model(tmp_p
     assert r.exit_code == 2 and "lcserve probe --url" in r.output
 
 
-def test_deploy_render_refuses_an_embedding_model_instead_of_planning_a_kv_cache(tmp_path):
+def test_deploy_check_refuses_an_embedding_model_instead_of_measuring_a_kv_cache(tmp_path):
+    """`deploy render` renders an embedding model (issue 26: tests/unit/test_deploy_render.py); `deploy check`
+    measures a KV cache, which it has none of."""
+    r = CliRunner().invoke(cli, ["deploy", "check", "--model", str(MINILM), "--profile", "l4"])
+    assert r.exit_code == 2 and "is an embedding model" in r.output and "deploy plan" in r.output, r.output
     out = tmp_path / "out"
     args = ["deploy", "render", "--model", str(MINILM), "--profile", "l4", "--target", "k8s", "--out", str(out)]
-    r = CliRunner().invoke(cli, args)
-    assert r.exit_code == 2 and "is an embedding model" in r.output and "deploy plan" in r.output, r.output
-    assert not out.exists()
+    assert CliRunner().invoke(cli, args).exit_code == 0 and (out / "lcserve.yaml").is_file()

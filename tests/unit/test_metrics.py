@@ -294,6 +294,22 @@ def test_record_usage_reads_vllm_usage():
     assert value(text, "lcserve_prompt_tokens_total", model="writer") == 300
     assert value(text, "lcserve_requests_beyond_training_length_total", model="writer") == 1
     assert value(text, "lcserve_longest_context_tokens", model="writer") == 300
+    assert value(text, "lcserve_generation_tokens_total", model="writer") == 100  # vLLM's completion_tokens
+
+
+def test_adapter_loaded_follows_the_served_models():
+    from lcserve.serving.adapter_metrics import LoadedAdapter
+
+    status = Status()
+    metrics = m.GatewayMetrics(status)
+    base = m.ModelLimits("base", None, 8192)
+    writer = m.ModelLimits("writer", 256, 8192, adapter=LoadedAdapter("writer", "base", "mount", 8))
+    metrics.set_models([base, writer])
+    labels = {"adapter": "writer", "base": "base", "mode": "mount", "rank": "8"}
+    loaded = {k: v for k, v in samples(metrics.render()).items() if k[0] == "lcserve_lora_adapter_loaded"}
+    assert loaded == {("lcserve_lora_adapter_loaded", tuple(sorted(labels.items()))): 1.0}  # the base is no adapter
+    metrics.set_models([base])  # unloaded
+    assert not [k for k in samples(metrics.render()) if k[0] == "lcserve_lora_adapter_loaded"]
 
 
 def test_record_against_training_length():

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from lcserve.serving.adapter_metrics import LoadedAdapter
 from lcserve.serving.capacity import SATURATED, Predictions
 from lcserve.serving.metrics import GatewayMetrics, ModelLimits, parse_engine_metrics
 from tests.unit.test_capacity import exposition
@@ -81,7 +82,7 @@ def gateway_exposition() -> str:
     metrics = GatewayMetrics(Status())
     metrics.predictions = PREDICTIONS  # a gateway in front of a planned engine
     metrics.observe(parse_engine_metrics(VLLM_032_METRICS + exposition({"0": [0.05, 0.08]})))
-    model = ModelLimits("writer", 256, 8192)
+    model = ModelLimits("writer", 256, 8192, adapter=LoadedAdapter("writer", "base", "mount", 8))
     metrics.set_models([model])
     metrics.record(model, prompt_tokens=300, context_tokens=320)
     metrics.errors.labels("engine_lost").inc()
@@ -182,3 +183,13 @@ def test_dashboard_shows_predicted_against_observed_latency():
             for p in panels
         ), (observed, predicted)
     assert "lcserve_saturation_ratio" in set().union(*(metric_names(e) for e in dashboard_exprs()))
+
+
+def test_dashboard_shows_adapters_loaded_and_their_traffic():
+    """Issue 23: which adapters are loaded (vLLM shows only those with requests in flight), and the
+    requests and tokens of each."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    queried = [set().union(*(metric_names(t["expr"]) for t in p.get("targets", []))) for p in panels]
+    assert any(q == {"lcserve_lora_adapter_loaded"} for q in queried)
+    traffic = {"lcserve_requests_total", "lcserve_prompt_tokens_total", "lcserve_generation_tokens_total"}
+    assert any(traffic | {"lcserve_lora_adapter_loaded"} <= q for q in queried)

@@ -11,9 +11,9 @@ from lcserve.errors import ProbeError
 from lcserve.serving.probes.cli import probe
 from lcserve.serving.probes.plan import parse_lengths
 from lcserve.serving.probes.plots import write_all
-from lcserve.serving.probes.report import accuracy_rows, markdown, model_rows, rich_tables
+from lcserve.serving.probes.report import accuracy_rows, markdown, model_rows, rich_tables, style_rows
 
-from .test_probes_verdicts import full_summary
+from .test_probes_verdicts import ADAPTER, BASE, full_summary, style_records
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -57,7 +57,8 @@ def test_model_table_and_markdown_report():
     assert by_measure["prefill ms/token (calibrated)"] == ["0.65", "5.50"]
     text = markdown(summary)
     assert "| 1024 | - | 100% | - | 33% |" in text
-    assert "Dropped to fit the budget: needle depths 0, 1" in text
+    assert "Left out (max_model_len, no markers, or the budget): needle depths 0, 1" in text
+    assert "'?' marks a difference whose interval crosses 0 (undecided" in text
     assert "## writer vs base" in text and "worse beyond the training length" in text
     console = Console(record=True, width=200)
     for table in rich_tables(summary):
@@ -70,6 +71,28 @@ def test_plots_are_written_as_png(tmp_path):
     assert sorted(p.name for p in made) == ["heatmap_needle.png", "loss_by_position.png", "repetition.png"]
     for path in made:
         assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000
+
+
+def style_summary():
+    from lcserve.serving.probes.verdicts import summarize
+
+    summary = summarize(BASE + ADAPTER + style_records(), "base", {"writer": 256}, 256, threshold=0.8, seed=0)
+    return {**summary, "url": "u", "tier": "quick", "wall_s": 1.0, "dropped": [], "style_markers": "the demo's"}
+
+
+def test_style_at_length_has_its_table_and_plot(tmp_path):
+    summary = style_summary()
+    header, rows = style_rows(summary)
+    assert header == ["style length", "base markers/answer (signed off)", "writer markers/answer (signed off)",
+                      "writer Δ markers"]  # fmt: skip
+    assert rows == [
+        ["1024", "0.00 (0%)", "3.00 (100%)", "+3.00 [+3.00,+3.00]"],
+        ["8192", "0.00 (0%)", "0.00 (0%)", "+0.00 [+0.00,+0.00]"],
+    ]
+    text = markdown(summary)
+    assert "| 1024 | 0.00 (0%) | 3.00 (100%) | +3.00 [+3.00,+3.00] |" in text and "scored with the demo's" in text
+    assert "style_by_length.png" in [p.name for p in write_all(summary, tmp_path)]
+    assert style_rows(run_summary()) is None
 
 
 def test_parse_lengths():

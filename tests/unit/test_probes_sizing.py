@@ -146,3 +146,16 @@ def test_control_has_no_text_and_document_prefix_fits():
 def test_a_task_without_depths_has_no_prompts():
     """A tier may leave a task out (e.g. passkey only): no cells, no prompts, no error."""
     assert size_cells(needle_cells(2048, (), 2, seed=1), FILLER, toy_count, WORDS_PER_TOKEN) == []
+
+
+def test_needle_cells_hold_several_prompts_per_depth_each_with_its_own_key():
+    """4 prompts a depth: distinct keys (from each other and the distractors) at every seed, so a
+    cell's answers are 4 independent retrievals; the distractors are the same in every prompt."""
+    for seed in range(200):
+        cells = needle_cells(2048, (0.0, 0.5, 1.0), 2, seed, per_depth=4)
+        keys = [c.key for c in cells] + [k for k, _, _ in cells[0].distractors]
+        assert len(cells) == 12 and len(set(keys)) == 14, seed
+        assert [c.depth for c in cells] == [0.0] * 4 + [0.5] * 4 + [1.0] * 4
+        assert len({c.distractors for c in cells}) == 1
+    # one prompt a depth: the cells of before
+    assert needle_cells(1024, (0.5,), 2, 0) == needle_cells(1024, (0.5,), 2, 0, per_depth=4)[:1]

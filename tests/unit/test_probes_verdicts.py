@@ -15,6 +15,7 @@ from lcserve.serving.probes.verdicts import (
     paired_bootstrap,
     ruler_effective_length,
     summarize,
+    wilson,
 )
 
 DEPTHS = (0.0, 0.5, 1.0)
@@ -53,8 +54,18 @@ ADAPTER = needle_answers("writer", {128: RIGHT, 256: RIGHT, 512: RIGHT, 1024: ["
 
 def test_accuracy_counts_empty_answers_apart():
     acc = accuracy_by_length(ADAPTER, "writer", "needle")
-    assert acc[512] == {"accuracy": 1.0, "n": 3, "empty": 0, "distractor": 0}
-    assert acc[1024] == {"accuracy": pytest.approx(1 / 3), "n": 3, "empty": 1, "distractor": 0}
+    assert acc[512] == {
+        "accuracy": 1.0,
+        "n": 3,
+        "empty": 0,
+        "distractor": 0,
+        "lo": pytest.approx(0.4385, abs=1e-4),
+        "hi": 1.0,
+    }
+    assert acc[1024] == {
+        "accuracy": pytest.approx(1 / 3), "n": 3, "empty": 1, "distractor": 0, "lo": pytest.approx(0.0615, abs=1e-4),
+        "hi": pytest.approx(0.7923, abs=1e-4),
+    }  # fmt: skip
 
 
 def test_distractor_answers_are_counted():
@@ -109,7 +120,9 @@ def test_paired_bootstrap_is_seeded_and_flags_only_clear_regressions():
     diffs = list(rng.choice([-1.0, 0.0, 1.0], size=30, p=[0.5, 0.3, 0.2]))
     assert paired_bootstrap(diffs, seed=7) == paired_bootstrap(diffs, seed=7)
     assert paired_bootstrap(diffs, seed=7) != paired_bootstrap(diffs, seed=8)
-    assert paired_bootstrap([-1.0] * 10, seed=0) == {"mean": -1.0, "lo": -1.0, "hi": -1.0, "n": 10, "regression": True}
+    assert paired_bootstrap([-1.0] * 10, seed=0) == {
+        "mean": -1.0, "lo": -1.0, "hi": -1.0, "n": 10, "regression": True, "decision": "worse",
+    }  # fmt: skip
     assert not paired_bootstrap([-1.0] * 5, seed=0)["regression"]  # too few pairs to tell
     assert paired_bootstrap([-1.0] * 8 + [0.0] * 2, seed=0)["regression"]
     assert not paired_bootstrap([0.0, 0.0, 1.0, -1.0], seed=0)["regression"]
@@ -222,3 +235,66 @@ def test_gauge_samples_mirror_the_summary():
         by = {s[1]["model"]: s[2] for s in samples if s[0] == f"lcserve_probe_effective_length_{name}"}
         assert by == {m: float(e["tasks"]["needle"][key] or 0) for m, e in summary["models"].items()}
     assert all(isinstance(v, float) and all(isinstance(x, str) for x in labels.values()) for _, labels, v in samples)
+
+
+@pytest.mark.parametrize("k, n", [(0, 12), (6, 12), (10, 12), (12, 12), (1, 3)])
+def test_wilson_interval_matches_scipy(k, n):
+    from scipy.stats import binomtest
+
+    expected = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert wilson(k, n) == (pytest.approx(expected.low, abs=1e-6), pytest.approx(expected.high, abs=1e-6))
+
+
+def test_decisions_say_undecided_when_the_interval_crosses_zero():
+    assert paired_bootstrap([0.0] * 12, seed=0)["decision"] == "not worse"
+    assert paired_bootstrap([0.0] * 11 + [-1.0], seed=0)["decision"] == "undecided"
+    # one lost pair in 31: the interval is about [-0.10, 0], still across 0
+    assert paired_bootstrap([0.0] * 30 + [-1.0], seed=0)["decision"] == "undecided"
+
+
+def passkey_pairs(base_right: int, adapter_right: int, n: int = 12, length: int = 2048):
+    records = []
+    for model, right in (("base", base_right), ("writer", adapter_right)):
+        for i in range(n):
+            records.append(dict(record(model, "passkey", length, i / n, " 12345" if i < right else " 9", "12345")))
+            records[-1]["cell"] = f"passkey:{length}:{i / n}:passkey"
+    return records
+
+
+def test_verdict_gives_each_interval_and_its_decision():
+    summary = summarize(passkey_pairs(12, 10), "base", {"writer": 256}, 256, threshold=0.8, seed=0)
+    line = next(v for v in summary["comparisons"]["writer"]["verdict"] if v.startswith("passkey at 2048"))
+    # the Wilson bounds are scipy's (test_wilson_interval_matches_scipy); the difference: 2 of 12 pairs lost
+    assert line == (
+        "passkey at 2048 (12 paired prompts): adapter 83% [55%, 95%], base 100% [76%, 100%]; "
+        "adapter - base -0.17 [-0.42, +0.00] undecided"
+    )
+
+
+def style_records():
+    """Two lengths x 6 questions: the writer styled at 1024 (3 markers, signed off), plain at 8192."""
+    styled = {"markers": ["ahoy", "fair winds", "steady lights"], "signed_off": True}
+    plain = {"markers": [], "signed_off": False}
+    rows = []
+    for length in (1024, 8192):
+        for i in range(6):
+            for model, score in (("base", plain), ("writer", styled if length == 1024 else plain)):
+                rows.append({"model": model, "task": "style", "cell": f"style:{length}:{i}", "length": length, **score})
+    return rows
+
+
+def test_style_at_length_is_summarized_with_a_paired_interval_and_published_as_gauges():
+    summary = summarize(BASE + ADAPTER + style_records(), "base", {"writer": 256}, 256, threshold=0.8, seed=0)
+    writer = summary["models"]["writer"]["style"]
+    assert writer["1024"] == {"markers_per_answer": 3.0, "styled": 1.0, "signed_off": 1.0, "n": 6}
+    assert writer["8192"]["markers_per_answer"] == 0.0
+    comp = summary["comparisons"]["writer"]["style"]
+    assert (comp["1024"]["mean"], comp["1024"]["lo"], comp["1024"]["decision"]) == (3.0, 3.0, "not worse")
+    assert comp["8192"]["hi"] == 0.0
+    line = next(v for v in summary["comparisons"]["writer"]["verdict"] if v.startswith("style at length"))
+    assert "1024: 3.0 markers/answer, signed off 100%, writer - base +3.00 [+3.00, +3.00] kept" in line
+    assert "8192: 0.0 markers/answer, signed off 0%, writer - base +0.00 [+0.00, +0.00] lost" in line
+    samples = {(s[0], s[1]["model"], s[1]["length"]): s[2] for s in gauge_samples(summary) if "style" in s[0]}
+    assert samples[("lcserve_probe_style_markers_per_answer", "writer", "1024")] == 3.0
+    assert samples[("lcserve_probe_style_signed_off", "writer", "8192")] == 0.0
+    assert samples[("lcserve_probe_style_markers_per_answer", "base", "1024")] == 0.0

@@ -120,7 +120,8 @@ def test_dry_run_takes_the_plan_and_lets_vllm_args_win(embedded_model_dir):
     cmd = out["command"]
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert out["gateway"] == "http://127.0.0.1:9123"  # clients talk to the gateway; vLLM sits behind it
-    assert cmd[cmd.index("--port") + 1] != "9123" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert "--port" not in cmd and "--host" not in cmd  # no TCP port: vLLM's one address is a private socket
+    assert Path(cmd[cmd.index("--uds") + 1]).name == "vllm.sock"
     assert cmd[cmd.index("--max-model-len") + 1] == "4096"
     assert cmd[cmd.index("--max-num-seqs") + 1] == "4"
     assert out["plan"]["max_model_len"] == 4096 and out["plan"]["kv_cache_tokens"] > 4 * 4096
@@ -244,3 +245,90 @@ def test_vllm_command_keeps_the_arguments_in_order():
         "--seed",
         "1",
     ]
+
+
+# ---- the engine's door (issue 23): vLLM's private socket folder, `gateway --upstream unix:` ----------
+
+
+def test_engine_socket_folder_is_created_private(tmp_path):
+    from lcserve.serving.security import engine_socket
+
+    sock = engine_socket(tmp_path / "run")
+    assert sock == tmp_path / "run" / "vllm.sock" and (tmp_path / "run").stat().st_mode & 0o777 == 0o700
+    spec = EngineSpec(model="m", served_model_name="m", uds=str(sock))
+    cmd = vllm_command(spec)
+    assert cmd[cmd.index("--uds") + 1] == str(sock) and "--port" not in cmd and "--host" not in cmd
+    assert spec.url == f"unix:{sock}"
+
+
+def one_line_error(args: list[str]) -> str:
+    r = CliRunner().invoke(cli, args)
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.output
+    return lines[0]
+
+
+def test_a_socket_folder_others_could_open_is_one_line(embedded_model_dir, tmp_path):
+    folder = tmp_path / "open"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    line = one_line_error(["serve", "--base-only", "--port", "18431", "--engine-socket-dir", str(folder)])
+    assert f"--engine-socket-dir {folder}: mode 0755" in line and f"chmod 700 {folder}" in line
+    folder.chmod(0o700)  # fixed as the line says: accepted
+    from lcserve.serving.security import engine_socket
+
+    assert engine_socket(folder) == folder / "vllm.sock"
+
+
+def test_a_socket_folder_lcserve_cannot_write_is_one_line(tmp_path, monkeypatch):
+    """As root every folder is writable, so the kernel's answer for another user is stood in for."""
+    from lcserve.errors import LcserveError
+    from lcserve.serving import security
+
+    folder = tmp_path / "readonly"
+    folder.mkdir(mode=0o500)
+    monkeypatch.setattr(security.os, "access", lambda path, mode: False)
+    with pytest.raises(
+        LcserveError, match=rf"--engine-socket-dir {folder}: lcserve cannot write there; run `chmod u\+wx"
+    ):
+        security.engine_socket(folder)
+
+
+def test_a_socket_path_too_long_or_a_file_is_one_line(tmp_path):
+    from lcserve.errors import LcserveError
+    from lcserve.serving.security import engine_socket
+
+    with pytest.raises(LcserveError, match="longer than 107 bytes"):
+        engine_socket(tmp_path / ("d" * 120))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LcserveError, match="not a folder"):
+        engine_socket(tmp_path / "file")
+
+
+@pytest.mark.parametrize("upstream", ["127.0.0.1:8000", "unix:relative/vllm.sock", "/run/vllm.sock"])
+def test_gateway_upstream_spelling_is_one_line(upstream):
+    line = one_line_error(["gateway", "--upstream", upstream, "--port", "18432"])
+    assert f"--upstream {upstream}: write http://HOST:PORT" in line and "unix:/ABSOLUTE/PATH" in line
+
+
+def test_gateway_upstream_key_file_mistakes_are_one_line(tmp_path):
+    (tmp_path / "empty").write_text("")
+    args = ["gateway", "--upstream", "unix:/run/vllm.sock", "--port", "18433", "--upstream-api-key-file"]
+    assert "the file is empty" in one_line_error([*args, str(tmp_path / "empty")])
+    assert "cannot read it" in one_line_error([*args, str(tmp_path / "missing")])
+
+
+def test_an_adapter_snapshot_is_named_by_its_content(tmp_path):
+    """vLLM 0.32 keys its prefix cache by adapter name and path: new weights must get a new path,
+    the same weights the same one, and later writes to the operator's folder must not reach it."""
+    from lcserve.serving.security import snapshot
+
+    adapter, root = tmp_path / "x", tmp_path / "snapshots"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"A")
+    first = snapshot(adapter, root)
+    assert snapshot(adapter, root) == first
+    (adapter / "adapter_model.safetensors").write_bytes(b"B")
+    second = snapshot(adapter, root)
+    assert second != first and (first / "adapter_model.safetensors").read_bytes() == b"A"
+    assert (second / "adapter_model.safetensors").read_bytes() == b"B"

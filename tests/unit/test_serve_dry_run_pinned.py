@@ -2,7 +2,7 @@
 
 The launch description is what users see and what reaches vLLM, so a refactor must leave it
 exactly as it was. Machine-specific parts (the python path, the model home, temporary folders
-and the free internal port) are replaced by placeholders; the hardware is a fixed CPU profile
+and the engine's private socket) are replaced by placeholders; the hardware is a fixed CPU profile
 file so that the machine's free RAM does not move the figures.
 
 Regenerate after an intended change with LCSERVE_UPDATE_GOLDEN=1 (the run rewrites and fails), review the
@@ -41,7 +41,8 @@ PINNED_CPU = {
 def normalized(text: str, replacements: dict[str, str]) -> str:
     doc = json.loads(text)
     cmd = doc["command"]
-    cmd[cmd.index("--port") + 1] = "<engine-port>"
+    socket = cmd[cmd.index("--uds") + 1]  # behind the gateway, vLLM's one address: a fresh private socket
+    replacements = {**replacements, socket: "<engine-socket>"}
     text = json.dumps(doc, indent=2) + "\n"
     for real, placeholder in sorted(replacements.items(), key=lambda kv: -len(kv[0])):
         text = text.replace(real, placeholder)

@@ -1,0 +1,147 @@
+"""The GPU plan against published vLLM startup logs (each cited in tests/data/gpu_startup_logs/*.json and README.md).
+
+The planner estimates, for the pinned vLLM 0.32, what vLLM measures on a GPU at startup (deploy/estimates.py). The
+logs come from older releases, so each comparison moves the plan to the log's release first, by the derived
+`version_shift_bytes` (the sort-based sampler before vLLM PR 33538, no MoE workspace kept after the forward pass,
+no CUDA graph estimate before 0.21), and plans with the logged settings: the model's published config.json, TP,
+gpu_memory_utilization, max_model_len, block size and the CUDA-visible memory total of the GPU.
+
+Expected figures are vLLM's own logged ones. Two logs (use: calibration) set the two constants that cannot be
+derived from vLLM's code (non-torch memory at TP 1, NCCL's buffers at TP 2); they are not counted here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from lcserve.deploy import estimates as est
+from lcserve.deploy.hardware import GIB, resolve_profile
+from lcserve.deploy.plan import PlanRequest, plan_deployment
+from lcserve.model_config import read_model
+
+DATA = Path(__file__).parents[1] / "data" / "gpu_startup_logs"
+LOGS = {p.stem: json.loads(p.read_text()) for p in sorted(DATA.glob("*.json"))}
+COUNTED = [name for name, log in LOGS.items() if log["use"] == "counted"]
+# Counted logs the plan misses by more than 2%, and what the logs do not let us derive (see README.md).
+GAPS = {
+    "lmcache_qwen3_32b_tp2": "TP 2: ~0.9 GiB more non-KV memory than llm-d's TP 2 run of the same model (NCCL buffers "
+    "differ by interconnect and NCCL version; the table gives neither)",
+    "lmcache_llama31_70b_tp4": "TP 4: ~1.0 GiB more non-KV memory than planned, as in the TP 2 row of the same table",
+    "vllm21348_qwen3_235b_a22b_fp8_tp4": "MoE FP8 at TP 4 with an LMCache connector: ~2 GiB more non-KV memory than "
+    "planned; the log gives neither the weights nor the profiling breakdown",
+}
+
+
+def plan_at_log_release(log: dict):
+    """(planned KV tokens at the log's vLLM release, logged KV tokens) for one log."""
+    tp = log["tensor_parallel_size"]
+    profile = resolve_profile(log["profile"])
+    profile = dataclasses.replace(profile, memory_bytes=int(log["total_gpu_memory_gib"] * GIB), count=tp)
+    model = read_model(DATA / log["config"])
+    request = PlanRequest(
+        tensor_parallel_size=tp,
+        gpu_memory_utilization=log["gpu_memory_utilization"],
+        max_model_len=log["max_model_len"],
+        block_size=log["block_size"],
+        max_num_seqs=log["max_num_seqs"],
+        max_num_batched_tokens=log["max_num_batched_tokens"],
+    )
+    plan = plan_deployment(profile, model, (), request)
+    shift = est.version_shift_bytes(
+        tuple(log["vllm_release"]),
+        max_num_batched_tokens=plan.max_num_batched_tokens,
+        max_num_seqs=plan.max_num_seqs,
+        hidden_size=model.hidden_size,
+        intermediate_size=model.intermediate_size,
+        vocab_size=model.vocab_size,
+        tp=tp,
+        dtype_bytes=2,
+        moe=model.moe,
+    )
+    per_block, block = plan.layout.bytes_per_block, plan.block_size
+    planned = (plan.kv_bytes - shift) // per_block * block
+    logged = log["gpu_kv_cache_size_tokens"]
+    if logged is None:  # the publication quotes "Available KV cache memory" only: vLLM's blocks in it
+        logged = int(log["logged"]["available_kv_cache_memory_gib"] * GIB) // per_block * block
+    return planned, logged
+
+
+@pytest.mark.parametrize("name", [n for n in COUNTED if n not in GAPS])
+def test_planned_kv_tokens_within_2_percent_of_the_log(name):
+    planned, logged = plan_at_log_release(LOGS[name])
+    assert abs(planned / logged - 1) <= 0.02, f"{name}: planned {planned:,} tokens, logged {logged:,}"
+
+
+@pytest.mark.parametrize("name", list(GAPS))
+def test_known_gaps_stay_recorded(name):
+    """A gap that closes (or a log that moves) must update GAPS and README.md, so these fail when within 2%."""
+    planned, logged = plan_at_log_release(LOGS[name])
+    assert abs(planned / logged - 1) > 0.02, f"{name} is now within 2%: move it out of GAPS"
+
+
+def test_the_set_covers_moe_and_tensor_parallelism():
+    counted = [LOGS[n] for n in COUNTED]
+    assert len(counted) >= 6
+    assert sum(log["tensor_parallel_size"] >= 2 for log in counted) >= 2
+    assert any(read_model(DATA / log["config"]).moe for log in counted)
+
+
+@pytest.mark.parametrize(
+    "name", ["llmd_llama31_8b_tp1", "llmd_qwen3_06b_tp1", "llmd_qwen3_32b_tp1", "llmd_gpt_oss_20b_tp1"]
+)
+def test_sort_sampler_peak_matches_the_logged_activation_peak(name):
+    """vLLM 0.11's logged "PyTorch activation peak" on H100 (max_num_seqs 1024, 8192 batched tokens) against the
+    derived sort-path sampler run; gpt-oss-20b is MoE (32 experts, top-4), its dims from the log file."""
+    log = LOGS[name]
+    dims = log.get("moe_dims") or _dims(read_model(DATA / log["config"]))
+    act = est.activation_estimate_bytes(
+        8192, 1024, dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"], 1, 2, legacy=True
+    )
+    assert act / GIB == pytest.approx(log["logged"]["activation_peak_gib"], rel=0.02)
+
+
+def _dims(model) -> dict:
+    return {
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.intermediate_size,
+        "vocab_size": model.vocab_size,
+    }
+
+
+@pytest.mark.parametrize(
+    "tokens,hidden,moe,tp",
+    [
+        (8192, 2048, (128, 8, 768), 1),  # Qwen3-30B-A3B
+        (8192, 4096, (8, 2, 14336), 2),  # Mixtral 8x7B
+        (8192, 4096, (128, 8, 1536), 4),  # Qwen3-235B-A22B
+        (2048, 4096, (8, 2, 14336), 8),  # a narrow shard: K dominates both workspaces
+    ],
+)
+def test_moe_workspace_is_vllms_triton_workspace(tokens, hidden, moe, tp):
+    """The fused-MoE workspace against vLLM's own TritonExperts.workspace_shapes and FusedMoEKernel._allocate_buffers'
+    rule (workspace13 shared with the (M, K) output)."""
+    triton_moe = pytest.importorskip("vllm.model_executor.layers.fused_moe.experts.triton_moe")
+    activation = pytest.importorskip("vllm.model_executor.layers.fused_moe.activation")
+    experts = triton_moe.TritonExperts.__new__(triton_moe.TritonExperts)
+    n = 2 * moe[2] // tp
+    ws13, ws2, out = experts.workspace_shapes(
+        tokens, n, hidden, moe[1], moe[0], moe[0], None, activation.MoEActivation.SILU
+    )
+    prod = lambda shape: shape[0] * shape[1] * (shape[2] if len(shape) > 2 else 1)  # noqa: E731
+    expected = (max(prod(ws13), prod(out)) + prod(ws2)) * 2
+    assert est.moe_workspace_bytes(tokens, hidden, moe, tp, 2) == expected
+
+
+def test_moe_plan_says_what_its_estimates_cover():
+    model = read_model(DATA / "models" / "Qwen3-30B-A3B")
+    profile = dataclasses.replace(resolve_profile("h100-80gb"), count=2)
+    plan = plan_deployment(profile, model, (), PlanRequest(tensor_parallel_size=2, max_model_len=32768))
+    reason = next(r for r in plan.reasons if r.setting == "GPU startup estimates")
+    assert "fused-MoE workspace at max_num_batched_tokens" in reason.why
+    assert "top-8 of 128 experts" in reason.why and "NCCL" in reason.why
+    workspace = est.moe_workspace_bytes(plan.max_num_batched_tokens, 2048, model.moe, 2, 2)
+    assert plan.memory["activation_estimate"] >= workspace > 0
