@@ -13,7 +13,7 @@ from lcserve.engine import UNIX_SCHEME
 from lcserve.errors import LcserveError
 from lcserve.options import option
 
-from .security import allowed_dirs, exposure_warning, read_api_key
+from .security import allowed_dirs, exposure_warning, key_from_file, read_api_key
 from .stack import run_stack
 
 
@@ -95,18 +95,7 @@ def read_upstream_key(key_file: Path | None) -> str | None:
     """The remote vLLM's `--api-key`, from --upstream-api-key-file (its first line)."""
     if key_file is None:
         return None
-    try:
-        lines = Path(key_file).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LcserveError(
-            f"--upstream-api-key-file {key_file}: cannot read it ({getattr(e, 'strerror', None) or e}); "
-            "pass a readable file whose first line is the key vLLM was started with (--api-key)"
-        ) from None
-    if not lines or not lines[0].strip():
-        raise LcserveError(
-            f"--upstream-api-key-file {key_file}: the file is empty; write vLLM's --api-key on its first line"
-        )
-    return lines[0].strip()
+    return key_from_file("--upstream-api-key-file", key_file, "the key vLLM was started with (--api-key)")
 
 
 @click.command("gateway", context_settings={"help_option_names": ["-h", "--help"]})

@@ -73,15 +73,20 @@ def read_api_key(key: str | None, key_file: Path | None) -> str | None:
         raise LcserveError(
             f"both {API_KEY_FILE_OPTION} and --api-key (or LCSERVE_API_KEY) are given; give the key one way only"
         )
+    return key_from_file(API_KEY_FILE_OPTION, key_file)
+
+
+def key_from_file(option: str, key_file: Path, what: str = "the key") -> str:
+    """The first line of a key file; LcserveError naming `option` when it cannot be read or is empty."""
     try:
         lines = Path(key_file).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise LcserveError(
-            f"{API_KEY_FILE_OPTION} {key_file}: cannot read it ({getattr(e, 'strerror', None) or e}); "
-            "pass a readable file whose first line is the key"
+            f"{option} {key_file}: cannot read it ({getattr(e, 'strerror', None) or e}); "
+            f"pass a readable file whose first line is {what}"
         ) from None
     if not lines or not lines[0].strip():
-        raise LcserveError(f"{API_KEY_FILE_OPTION} {key_file}: the file is empty; write the key on its first line")
+        raise LcserveError(f"{option} {key_file}: the file is empty; write {what} on its first line")
     return lines[0].strip()
 
 

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from lcserve import embedded as emb
 from lcserve.deploy.plan_types import PlanRequest
+from lcserve.engine import engine_client
 from lcserve.serving.cli import read_inputs
 from lcserve.serving.embeddings import POLICY_HEADER, chunk_windows, special_wrap
 from lcserve.serving.gateway import Gateway
@@ -50,7 +51,8 @@ class Served:
 
     def tokens(self, text: str, special: bool = True) -> list[int]:
         body = {"model": NAME, "prompt": text, "add_special_tokens": special}
-        return httpx.post(f"{self.engine_url}/tokenize", json=body, timeout=120).json()["tokens"]
+        with engine_client(self.engine_url, timeout=120) as engine:  # vLLM's private socket
+            return engine.post("/tokenize", json=body).json()["tokens"]
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +177,8 @@ def test_chunk_embeds_a_2000_token_input_as_one_normalized_vector(served):
     assert r.json()["usage"]["prompt_tokens"] == sum(map(len, windows)) + len(served.tokens("a short text"))
     # the short input is not chunked, and the pooled vector is the token-weighted mean of the windows
     assert cosine(got[1], vectors(served.embed("reject", "a short text"))[0]) > 0.9999
-    direct = vectors(
-        httpx.post(f"{served.engine_url}/v1/embeddings", json={"model": NAME, "input": windows}, timeout=120)
-    )
+    with engine_client(served.engine_url, timeout=120) as engine:  # vLLM's private socket
+        direct = vectors(engine.post("/v1/embeddings", json={"model": NAME, "input": windows}))
     mean = np.average(np.asarray(direct), axis=0, weights=[len(w) for w in windows])
     assert cosine(got[0], mean) > 0.9999
     assert cosine(got[0], direct[0]) < 0.99  # more than the first window
