@@ -12,6 +12,7 @@ per streamed request, and one /tokenize round trip, the price the context pre-ch
 a prompt is too long to skip it.
 
     python benchmarks/bench_gateway.py --engine-url http://127.0.0.1:8000
+    python benchmarks/bench_gateway.py --engine-url unix:/run/vllm/vllm.sock   # vLLM started with --uds
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from lcserve.engine import engine_async_client, engine_client
 from lcserve.serving.supervisor import ExternalEngine
 
 
@@ -59,14 +61,14 @@ def start_gateway(engine_url: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"the gateway did not start: {proc.stderr.read().decode()[-2000:]}")
 
 
-def latency(client: httpx.Client, urls: dict[str, str], model: str, n: int) -> dict[str, list[float]]:
+def latency(clients: dict[str, httpx.Client], model: str, n: int) -> dict[str, list[float]]:
     body = {"model": model, "prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}
-    times: dict[str, list[float]] = {name: [] for name in urls}
-    order = list(urls)
+    times: dict[str, list[float]] = {name: [] for name in clients}
+    order = list(clients)
     for i in range(n):
         for name in order if i % 2 == 0 else order[::-1]:
             start = time.perf_counter()
-            r = client.post(f"{urls[name]}/v1/completions", json=body)
+            r = clients[name].post("/v1/completions", json=body)
             times[name].append(time.perf_counter() - start)
             r.raise_for_status()
     return times
@@ -90,13 +92,13 @@ async def throughput_block(url: str, model: str, concurrency: int, requests: int
         nonlocal tokens
         while queue:
             queue.pop()
-            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            async with client.stream("POST", "/v1/completions", json=body) as r:
                 r.raise_for_status()
                 async for line in r.aiter_lines():
                     if line.startswith("data: {"):
                         tokens += 1
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+    async with engine_async_client(url, httpx.Limits(max_connections=concurrency), timeout=600) as client:
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         return time.perf_counter() - start, tokens
@@ -110,7 +112,9 @@ def cpu_seconds(pid: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engine-url", default="http://127.0.0.1:8000", help="a running vLLM OpenAI server")
+    parser.add_argument(
+        "--engine-url", default="http://127.0.0.1:8000", help="a running vLLM OpenAI server (http://... or unix:/PATH)"
+    )
     parser.add_argument("--model", help="served model name (default: the first one the engine lists)")
     parser.add_argument("--latency-requests", type=int, default=200, help="sequential requests per target")
     parser.add_argument("--concurrency", type=int, default=16)
@@ -121,18 +125,20 @@ def main() -> None:
     args = parser.parse_args()
 
     ExternalEngine(args.engine_url).start()  # EngineError when nothing serves there
-    model = args.model or httpx.get(f"{args.engine_url}/v1/models", timeout=10).json()["data"][0]["id"]
+    with engine_client(args.engine_url, timeout=10) as engine:
+        model = args.model or engine.get("/v1/models").json()["data"][0]["id"]
     proc, gateway_url = start_gateway(args.engine_url)
     urls = {"direct": args.engine_url, "gateway": gateway_url}
     try:
-        with httpx.Client(timeout=120) as client:
-            latency(client, urls, model, 10)  # warm-up: connections, caches
-            lat = latency(client, urls, model, args.latency_requests)
+        clients = {name: engine_client(url, timeout=120) for name, url in urls.items()}  # http:// or unix:
+        with clients["direct"], clients["gateway"]:
+            latency(clients, model, 10)  # warm-up: connections, caches
+            lat = latency(clients, model, args.latency_requests)
             tok_body = {"model": model, "prompt": "The capital of France is " * 200}
             tokenize = []
             for _ in range(50):
                 start = time.perf_counter()
-                client.post(f"{args.engine_url}/tokenize", json=tok_body).raise_for_status()
+                clients["direct"].post("/tokenize", json=tok_body).raise_for_status()
                 tokenize.append(time.perf_counter() - start)
         thr: dict[str, list[tuple[float, int]]] = {name: [] for name in urls}
         gateway_cpu = 0.0
