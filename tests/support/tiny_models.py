@@ -482,3 +482,15 @@ if __name__ == "__main__":
 
     for n in sys.argv[1:] or [*BUILDERS, *WEIGHT_LAYOUT_BUILDERS]:
         print(n, build_tiny_model(n))
+
+
+def write_config_only(builder, folder: Path) -> Path:
+    """`folder`/config.json for a tiny builder, no weights (what vLLM's KV code and the planner read)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = builder()
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    config.dtype = "bfloat16"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    return folder

@@ -32,7 +32,7 @@ from lcserve.errors import PlanError
 from lcserve.model_config import read_model
 from lcserve.model_weights import WEIGHTS_FROM_CONFIG
 from lcserve.safetensors_header import read_model_tensors
-from tests.support.tiny_models import HYBRID_BUILDERS, build_tiny_model
+from tests.support.tiny_models import HYBRID_BUILDERS, build_tiny_model, write_config_only
 
 REAL = Path(__file__).resolve().parents[1] / "data" / "hybrid_configs"
 GRANITE_H_TINY, QWEN3_NEXT = REAL / "granite-4.0-h-tiny", REAL / "qwen3-next-80b-a3b-instruct"
@@ -77,7 +77,6 @@ def oracle():
 def model_dirs(tmp_path_factory):
     """A config-only folder per tiny hybrid whose weights config.json gives (else the built model),
     and the real configs' folders."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     root = tmp_path_factory.mktemp("hybrid-configs")
     dirs = {p.name: p for p in REAL.iterdir()}
@@ -86,11 +85,7 @@ def model_dirs(tmp_path_factory):
         if config.model_type not in HYBRID_MODEL_TYPES:
             dirs[name] = build_tiny_model(name)
             continue
-        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
-        config.dtype = "bfloat16"
-        (root / name).mkdir()
-        (root / name / "config.json").write_text(json.dumps(config.to_dict()))
-        dirs[name] = root / name
+        dirs[name] = write_config_only(builder, root / name)
     return dirs
 
 

@@ -20,7 +20,6 @@ to 16-token blocks, where a GPU profile plans 64.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
 import pytest
@@ -28,7 +27,7 @@ import pytest
 from lcserve.deploy.hardware import GIB, resolve_profile
 from lcserve.deploy.plan import PlanRequest, plan_deployment
 from lcserve.model_config import read_model
-from tests.support.tiny_models import BUILDERS
+from tests.support.tiny_models import BUILDERS, write_config_only
 
 
 @dataclass(frozen=True)
@@ -79,17 +78,11 @@ def oracle():
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """A config-only folder per tiny architecture (the oracle builds on the meta device: no weights)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     root = tmp_path_factory.mktemp("tiny-configs")
     dirs = {}
     for name, builder in BUILDERS.items():
-        config = builder()
-        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
-        config.dtype = "bfloat16"
-        (root / name).mkdir()
-        (root / name / "config.json").write_text(json.dumps(config.to_dict()))
-        dirs[name] = root / name
+        dirs[name] = write_config_only(builder, root / name)
     return dirs
 
 
