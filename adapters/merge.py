@@ -40,7 +40,7 @@ from lcserve.model_facts import (
     write_merge_provenance,
 )
 from lcserve.model_facts import MERGE_PROVENANCE as PROVENANCE
-from lcserve.paths import check_output, output_dir
+from lcserve.paths import check_free_space, check_output, output_dir
 from lcserve.safetensors_header import read_header, safetensors_files
 
 from . import reader
@@ -122,6 +122,7 @@ def merge_adapter(
     missing = set(plan) - {name for layout in layouts for name, *_ in layout.entries}
     if missing:
         raise AdapterError(f"{adapter_dir}: targets {sorted(missing)[0]} which the base weights do not contain")
+    check_free_space(out_dir, _output_bytes(base_dir, layouts), "the merged model")
     total = sum(layout.source_bytes for layout in layouts)
     task = progress.add_task("merging", total=total) if progress else None
 
@@ -414,6 +415,13 @@ def _check_destination(out_dir: Path, base_dir: Path, adapter_dir: Path, force: 
     if out == adapter or adapter in out.parents or out in adapter.parents:
         raise AdapterError(f"--out {out_dir}: overlaps the adapter folder {adapter_dir}; choose a new folder")
     check_output(out_dir, force)  # a file, the working directory, a folder lcserve did not write
+
+
+def _output_bytes(base_dir: Path, layouts: list) -> int:
+    """What the merged folder will take: the new shards (headers included) and the copied files."""
+    shards = sum(layout.data_start + layout.out_data_bytes for layout in layouts)
+    copied = sum(p.stat().st_size for p in base_dir.iterdir() if p.is_file() and p.suffix not in WEIGHT_SUFFIXES)
+    return shards + copied
 
 
 def _copy_model_files(base_dir: Path, out_dir: Path, base_config: dict, dtype: str | None, untie: bool) -> dict:

@@ -2,6 +2,7 @@
 and at a user's `--out`: atomically (a partial folder is never taken for a complete one), one
 builder at a time, and over an existing `--out` only when lcserve wrote it (its marker file)."""
 
+import errno
 import fcntl
 import glob
 import os
@@ -82,6 +83,29 @@ def output_dir(out: Path, force: bool, inputs: tuple[tuple[str, Path], ...] = ()
         yield tmp
 
 
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the disk that holds `folder`, or would hold it (its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def check_free_space(target: Path, need: int, what: str, flag: str = "--out") -> None:
+    """LcserveError before a long write the disk cannot hold: refused at once, not failed at 90% with
+    the disk full for every other program on the machine."""
+    free = free_bytes(Path(target).parent)
+    if need > free:
+        raise LcserveError(
+            f"{flag} {target}: {what} needs {gib(need)} and its disk has {gib(free)} free; free some space or "
+            f"pick a {flag} on another disk"
+        )
+
+
 def tmp_prefix(target: Path) -> str:
     """The name prefix of `target`'s temporary siblings: `.NAME.tmp-`."""
     return f".{target.name}.tmp-"
@@ -108,7 +132,16 @@ def atomic_dir(target: Path):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should read like any folder
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back before telling how much there is
+            raise LcserveError(
+                f"{target}: the disk filled while writing it ({gib(free_bytes(target.parent))} free now); nothing "
+                "was kept, the old folder (if any) is untouched; free some space or choose a folder on another disk"
+            ) from None
         _commit(tmp, target)
     finally:
         if tmp.exists():

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -304,6 +307,42 @@ def test_cli_prints_one_line_and_exits_2(good_adapter, bases, tmp_path):
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "adapter_config.json" in lines[0]
+
+
+def on_a_small_disk(size: str, script: str, disk: Path) -> subprocess.CompletedProcess:
+    """`script` (sh) run with a real tmpfs of `size` mounted at `disk`, in a mount namespace of its own: a disk
+    that really fills, seen only by this process."""
+    disk.mkdir()
+    mount = f"mount -t tmpfs -o size={size} lcserve-test {shlex.quote(str(disk))} && {script}; rc=$?; ls -A {disk}"
+    return subprocess.run(
+        ["unshare", "--mount", "--map-root-user", "sh", "-c", mount + "; exit $rc"], capture_output=True, text=True
+    )
+
+
+def test_merge_onto_a_disk_too_small_is_refused_before_writing(good_adapter, bases, tmp_path):
+    lcserve = Path(sys.executable).parent / "lcserve"
+    argv = [str(lcserve), "adapters", "merge", str(good_adapter), "--base", str(bases["gemma"])]
+    merge = shlex.join([*argv, "--out", str(tmp_path / "disk" / "merged")])
+    small = on_a_small_disk("64k", merge, tmp_path / "disk")
+    assert small.returncode == 2, small.stderr
+    assert "the merged model needs 0.00 GiB and its disk has 0.00 GiB free" in small.stderr
+    assert small.stdout == ""  # nothing left on the disk, not even a hidden temporary folder
+    large = on_a_small_disk("4m", merge, tmp_path / "disk2")  # the check can pass: the same merge fits on 4 MiB
+    assert large.returncode == 0, large.stderr
+
+
+def test_a_disk_that_fills_midway_leaves_nothing_and_says_so(tmp_path):
+    """The check before a merge cannot see other writers: a folder whose disk fills while it is written is
+    removed whole, and the error says how much is free."""
+    write = (
+        "from pathlib import Path; from lcserve.paths import atomic_dir\n"
+        f"with atomic_dir(Path({str(tmp_path / 'disk' / 'out')!r})) as tmp:\n"
+        "    (tmp / 'weights').write_bytes(bytes(2**21))"
+    )
+    result = on_a_small_disk("1m", shlex.join([sys.executable, "-c", write]), tmp_path / "disk")
+    assert result.returncode == 1
+    assert "the disk filled while writing it (0.00 GiB free now); nothing was kept" in result.stderr, result.stderr
+    assert result.stdout == ""
 
 
 def test_verify_refuses_a_model_not_merged_from_this_base(good_adapter, bases):
