@@ -122,12 +122,11 @@ def merge_adapter(
     missing = set(plan) - {name for layout in layouts for name, *_ in layout.entries}
     if missing:
         raise AdapterError(f"{adapter_dir}: targets {sorted(missing)[0]} which the base weights do not contain")
-    check_free_space(out_dir, _output_bytes(base_dir, layouts), "the merged model")
-    total = sum(layout.source_bytes for layout in layouts)
-    task = progress.add_task("merging", total=total) if progress else None
-
     base_hashes: dict[str, str] = {}
     with output_dir(out_dir, force) as tmp:
+        check_free_space(out_dir, tmp, _output_bytes(base_dir, layouts), "the merged model")
+        total = sum(layout.source_bytes for layout in layouts)
+        task = progress.add_task("merging", total=total) if progress else None
         for layout in layouts:
             base_hashes[layout.path.name] = _write_shard(layout, plan, tmp / layout.path.name, progress, task)
         weight_map = {name: layout.path.name for layout in layouts for name, *_ in layout.entries}

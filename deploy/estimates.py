@@ -135,14 +135,38 @@ LEGACY_BEFORE = (0, 12)
 CUDA_GRAPH_ESTIMATE_SINCE = (0, 21)
 
 
+def rope_cache_bytes(model: ModelInfo, dtype_bytes: int) -> int:
+    """vLLM's rotary cos/sin tables (derived): get_rope builds one RotaryEmbedding per distinct RoPE setting and
+    registers cos_sin_cache, (positions, rotary_dim) in the model dtype, on every rank (not split by TP); it is
+    loaded with the weights, so vLLM's "Model loading took" includes it (Llama-3.1-8B: 131,072 x 128 x 2 B =
+    32 MiB over the checkpoint's 14.96 GiB, logged 14.99). Positions: max_position_embeddings; YaRN tables span
+    original_max_position_embeddings x factor (rotary_embedding/base.py _compute_cos_sin_cache,
+    yarn_scaling_rope.py, get_rope's rope_dim / partial_rotary_factor). A config with no RoPE keys (no theta, no
+    scaling: Granite 4.0-H's position_embedding_type "nope", Jamba) builds no table."""
+    if not model.max_position_embeddings:
+        return 0
+    head = model.mla.qk_rope_head_dim if model.mla else model.head_dim
+    settings = [p for p in model.rope_parameters.values() if "rope_theta" in p or p.get("rope_type") != "default"]
+    total = 0
+    for params in {repr(sorted(p.items())): p for p in settings}.values():
+        rotary_dim = params.get("rope_dim") or int(head * params.get("partial_rotary_factor", 1.0))
+        positions = model.max_position_embeddings
+        if params.get("rope_type") == "yarn":
+            positions = int(params.get("original_max_position_embeddings", positions) * params.get("factor", 1.0))
+        total += positions * rotary_dim * dtype_bytes
+    return total
+
+
 def gpu_startup_estimates(
     model: ModelInfo, tp: int, batched: int, max_num_seqs: int, dtype_bytes: int
 ) -> dict[str, int]:
-    """What vLLM measures on each GPU before sizing the KV cache (estimates), by the names the plan prints."""
+    """What vLLM holds on each GPU before sizing the KV cache besides the checkpoint's weights, by the names the
+    plan prints: the RoPE tables (derived) and what vLLM measures at startup (estimates)."""
     act = activation_estimate_bytes(
         batched, max_num_seqs, model.hidden_size, model.intermediate_size, model.vocab_size, tp, dtype_bytes, model.moe
     )
     return {
+        "rope_cache": rope_cache_bytes(model, dtype_bytes),
         "activation_estimate": act,
         "cuda_graph_estimate": CUDA_GRAPH_ESTIMATE_BYTES,
         "non_torch_estimate": non_torch_estimate_bytes(tp),
@@ -153,8 +177,10 @@ def startup_estimates_reason(
     model: ModelInfo, tp: int, batched: int, max_num_seqs: int, dtype_bytes: int, memory: dict
 ) -> Reason:
     """What each GPU estimate covers, for the plan's reasons."""
-    act, graphs, non_torch = (memory[k] for k in ("activation_estimate", "cuda_graph_estimate", "non_torch_estimate"))
+    keys = ("rope_cache", "activation_estimate", "cuda_graph_estimate", "non_torch_estimate")
+    rope, act, graphs, non_torch = (memory[k] for k in keys)
     parts = [
+        f"RoPE cos/sin cache {gib(rope)}: max_position_embeddings x rotary dim, loaded with the weights (derived); "
         f"activation estimate {gib(act)}: vLLM's profiling run, the larger of one layer's forward over "
         f"max_num_batched_tokens {batched} and the sampler over max_num_seqs {max_num_seqs} x vocab "
         f"{model.vocab_size} (not split by TP)"
@@ -170,7 +196,7 @@ def startup_estimates_reason(
         f"; CUDA graph estimate {gib(graphs)}: graph capture before the KV cache is sized; "
         f"non-torch estimate {gib(non_torch)}: cuBLAS and allocator slack{comm}"
     )
-    return Reason("GPU startup estimates", gib(act + graphs + non_torch), why)
+    return Reason("GPU startup estimates", gib(rope + act + graphs + non_torch), why)
 
 
 # CPU build: memory of the API server, engine core and worker processes besides the

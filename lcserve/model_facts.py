@@ -130,11 +130,16 @@ def untied_config(config: dict) -> dict:
     return out
 
 
+# vLLM's names for the share of the head dim that is rotated (patch_rope_parameters)
+PARTIAL_ROTARY_KEYS = ("partial_rotary_factor", "rotary_pct", "rotary_emb_fraction")
+
+
 def rope_parameters(text: dict) -> dict:
     """RoPE parameters keyed by layer type ("default" when one set covers all layers).
 
     Accepts the transformers 5 `rope_parameters` (flat or nested per layer type) and the
-    older `rope_scaling` + `rope_theta` pair; `type` is normalised to `rope_type`.
+    older `rope_scaling` + `rope_theta` pair; `type` is normalised to `rope_type`, and a top-level
+    partial rotary factor is folded in, as vLLM's `patch_rope_parameters` does.
     """
     params = text.get("rope_parameters")
     if params is None:
@@ -151,6 +156,9 @@ def rope_parameters(text: dict) -> dict:
         if "type" in p and "rope_type" not in p:
             p["rope_type"] = p.pop("type")
         p.setdefault("rope_type", "default")
+        partial = next((text[k] for k in PARTIAL_ROTARY_KEYS if text.get(k) is not None), None)
+        if partial is not None:
+            p.setdefault("partial_rotary_factor", partial)
         out[key] = p
     return out
 

@@ -83,25 +83,22 @@ def output_dir(out: Path, force: bool, inputs: tuple[tuple[str, Path], ...] = ()
         yield tmp
 
 
-def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def size_text(n: int) -> str:
+    """Bytes as a person reads them."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{n / 2**10:.0f} KiB"
 
 
-def free_bytes(folder: Path) -> int:
-    """Free bytes on the disk that holds `folder`, or would hold it (its nearest existing parent)."""
-    folder = Path(folder).absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
-
-
-def check_free_space(target: Path, need: int, what: str, flag: str = "--out") -> None:
+def check_free_space(target: Path, tmp: Path, need: int, what: str, flag: str = "--out") -> None:
     """LcserveError before a long write the disk cannot hold: refused at once, not failed at 90% with
-    the disk full for every other program on the machine."""
-    free = free_bytes(Path(target).parent)
+    the disk full for every other program on the machine. Asked inside `atomic_dir` (`tmp`, its new
+    folder), so a folder that cannot be written at all gets that error first."""
+    free = shutil.disk_usage(tmp).free
     if need > free:
         raise LcserveError(
-            f"{flag} {target}: {what} needs {gib(need)} and its disk has {gib(free)} free; free some space or "
+            f"{flag} {target}: {what} needs {size_text(need)} and its disk has {size_text(free)} free; free some space or "
             f"pick a {flag} on another disk"
         )
 
@@ -139,7 +136,7 @@ def atomic_dir(target: Path):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back before telling how much there is
             raise LcserveError(
-                f"{target}: the disk filled while writing it ({gib(free_bytes(target.parent))} free now); nothing "
+                f"{target}: the disk filled while writing it ({size_text(shutil.disk_usage(target.parent).free)} free now); nothing "
                 "was kept, the old folder (if any) is untouched; free some space or choose a folder on another disk"
             ) from None
         _commit(tmp, target)

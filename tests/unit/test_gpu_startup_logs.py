@@ -7,7 +7,9 @@ no CUDA graph estimate before 0.21), and plans with the logged settings: the mod
 gpu_memory_utilization, max_model_len, block size and the CUDA-visible memory total of the GPU.
 
 Expected figures are vLLM's own logged ones. Two logs (use: calibration) set the two constants that cannot be
-derived from vLLM's code (non-torch memory at TP 1, NCCL's buffers at TP 2); they are not counted here.
+derived from vLLM's code (non-torch memory at TP 1, NCCL's buffers at TP 2); they are not counted here. Releases from
+0.21 on take vLLM's CUDA graph estimate from the KV cache; vLLM measures it by capturing graphs on the device, so where
+a log states it the comparison takes the logged figure, as it takes the logged memory total.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ GAPS = {
     "lmcache_llama31_70b_tp4": "TP 4: ~1.0 GiB more non-KV memory than planned, as in the TP 2 row of the same table",
     "vllm21348_qwen3_235b_a22b_fp8_tp4": "MoE FP8 at TP 4 with an LMCache connector: ~2 GiB more non-KV memory than "
     "planned; the log gives neither the weights nor the profiling breakdown",
+    "pie_qwen3_coder_30b_a3b_h100_tp1": "vLLM 0.25.1 subtracts its measured CUDA graph estimate, which this publication "
+    "does not state; the plan's 0.5 GiB constant leaves it +3.4% (the A100 run of the same model and release logged "
+    "0.92 GiB for 86 graphs; this run captures 102)",
 }
 
 
@@ -62,12 +67,22 @@ def plan_at_log_release(log: dict):
         dtype_bytes=2,
         moe=model.moe,
     )
+    shift += logged_cuda_graph_bytes(log)
     per_block, block = plan.layout.bytes_per_block, plan.block_size
     planned = (plan.kv_bytes - shift) // per_block * block
     logged = log["gpu_kv_cache_size_tokens"]
     if logged is None:  # the publication quotes "Available KV cache memory" only: vLLM's blocks in it
         logged = int(log["logged"]["available_kv_cache_memory_gib"] * GIB) // per_block * block
     return planned, logged
+
+
+def logged_cuda_graph_bytes(log: dict) -> int:
+    """The log's measured CUDA graph estimate less the plan's constant (0 where the log states none or its release
+    does not take the estimate from the KV cache: gpu_worker.determine_available_memory, from 0.21)."""
+    logged = log["logged"].get("cuda_graph_estimate_gib")
+    if logged is None or tuple(log["vllm_release"]) < est.CUDA_GRAPH_ESTIMATE_SINCE:
+        return 0
+    return int(logged * GIB) - est.CUDA_GRAPH_ESTIMATE_BYTES
 
 
 @pytest.mark.parametrize("name", [n for n in COUNTED if n not in GAPS])
@@ -88,6 +103,30 @@ def test_the_set_covers_moe_and_tensor_parallelism():
     assert len(counted) >= 6
     assert sum(log["tensor_parallel_size"] >= 2 for log in counted) >= 2
     assert any(read_model(DATA / log["config"]).moe for log in counted)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 24's done-when is not met: 6 logs within 2% but 1 MoE (of 2) and 1 at TP >= 2 (of 2); "
+    "see GAPS and tests/data/gpu_startup_logs/README.md",
+)
+def test_done_when_six_logs_within_2_percent_with_two_moe_and_two_tensor_parallel():
+    """Issue 24: >= 6 published logs within 2%, >= 2 of them MoE and >= 2 at TP >= 2. Strict: passing means the
+    GAPS and the README must be updated."""
+    within = [LOGS[n] for n in COUNTED if n not in GAPS]
+    assert len(within) >= 6
+    assert sum(bool(read_model(DATA / log["config"]).moe) for log in within) >= 2
+    assert sum(log["tensor_parallel_size"] >= 2 for log in within) >= 2
+
+
+@pytest.mark.parametrize("name", ["llmd_llama31_8b_tp1", "llmd_qwen3_06b_tp1", "llmd_qwen3_32b_tp1"])
+def test_rope_cache_completes_the_logged_weights(name):
+    """vLLM's "Model loading took" is the checkpoint plus the RoPE cos/sin tables (Llama-3.1-8B: 131,072 positions
+    x 128 x 2 B = 32 MiB); both derived from config.json, against the logged figure (2 decimals)."""
+    log = LOGS[name]
+    model = read_model(DATA / log["config"])
+    loaded = model.param_count * 2 + est.rope_cache_bytes(model, 2)
+    assert loaded / GIB == pytest.approx(log["logged"]["model_weights_gib"], abs=0.005)
 
 
 @pytest.mark.parametrize(
@@ -146,3 +185,35 @@ def test_moe_plan_says_what_its_estimates_cover():
     assert "top-8 of 128 experts" in reason.why and "NCCL" in reason.why
     workspace = est.moe_workspace_bytes(plan.max_num_batched_tokens, 2048, model.moe, 2, 2)
     assert plan.memory["activation_estimate"] >= workspace > 0
+
+
+NEXT = Path(__file__).parents[1] / "data" / "hybrid_configs" / "qwen3-next-80b-a3b-instruct"
+
+
+@pytest.mark.parametrize(
+    "folder",
+    [
+        DATA / "models" / "Llama-3.1-70B",  # llama3 scaling, 131,072 positions
+        DATA / "models" / "Qwen3-Coder-30B-A3B-Instruct",  # default RoPE, 262,144 positions
+        NEXT,  # partial_rotary_factor 0.25 at the top level
+    ],
+)
+def test_rope_cache_is_vllms_cos_sin_cache(folder):
+    """The RoPE table size against the buffer vLLM's own get_rope registers, with the RoPE parameters as vLLM
+    standardizes them (a top-level partial_rotary_factor folded in)."""
+    import torch
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    model = read_model(folder)
+    (params,) = model.rope_parameters.values()
+    with set_current_vllm_config(VllmConfig()):  # RotaryEmbedding is a CustomOp: it reads the current config
+        rope = get_rope(model.head_dim, model.max_position_embeddings, True, params, torch.bfloat16)
+    assert est.rope_cache_bytes(model, 2) == rope.cos_sin_cache.numel() * rope.cos_sin_cache.element_size()
+
+
+def test_a_nope_config_builds_no_rope_table():
+    """Granite 4.0-H (position_embedding_type "nope"): vLLM's GraniteMoeHybridAttention builds a rotary embedding
+    only for "rope" (granitemoehybrid.py), so the plan holds no table."""
+    model = read_model(NEXT.parent / "granite-4.0-h-tiny")
+    assert est.rope_cache_bytes(model, 2) == 0
