@@ -28,6 +28,7 @@ from .embeddings import (
     special_wrap,
     window_len,
 )
+from .engine_http import EngineCall, EngineLost, EngineRefused
 from .metrics import GatewayMetrics, ModelLimits
 from .upstream import UPSTREAM_FAILURES, Upstream
 
@@ -69,8 +70,70 @@ def take_usage(block: bytes, strip: bool) -> tuple[bytes, dict | None]:
     return b"\n\n".join(kept), usage
 
 
-class ClientStalled(Exception):
-    """The client accepted no byte of its stream for `send_timeout_s`."""
+class EventRelay:
+    """A stream's events from the engine to the client, written in the engine connection's own callback
+    (serving/engine_http.py): each complete SSE event goes out as one HTTP chunk at once, and `usage` is
+    read on the way (the chunk the gateway asked for is dropped). A client that reads nothing while its
+    socket buffer is full pauses the engine connection; after `send_timeout_s` of that it is `stalled`,
+    and the engine connection is closed (vLLM aborts the request)."""
+
+    HIGH, LOW = 64 * 1024, 16 * 1024  # bytes waiting in the client's transport: pause above, resume below
+
+    def __init__(self, transport, call: EngineCall, accounted: bool, strip_usage: bool, send_timeout_s: float):
+        self.transport, self.call = transport, call
+        self.accounted, self.strip_usage, self.send_timeout_s = accounted, strip_usage, send_timeout_s
+        self.pending = b""
+        self.usage: dict | None = None
+        self.stalled = False
+        self._paused_at: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def receive(self, piece: bytes) -> None:
+        self.pending += piece
+        end = self.pending.rfind(b"\n\n")
+        if end < 0:
+            return
+        block, self.pending = self.pending[: end + 2], self.pending[end + 2 :]
+        if self.accounted and b'"usage"' in block:
+            block, found = take_usage(block, self.strip_usage)
+            self.usage = found or self.usage
+        if block.strip():
+            self.write(block)
+
+    def finish(self) -> None:
+        if self.pending:
+            self.write(self.pending)
+            self.pending = b""
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.call.abort()  # the client went away
+            return
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        if self._paused_at is None and transport.get_write_buffer_size() > self.HIGH:
+            self.call.pause()
+            self._paused_at = asyncio.get_running_loop().time()
+            self._check()
+
+    def _check(self) -> None:
+        """While paused: resume once the client has read, give up after `send_timeout_s`."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        if self.transport.is_closing():
+            self.call.abort()
+        elif self.transport.get_write_buffer_size() < self.LOW:
+            self._paused_at = None
+            self.call.resume()
+        elif loop.time() - self._paused_at > self.send_timeout_s:
+            self.stalled = True
+            self.call.abort()
+        else:
+            self._timer = loop.call_later(min(0.05, self.send_timeout_s), self._check)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class Relay:
@@ -112,26 +175,30 @@ class Relay:
             if asking is not None:
                 raw, strip_usage = json.dumps(asking).encode(), True
         try:
-            upstream = await self.upstream.session.post(
-                self.upstream.url(request.path), data=raw, headers=_pick(request.headers, FORWARD_HEADERS)
-            )
-        except aiohttp.ClientConnectorError:
+            call = await self.upstream.pool.call("POST", request.path, raw, _pick(request.headers, FORWARD_HEADERS))
+        except EngineRefused:
             return self._engine_down()
-        except UPSTREAM_FAILURES:
+        except EngineLost:
             return self._engine_lost()
-        async with upstream:
-            if upstream.status == 200 and upstream.content_type == "text/event-stream":
-                return await self._stream(request, upstream, model, strip_usage)
+        try:
             try:
-                data = await upstream.read()
-            except UPSTREAM_FAILURES:
+                status, headers = await call.head()
+            except EngineLost:
                 return self._engine_lost()
-            if upstream.status == 200 and model is not None:
+            if status == 200 and headers.get("Content-Type", "").partition(";")[0].strip() == "text/event-stream":
+                return await self._stream(request, call, headers, model, strip_usage)
+            try:
+                data = await call.read()
+            except EngineLost:
+                return self._engine_lost()
+            if status == 200 and model is not None:
                 try:
                     self.metrics.record_usage(model, json.loads(data).get("usage"))
                 except (ValueError, AttributeError):
                     pass
-            return web.Response(body=data, status=upstream.status, headers=_pick(upstream.headers, RETURN_HEADERS))
+            return web.Response(body=data, status=status, headers=_pick(headers, RETURN_HEADERS))
+        finally:
+            call.abort()  # nothing when the answer was complete; else vLLM aborts the request
 
     async def embed(
         self, request: web.Request, body: dict, model: ModelLimits, inputs: list, ids: list[list[int]], policy: str
@@ -225,62 +292,45 @@ class Relay:
         return batch, spans
 
     async def _stream(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, model: ModelLimits | None, strip_usage: bool
+        self, request: web.Request, call: EngineCall, headers: dict, model: ModelLimits | None, strip_usage: bool
     ) -> web.StreamResponse:
         """Forward SSE events as soon as each is complete; on a broken engine connection, end the
         stream with an error event in vLLM's format, then `[DONE]`."""
-        response = web.StreamResponse(headers={**_pick(upstream.headers, RETURN_HEADERS), "Cache-Control": "no-cache"})
+        response = web.StreamResponse(headers={**_pick(headers, RETURN_HEADERS), "Cache-Control": "no-cache"})
         client = request.transport.get_extra_info("socket") if request.transport is not None else None
         if client is not None:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
         await response.prepare(request)
-        pending = b""
-        usage = None
+        await response.write(b"")  # the headers go now: the events follow straight onto the socket
+        events = EventRelay(request.transport, call, model is not None, strip_usage, self.send_timeout_s)
         try:
-            try:
-                async for chunk in upstream.content.iter_any():
-                    pending += chunk
-                    end = pending.rfind(b"\n\n")
-                    if end < 0:
-                        continue
-                    block, pending = pending[: end + 2], pending[end + 2 :]
-                    if model is not None and b'"usage"' in block:
-                        block, found = take_usage(block, strip_usage)
-                        usage = found or usage
-                    if block.strip():
-                        await self._send(response, block)
-                if pending:
-                    await self._send(response, pending)
-            except UPSTREAM_FAILURES:
-                self.metrics.errors.labels("engine_lost").inc()
-                event = error_body(
-                    502,
-                    "the engine connection broke mid-stream (the engine died or is restarting); "
-                    "the output is incomplete: retry the request",
-                    "EngineUnavailableError",
-                )
-                await self._send(response, b"data: " + json.dumps(event).encode() + b"\n\ndata: [DONE]\n\n")
-                return response
-            await response.write_eof()
-        except ConnectionResetError:  # the client went away; leaving closes the engine request too
-            return response
-        except ClientStalled:  # the client stopped reading: drop it, and with it the engine request
-            self.metrics.errors.labels("client_stalled").inc()
-            if request.transport is not None:
+            await call.stream(events.receive)
+            events.finish()
+        except EngineLost:
+            if events.stalled:  # the client stopped reading: dropped, and with it the engine request
+                self.metrics.errors.labels("client_stalled").inc()
                 request.transport.abort()
+                return response
+            self.metrics.errors.labels("engine_lost").inc()
+            event = error_body(
+                502,
+                "the engine connection broke mid-stream (the engine died or is restarting); "
+                "the output is incomplete: retry the request",
+                "EngineUnavailableError",
+            )
+            events.write(b"data: " + json.dumps(event).encode() + b"\n\ndata: [DONE]\n\n")
+            return response
+        finally:
+            events.close()
+        if request.transport is None or request.transport.is_closing():
+            return response  # the client went away; leaving closes the engine request too
+        try:
+            await response.write_eof()
+        except ConnectionResetError:
             return response
         if model is not None:
-            self.metrics.record_usage(model, usage)
+            self.metrics.record_usage(model, events.usage)
         return response
-
-    async def _send(self, response: web.StreamResponse, data: bytes) -> None:
-        """Write to the client; ClientStalled when it accepts nothing for `send_timeout_s` (a write
-        waits only once the socket and aiohttp's buffer are full)."""
-        try:
-            async with asyncio.timeout(self.send_timeout_s):
-                await response.write(data)
-        except TimeoutError:
-            raise ClientStalled from None
 
     def _engine_down(self) -> web.Response:
         """The engine refused the connection: it is not listening (down, or not yet up)."""

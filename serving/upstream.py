@@ -1,5 +1,6 @@
-"""The gateway's one HTTP session to the engine, shared by the catalog, admission, the relay and
-the exporter's engine scrape.
+"""The gateway's connections to the engine: one aiohttp session shared by the catalog, admission, the
+exporter's engine scrape and the relay's other routes, and the pool of kept-alive connections that
+generations take (serving/engine_http.py).
 
 The engine's address is `http://host:port`, or `unix:/path/vllm.sock` for vLLM's `--uds` (how
 `lcserve serve` runs it: no TCP port, so the gateway is the one door). A remote vLLM started with
@@ -18,6 +19,7 @@ import aiohttp
 
 from lcserve.engine import engine_address
 
+from .engine_http import EnginePool
 from .metrics import EngineStatus
 
 # What a broken or vanished engine connection raises. A refused connection
@@ -33,6 +35,7 @@ class Upstream:
         self.read_timeout_s = read_timeout_s
         self.api_key = api_key
         self.session: aiohttp.ClientSession | None = None
+        self.pool = EnginePool(lambda: self.engine.url, api_key)  # generations: the hot path
 
     def url(self, path: str) -> str:
         return engine_address(self.engine.url)[0] + path
@@ -47,4 +50,5 @@ class Upstream:
         )
 
     async def close(self) -> None:
+        self.pool.close()
         await self.session.close()
