@@ -13,10 +13,11 @@ import httpx
 NEAR_TIE = 0.5  # logprob margin under which bf16 noise may flip a greedy choice (measured: see callers)
 
 
-def greedy(url: str, model: str, prompt: str, max_tokens: int) -> list[dict]:
-    """The greedy continuation's per-token entries, each with its top-2 alternatives."""
+def greedy(url: str, model: str, prompt: str, max_tokens: int, key: str | None = None) -> list[dict]:
+    """The greedy continuation's per-token entries, each with its top-2 alternatives (`key`: a gateway's)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 2}
-    r = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=300)
     r.raise_for_status()
     lp = r.json()["choices"][0]["logprobs"]
     return [
