@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import asynccontextmanager
 
 import pytest
 from aiohttp import web
@@ -36,13 +37,20 @@ async def echo(request: web.Request) -> web.StreamResponse:
     return web.json_response({"id": body["id"], "forged": request.headers.get("X-Forged")})
 
 
-async def serve(path: str, keepalive_timeout: float = 75.0) -> web.AppRunner:
+@asynccontextmanager
+async def engine_at(path: str, keepalive_timeout: float = 75.0):
+    """A pool to an HTTP server on the Unix socket `path` that answers `echo`."""
     app = web.Application()
     app.router.add_post("/v1/completions", echo)
     runner = web.AppRunner(app, keepalive_timeout=keepalive_timeout)
     await runner.setup()
     await web.UnixSite(runner, path).start()
-    return runner
+    pool = EnginePool(lambda: f"unix:{path}")
+    try:
+        yield pool
+    finally:
+        pool.close()
+        await runner.cleanup()
 
 
 async def ask(pool: EnginePool, body: dict, headers: dict | None = None, delay: float = 0.0) -> bytes:
@@ -63,9 +71,7 @@ def test_each_call_gets_its_own_answer_on_shared_connections(tmp_path):
     sock = str(tmp_path / "engine.sock")
 
     async def run():
-        runner = await serve(sock)
-        pool = EnginePool(lambda: f"unix:{sock}")
-        try:
+        async with engine_at(sock) as pool:
             for _ in range(3):  # later rounds run on the connections the first ones left
                 bodies = [{"id": i, "stream": i % 2 == 0} for i in range(40)]
                 answers = await asyncio.gather(*(ask(pool, b, delay=0.0005 * b["id"]) for b in bodies))
@@ -75,9 +81,6 @@ def test_each_call_gets_its_own_answer_on_shared_connections(tmp_path):
                     else:
                         assert json.loads(answer)["id"] == body["id"]
             assert pool._idle, "no connection was kept alive"
-        finally:
-            pool.close()
-            await runner.cleanup()
 
     asyncio.run(run())
 
@@ -86,15 +89,10 @@ def test_a_connection_closed_while_idle_is_not_taken_for_an_answer(tmp_path):
     sock = str(tmp_path / "engine.sock")
 
     async def run():
-        runner = await serve(sock, keepalive_timeout=0.05)
-        pool = EnginePool(lambda: f"unix:{sock}")
-        try:
+        async with engine_at(sock, keepalive_timeout=0.05) as pool:
             assert json.loads(await ask(pool, {"id": 1}))["id"] == 1
             await asyncio.sleep(0.3)  # the server closes the idle connection
             assert json.loads(await ask(pool, {"id": 2}))["id"] == 2
-        finally:
-            pool.close()
-            await runner.cleanup()
 
     asyncio.run(run())
 
@@ -103,15 +101,10 @@ def test_a_body_cut_midway_is_engine_lost_and_no_engine_is_refused(tmp_path):
     sock = str(tmp_path / "engine.sock")
 
     async def run():
-        runner = await serve(sock)
-        pool = EnginePool(lambda: f"unix:{sock}")
-        try:
+        async with engine_at(sock) as pool:
             with pytest.raises(EngineLost):
                 await ask(pool, {"id": 1, "cut": True})
             assert json.loads(await ask(pool, {"id": 2}))["id"] == 2  # the pool goes on
-        finally:
-            pool.close()
-            await runner.cleanup()
         with pytest.raises(EngineRefused):
             await ask(EnginePool(lambda: f"unix:{tmp_path / 'nothing.sock'}"), {"id": 3})
 
@@ -122,14 +115,9 @@ def test_a_header_value_cannot_forge_another_header(tmp_path):
     sock = str(tmp_path / "engine.sock")
 
     async def run():
-        runner = await serve(sock)
-        pool = EnginePool(lambda: f"unix:{sock}")
-        try:
+        async with engine_at(sock) as pool:
             forged = await ask(pool, {"id": 1}, {"X-Request-Id": "abc\r\nX-Forged: yes"})
             plain = await ask(pool, {"id": 2}, {"X-Request-Id": "abc"})
-        finally:
-            pool.close()
-            await runner.cleanup()
         assert json.loads(forged)["forged"] is None and json.loads(plain)["id"] == 2
 
     asyncio.run(run())
