@@ -65,7 +65,7 @@ def test_a_full_context_target_that_does_not_fit_is_refused_in_the_users_words(w
     assert r.returncode == 2 and r.stdout == ""
     error = r.stderr.strip().splitlines()[-1]
     assert error.startswith("error: MAX_MODEL_LEN 64000 x 9 request(s) at full length (--full-context-requests 9)")
-    assert "largest feasible: MAX_MODEL_LEN 11696 at 9 request(s), or 1 request(s) at MAX_MODEL_LEN 64000" in error
+    assert "largest feasible: MAX_MODEL_LEN 11680 at 9 request(s), or 1 request(s) at MAX_MODEL_LEN 64000" in error
     assert "--max-model-len" not in error and "--context" not in error and "Traceback" not in r.stderr
 
 
@@ -87,7 +87,7 @@ def test_lcserve_names_its_own_option(writer, command):
     ]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 2
-    assert "error: --max-model-len 64000 x 9" in r.output and "largest feasible: --max-model-len 11696" in r.output
+    assert "error: --max-model-len 64000 x 9" in r.output and "largest feasible: --max-model-len 11680" in r.output
     assert len(r.output.strip().splitlines()) == 1
 
 
