@@ -100,12 +100,34 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.call: EngineCall | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self._loop = asyncio.get_running_loop()
+        self._last_read = 0.0
+        self._watch: asyncio.TimerHandle | None = None
 
     def send(self, request: bytes) -> EngineCall:
         self.call = EngineCall(self)
         self.parser = httptools.HttpResponseParser(self)
+        self._last_read = self._loop.time()
+        self._watch = self._loop.call_later(self.pool.read_timeout_s, self._check_silence)
         self.transport.write(request)
         return self.call
+
+    def _check_silence(self) -> None:
+        """One timer per call, not per read: an engine silent for `read_timeout_s` loses the call."""
+        self._watch = None
+        if self.call is None:
+            return
+        silent = self._loop.time() - self._last_read
+        if silent < self.pool.read_timeout_s:
+            self._watch = self._loop.call_later(self.pool.read_timeout_s - silent, self._check_silence)
+            return
+        self.call.fail(EngineLost(f"the engine sent nothing for {self.pool.read_timeout_s:g} s"))
+        self.transport.abort()
+
+    def _stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -115,6 +137,7 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
             return
         self.call.received = True
+        self._last_read = self._loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -122,6 +145,7 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_watch()
         self.pool.forget(self)
         if self.call is not None and not self.call.complete:
             self.call.fail(EngineLost("the engine closed the connection before the response was complete"))
@@ -139,6 +163,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         call, self.call = self.call, None
+        self._stop_watch()
         call.complete = True
         if not call._done.done():
             call._done.set_result(None)
@@ -151,9 +176,16 @@ class _Connection(asyncio.Protocol):
 class EnginePool:
     """Kept-alive connections to the engine at `address()` (read at each call: the supervisor owns it)."""
 
-    def __init__(self, address: Callable[[], str], api_key: str | None = None, idle_limit: int = 64):
+    def __init__(
+        self,
+        address: Callable[[], str],
+        api_key: str | None = None,
+        read_timeout_s: float = 3600.0,
+        idle_limit: int = 64,
+    ):
         self.address = address
         self.api_key = api_key
+        self.read_timeout_s = read_timeout_s  # an engine that sends nothing for this long loses the call (502)
         self.idle_limit = idle_limit
         self._idle: list[_Connection] = []
         self._idle_address: str | None = None

@@ -35,7 +35,7 @@ class Upstream:
         self.read_timeout_s = read_timeout_s
         self.api_key = api_key
         self.session: aiohttp.ClientSession | None = None
-        self.pool = EnginePool(lambda: self.engine.url, api_key)  # generations: the hot path
+        self.pool = EnginePool(lambda: self.engine.url, api_key, read_timeout_s)  # generations: the hot path
 
     def url(self, path: str) -> str:
         return engine_address(self.engine.url)[0] + path

@@ -19,6 +19,12 @@ from lcserve.serving.engine_http import EngineLost, EnginePool, EngineRefused
 
 async def echo(request: web.Request) -> web.StreamResponse:
     body = await request.json()
+    if body.get("hang"):  # a stream that stops sending, the connection left open
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: one\n\n")
+        await asyncio.sleep(1.5)
+        return response
     if body.get("cut"):  # half a stream, then the connection drops
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -38,14 +44,14 @@ async def echo(request: web.Request) -> web.StreamResponse:
 
 
 @asynccontextmanager
-async def engine_at(path: str, keepalive_timeout: float = 75.0):
+async def engine_at(path: str, keepalive_timeout: float = 75.0, read_timeout_s: float = 3600.0):
     """A pool to an HTTP server on the Unix socket `path` that answers `echo`."""
     app = web.Application()
     app.router.add_post("/v1/completions", echo)
     runner = web.AppRunner(app, keepalive_timeout=keepalive_timeout)
     await runner.setup()
     await web.UnixSite(runner, path).start()
-    pool = EnginePool(lambda: f"unix:{path}")
+    pool = EnginePool(lambda: f"unix:{path}", read_timeout_s=read_timeout_s)
     try:
         yield pool
     finally:
@@ -119,5 +125,21 @@ def test_a_header_value_cannot_forge_another_header(tmp_path):
             forged = await ask(pool, {"id": 1}, {"X-Request-Id": "abc\r\nX-Forged: yes"})
             plain = await ask(pool, {"id": 2}, {"X-Request-Id": "abc"})
         assert json.loads(forged)["forged"] is None and json.loads(plain)["id"] == 2
+
+    asyncio.run(run())
+
+
+def test_an_engine_that_goes_silent_loses_the_call(tmp_path):
+    """The read timeout counts silence, not the whole answer: a stream that keeps sending outlives it."""
+    sock = str(tmp_path / "engine.sock")
+
+    async def run():
+        async with engine_at(sock, read_timeout_s=0.3) as pool:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(EngineLost, match="sent nothing for 0.3 s"):
+                await ask(pool, {"id": 1, "hang": True})
+            assert asyncio.get_running_loop().time() - started < 5
+            bodies = [{"id": i, "stream": True} for i in range(5, 10)]  # 3 events 4 ms apart: never silent 0.3 s
+            assert all(await asyncio.gather(*(ask(pool, b) for b in bodies)))
 
     asyncio.run(run())
