@@ -84,10 +84,11 @@ def output_dir(out: Path, force: bool, inputs: tuple[tuple[str, Path], ...] = ()
 
 
 def size_text(n: int) -> str:
-    """Bytes as a person reads them."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    """Bytes as a person reads them (the core's own: deploy's `gib` is above its layer)."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
     return f"{n / 2**10:.0f} KiB"
 
 

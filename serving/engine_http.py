@@ -79,6 +79,20 @@ class EngineCall:
         if not self.complete:
             self.connection.transport.abort()
 
+    def headed(self, status: int) -> None:
+        self.status = status
+        if not self._head.done():
+            self._head.set_result(None)
+
+    def completed(self) -> None:
+        self.complete = True
+        if not self._done.done():
+            self._done.set_result(None)
+
+    async def answered(self) -> None:
+        """The head arrived: the engine took the request (EngineLost, or cancelled, before that)."""
+        await asyncio.shield(self._head)
+
     def body(self, piece: bytes) -> None:
         if self._sink is not None:
             self._sink(piece)
@@ -154,9 +168,7 @@ class _Connection(asyncio.Protocol):
         self.call.headers[name.decode("latin-1").title()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
-        self.call.status = self.parser.get_status_code()
-        if not self.call._head.done():
-            self.call._head.set_result(None)
+        self.call.headed(self.parser.get_status_code())
 
     def on_body(self, body: bytes) -> None:
         self.call.body(body)
@@ -164,9 +176,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         call, self.call = self.call, None
         self._stop_watch()
-        call.complete = True
-        if not call._done.done():
-            call._done.set_result(None)
+        call.completed()
         if self.parser.should_keep_alive() and not self.transport.is_closing():
             self.pool.give_back(self)
         else:
@@ -205,7 +215,7 @@ class EnginePool:
                 continue
             call = connection.send(request)
             try:
-                await asyncio.shield(call._head)
+                await call.answered()
                 return call
             except EngineLost:
                 if call.received:
