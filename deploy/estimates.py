@@ -61,6 +61,10 @@ SAMPLER_TRITON_BYTES = 12
 # - PyTorch sort (apply_top_k_top_p_pytorch, vLLM before PR 33538): the float32 copy (4), torch.sort's
 #   int64 index iota (8), its sorted values and indices (4 + 8) and cub's radix-sort double buffers (4 + 8).
 SAMPLER_SORT_BYTES = 36
+# - FlashInfer (runs that log "Using FlashInfer for top-p & top-k sampling", as 0.10.1.1 with flashinfer-python
+#   installed does; TopKTopPSampler.forward_cuda -> flashinfer_sample ->
+#   flashinfer.sampling.top_k_top_p_sampling_from_logits, no sort): the float32 copy, top_k_mask_logits' float32
+#   output and its float32 softmax: 4 + 4 + 4, as many bytes as the Triton path.
 
 
 def sampler_peak_bytes(max_num_seqs: int, vocab_size: int, dtype_bytes: int, sort: bool = False) -> int:
@@ -102,29 +106,33 @@ def activation_estimate_bytes(
     dtype_bytes: int,
     moe: tuple[int, int, int] = (),
     legacy: bool = False,
+    sort: bool | None = None,
 ) -> int:
     """Peak memory of vLLM's profiling run (estimate): the larger of the forward pass and the sampler run (which
     also holds the forward's hidden states), plus the fused-MoE workspace, which the pinned release keeps
     allocated. The forward takes the config's intermediate_size for MoE models too (their dense or shared-expert
     MLPs; the routed experts run in the workspace). `legacy`: releases before vLLM PR 33538 (all of 2025, up to
     0.11), whose sampler sorts the vocabulary and whose MoE workspace is not kept (gpt-oss-20b's logged 0.11 peak
-    is the sampler's alone). gpu_model_runner.profile_run; memory_profiling's transient_peak_headroom."""
+    is the sampler's alone); `sort`: whether its sampler sorts (default `legacy`; a legacy log that used FlashInfer's
+    sampler does not). gpu_model_runner.profile_run; memory_profiling's transient_peak_headroom."""
     tokens = max_num_batched_tokens
+    sort = legacy if sort is None else sort
     workspace = moe_workspace_bytes(tokens, hidden_size, moe, tp, dtype_bytes)
     forward = forward_peak_bytes(tokens, hidden_size, intermediate_size, tp, dtype_bytes) + (workspace if legacy else 0)
-    sampler = (
-        sampler_peak_bytes(max_num_seqs, vocab_size, dtype_bytes, sort=legacy) + tokens * hidden_size * dtype_bytes
-    )
+    sampler = sampler_peak_bytes(max_num_seqs, vocab_size, dtype_bytes, sort=sort) + tokens * hidden_size * dtype_bytes
     return max(forward, sampler) + (0 if legacy else workspace)
 
 
-def version_shift_bytes(version: tuple[int, int], **activation_args) -> int:
+def version_shift_bytes(version: tuple[int, int], flashinfer_sampler: bool = False, **activation_args) -> int:
     """How much more non-KV memory vLLM `version` takes than the pinned 0.32 (negative: less), so that a plan
     can be compared with an older startup log (activation_args: those of activation_estimate_bytes): the
-    legacy profiling run, and no CUDA graph estimate taken from the KV cache before 0.21
-    (gpu_worker.determine_available_memory)."""
+    legacy profiling run (its sampler sorts unless the log says it used FlashInfer's), and no CUDA graph estimate
+    taken from the KV cache before 0.21 (gpu_worker.determine_available_memory)."""
     legacy = version < LEGACY_BEFORE
-    shift = activation_estimate_bytes(**activation_args, legacy=legacy) - activation_estimate_bytes(**activation_args)
+    sort = legacy and not flashinfer_sampler
+    shift = activation_estimate_bytes(**activation_args, legacy=legacy, sort=sort) - activation_estimate_bytes(
+        **activation_args
+    )
     return shift - (CUDA_GRAPH_ESTIMATE_BYTES if version < CUDA_GRAPH_ESTIMATE_SINCE else 0)
 
 

@@ -2,9 +2,10 @@
 
 The planner estimates, for the pinned vLLM 0.32, what vLLM measures on a GPU at startup (deploy/estimates.py). The
 logs come from older releases, so each comparison moves the plan to the log's release first, by the derived
-`version_shift_bytes` (the sort-based sampler before vLLM PR 33538, no MoE workspace kept after the forward pass,
-no CUDA graph estimate before 0.21), and plans with the logged settings: the model's published config.json, TP,
-gpu_memory_utilization, max_model_len, block size and the CUDA-visible memory total of the GPU.
+`version_shift_bytes` (the sort-based sampler before vLLM PR 33538 unless the log says it sampled with FlashInfer,
+no MoE workspace kept after the forward pass, no CUDA graph estimate before 0.21), and plans with the logged
+settings: the model's published config.json, TP, gpu_memory_utilization, max_model_len, block size and the
+CUDA-visible memory total of the GPU.
 
 Expected figures are vLLM's own logged ones. Two logs (use: calibration) set the two constants that cannot be
 derived from vLLM's code (non-torch memory at TP 1, NCCL's buffers at TP 2); they are not counted here. Releases from
@@ -38,6 +39,14 @@ GAPS = {
     "pie_qwen3_coder_30b_a3b_h100_tp1": "vLLM 0.25.1 subtracts its measured CUDA graph estimate, which this publication "
     "does not state; the plan's 0.5 GiB constant leaves it +3.4% (the A100 run of the same model and release logged "
     "0.92 GiB for 86 graphs; this run captures 102)",
+    "llmdplanner_mixtral_8x7b_tp2": "vLLM 0.19 at TP 2 on H100: non-torch 2.07 GiB against 0.56 planned (0.54 in "
+    "llm-d's 0.11 TP 2 run), as in every TP >= 2 run of that publication whatever the FlashInfer all-reduce workspace: "
+    "NCCL's own buffers on that system, not derivable (weights and activation peak match: 43.50 / 1.15 vs 43.51 / 1.21)",
+    "llmdplanner_llama31_8b_tp4": "vLLM 0.19 at TP 4 on H100: non-torch 2.13 GiB against 0.56 planned, with a "
+    "FlashInfer all-reduce workspace of only 256 tokens; the same +1.5 GiB as the TP 2 runs of that publication",
+    "dennislee_qwen2_7b_a100_tp2_util025": "TP 2 on one A100 node without GPU peer access (custom all-reduce disabled): "
+    "0.39 GiB less non-KV memory than planned, 0.34 GiB more than the TP 1 runs of the same setup (NCCL's buffers on "
+    "that node; the plan's are calibrated on an H100 run); 3.2% of this run's 12.02 GiB, 1.2% at util 0.5",
 }
 
 
@@ -58,6 +67,7 @@ def plan_at_log_release(log: dict):
     plan = plan_deployment(profile, model, (), request)
     shift = est.version_shift_bytes(
         tuple(log["vllm_release"]),
+        flashinfer_sampler=log.get("sampler") == "flashinfer",
         max_num_batched_tokens=plan.max_num_batched_tokens,
         max_num_seqs=plan.max_num_seqs,
         hidden_size=model.hidden_size,
@@ -74,6 +84,11 @@ def plan_at_log_release(log: dict):
     if logged is None:  # the publication quotes "Available KV cache memory" only: vLLM's blocks in it
         logged = int(log["logged"]["available_kv_cache_memory_gib"] * GIB) // per_block * block
     return planned, logged
+
+
+def _residual(log: dict) -> float:
+    planned, logged = plan_at_log_release(log)
+    return planned / logged - 1
 
 
 def logged_cuda_graph_bytes(log: dict) -> int:
@@ -105,21 +120,25 @@ def test_the_set_covers_moe_and_tensor_parallelism():
     assert any(read_model(DATA / log["config"]).moe for log in counted)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 24's done-when is not met: 6 logs within 2% but 1 MoE (of 2) and 1 at TP >= 2 (of 2); "
-    "see GAPS and tests/data/gpu_startup_logs/README.md",
-)
 def test_done_when_six_logs_within_2_percent_with_two_moe_and_two_tensor_parallel():
-    """Issue 24: >= 6 published logs within 2%, >= 2 of them MoE and >= 2 at TP >= 2. Strict: passing means the
-    GAPS and the README must be updated."""
-    within = [LOGS[n] for n in COUNTED if n not in GAPS]
+    """Issue 24: >= 6 published logs within 2%, >= 2 of them MoE and >= 2 at TP >= 2, counted from the residuals
+    themselves (README.md lists them)."""
+    within = [LOGS[n] for n in COUNTED if abs(_residual(LOGS[n])) <= 0.02]
     assert len(within) >= 6
     assert sum(bool(read_model(DATA / log["config"]).moe) for log in within) >= 2
     assert sum(log["tensor_parallel_size"] >= 2 for log in within) >= 2
 
 
-@pytest.mark.parametrize("name", ["llmd_llama31_8b_tp1", "llmd_qwen3_06b_tp1", "llmd_qwen3_32b_tp1"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llmd_llama31_8b_tp1",
+        "llmd_qwen3_06b_tp1",
+        "llmd_qwen3_32b_tp1",
+        "llmdplanner_qwen3_30b_a3b_tp1",
+        "llmdplanner_qwen15_moe_a27b_tp1",
+    ],
+)
 def test_rope_cache_completes_the_logged_weights(name):
     """vLLM's "Model loading took" is the checkpoint plus the RoPE cos/sin tables (Llama-3.1-8B: 131,072 positions
     x 128 x 2 B = 32 MiB); both derived from config.json, against the logged figure (2 decimals)."""
@@ -141,6 +160,29 @@ def test_sort_sampler_peak_matches_the_logged_activation_peak(name):
         8192, 1024, dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"], 1, 2, legacy=True
     )
     assert act / GIB == pytest.approx(log["logged"]["activation_peak_gib"], rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "name", ["llmdplanner_qwen3_30b_a3b_tp1", "llmdplanner_qwen15_moe_a27b_tp1", "llmdplanner_mixtral_8x7b_tp2"]
+)
+def test_kept_moe_workspace_completes_the_logged_activation_peak(name):
+    """vLLM 0.19's logged "torch peak memory increase" of MoE models on H100 (1024 seqs, 8192 batched tokens) against
+    the pinned-release estimate: the Triton sampler run plus the fused-MoE workspace, kept allocated. Without the
+    workspace (0.30 to 0.66 GiB here) the estimate falls short by more than the tolerance; what it still lacks, 0.06
+    to 0.12 GiB, the dense models of the same publication lack too (Llama-3.1-8B: 1.78 planned, 1.89 logged)."""
+    log = LOGS[name]
+    model = read_model(DATA / log["config"])
+    act = est.activation_estimate_bytes(
+        8192,
+        1024,
+        model.hidden_size,
+        model.intermediate_size,
+        model.vocab_size,
+        log["tensor_parallel_size"],
+        2,
+        model.moe,
+    )
+    assert act / GIB == pytest.approx(log["logged"]["activation_peak_gib"], abs=0.15)
 
 
 def _dims(model) -> dict:
