@@ -12,9 +12,9 @@ which in vLLM runs one shrink and one expand per slice, each re-reading the step
 tensors, converting the slot's weights, and zero-filling a buffer: about 250 small ops per decode
 step on a 270M model, more time than the products themselves. The plugin's `add_lora_linear`
 does each run in two products for all slices together: the slices' A matrices side by side in
-float32 (vLLM's shrink computes in float32), their B matrices block-diagonal in the model's
-dtype, both built once per slot and rebuilt when vLLM writes the slot; the runs are read once
-per step. (A shrink in bfloat16 runs 3-4x faster on a long prompt, but its other order of float32
+float32 (vLLM's shrink computes in float32), their B matrices block-diagonal, both without the
+zero rows vLLM pads each adapter's rank with, built once per slot and rebuilt when vLLM writes
+the slot; the runs are read once per step. (A shrink in bfloat16 runs 3-4x faster on a long prompt, but its other order of float32
 sums changed the demo adapter's greedy output: measured, so it stays in float32.)
 
 Two differences from the stock ops, both deliberate:
@@ -40,6 +40,7 @@ SEGMENTED = "segmented"
 MODES = (SEGMENTED, "stock")  # anything else: register() would quietly run vLLM's stock ops
 INSTALLED = "lcserve: segment-wise CPU LoRA ops installed"
 FIRST_USE = "lcserve: segment-wise CPU LoRA ops ran"
+FEW_ROWS = 2  # runs this short expand in float32 (see add_lora_linear)
 
 # A child of vLLM's "vllm" logger, so these lines reach the engine's log beside vLLM's own: in
 # vLLM's processes only that logger has a handler, and a plain module logger's INFO lines vanish.
@@ -163,24 +164,40 @@ def _slot_matrix(stacked: torch.Tensor, slot: int) -> torch.Tensor:
     return weight.squeeze(0) if weight.dim() == 3 else weight
 
 
-def fused_weights(cache: dict, lora_a_stacked, lora_b_stacked, slot: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of one slot for all slices at once: A is (in, sum of ranks) in float32, B block-diagonal
-    (sum of ranks, sum of outputs) in the model's `dtype`. Cached per layer and slot; a tensor's
-    `_version` counts in-place writes (set_lora's copy_, reset_lora's fill), so a reloaded slot rebuilds."""
+def _used_ranks(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of one slice without the rank rows that are zero in A: vLLM pads every adapter to
+    max_lora_rank with zeros (a rank-8 adapter beside a rank-64 one, or under a larger --max-lora-rank),
+    and a zero row of A adds exactly nothing, so dropping it changes no bit and saves its products."""
+    used = a.ne(0).any(dim=1)
+    return a[used], b[:, used]
+
+
+def fused_weights(cache: dict, lora_a_stacked, lora_b_stacked, slot: int, dtype) -> tuple[torch.Tensor, ...]:
+    """(A, B, B in float32) of one slot for all slices at once: A is (in, sum of ranks) in float32, B
+    block-diagonal (sum of ranks, sum of outputs) in the model's `dtype`; the ranks are those the
+    adapter uses. Cached per layer and slot; a tensor's `_version` counts in-place writes (set_lora's
+    copy_, reset_lora's fill), so a reloaded slot rebuilds."""
     stacked = (*lora_a_stacked, *lora_b_stacked)
     key = (id(lora_a_stacked[0]), slot)
     versions = tuple(t._version for t in stacked)
     hit = cache.get(key)
     if hit is None or hit[0] is not lora_a_stacked[0] or hit[1] != versions:
-        a = torch.cat([_slot_matrix(w, slot) for w in lora_a_stacked]).to(torch.float32).T
-        b = torch.block_diag(*[_slot_matrix(w, slot).T for w in lora_b_stacked]).to(dtype)
-        hit = cache[key] = (lora_a_stacked[0], versions, a, b)
-    return hit[2], hit[3]
+        pairs = [
+            _used_ranks(_slot_matrix(a, slot), _slot_matrix(b, slot)) for a, b in zip(lora_a_stacked, lora_b_stacked)
+        ]
+        a = torch.cat([a for a, _ in pairs]).to(torch.float32).T
+        b = torch.block_diag(*[b.T for _, b in pairs]).to(torch.float32)
+        hit = cache[key] = (lora_a_stacked[0], versions, a, b.to(dtype), b)
+    return hit[2:]
 
 
 def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs) -> None:
     """y[:, slices] += (x @ A_i^T * scale) @ B_i^T for every slice, per run; vLLM's roundings kept
-    (shrink in float32, rounded to y's dtype before the expand, the product rounded before the add)."""
+    (shrink in float32, rounded to y's dtype before the expand, the product rounded before the add).
+    A run of FEW_ROWS or fewer (a decode step) expands in float32 on values already in y's dtype, which
+    is how a bfloat16 product accumulates too: one row of Gemma 3 270M's expands costs 16-26 us in
+    bfloat16 against 7-12 in float32 (torch 2.13 on an AVX512-BF16 core), and from four rows on
+    bfloat16 is the faster."""
     if not self.is_prefill:  # vLLM's v1 runners always take the sgmv path; keep theirs otherwise
         return _STOCK["add_lora_linear"](
             self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
@@ -195,11 +212,15 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
     for rows, slot in _step_runs(self):
         if slot < 0:
             continue
-        a, b = fused_weights(cache, lora_a_stacked, lora_b_stacked, slot, out.dtype)
+        a, b, b_float32 = fused_weights(cache, lora_a_stacked, lora_b_stacked, slot, out.dtype)
         shrunk = x[rows].to(torch.float32) @ a
         if scale != 1.0:
             shrunk = scale * shrunk
-        out[rows, :width] += shrunk.to(out.dtype) @ b
+        shrunk = shrunk.to(out.dtype)
+        if rows.stop - rows.start <= FEW_ROWS:
+            out[rows, :width] += (shrunk.to(torch.float32) @ b_float32).to(out.dtype)
+        else:
+            out[rows, :width] += shrunk @ b
 
 
 def check_environment(environ) -> None:

@@ -245,3 +245,18 @@ def test_decode_metadata_is_left_to_vllm(segmented):
     segmented.update_metadata(LoRAMapping(mapping, mapping, is_prefill=False), [1, 2, None], SLOTS, 100)
     want, got = both(segmented, len(mapping), a, b, QKV)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("segments", [[(1, 0)], [(9, 0)], MIXED])
+def test_rank_padding_is_dropped_and_changes_nothing(segmented, segments):
+    """vLLM pads a rank-r adapter to max_lora_rank with zero rows of A (and zero columns of B): the fused
+    weights keep only the used ranks (a slice may use none), and the result is vLLM's."""
+    a, b = layer_weights(QKV)
+    used = (RANK // 2, 0, RANK // 4)
+    for slot in (0, 1):
+        for a_i, b_i, r in zip(a, b, used):
+            a_i[slot, :, r:].zero_(), b_i[slot, :, :, r:].zero_()
+    want, got = both(segmented, set_step(segmented, *segments), a, b, QKV)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2)
+    fused_a, fused_b, _ = cpu_lora.fused_weights({}, a, b, 0, torch.bfloat16)
+    assert fused_a.shape == (HIDDEN, sum(used)) and fused_b.shape == (sum(used), sum(QKV))
