@@ -262,7 +262,8 @@ class GatewayMetrics:
             "Requests the gateway answered with an error of its own: context_overflow (400), bad_body (400), "
             "bad_input (400: an embeddings input, or a route the model does not serve), "
             "body_too_large (413), adapter_refused (runtime adapter load refused), engine_unavailable (503), "
-            "engine_lost (the engine failed mid-request), client_stalled (a stream client stopped reading).",
+            "engine_lost (the engine failed mid-request), engine_key_refused (502: the engine refused the gateway's "
+            "upstream key), client_stalled (a stream client stopped reading).",
             ["reason"],
             registry=r,
         )

@@ -157,6 +157,8 @@ class Relay:
                 headers=_pick(request.headers, FORWARD_HEADERS),
             ) as upstream:
                 data = await upstream.read()
+                if upstream.status == 401:
+                    return self._key_refused()
                 return web.Response(body=data, status=upstream.status, headers=_pick(upstream.headers, RETURN_HEADERS))
         except aiohttp.ClientConnectorError:
             return self._engine_down()
@@ -191,6 +193,8 @@ class Relay:
                 data = await call.read()
             except EngineLost:
                 return self._engine_lost()
+            if status == 401:
+                return self._key_refused()
             if status == 200 and model is not None:
                 try:
                     self.metrics.record_usage(model, json.loads(data).get("usage"))
@@ -238,6 +242,8 @@ class Relay:
         except UPSTREAM_FAILURES:
             return self._engine_lost()
         headers[POLICY_HEADER] = policy
+        if status == 401:
+            return self._key_refused()
         if status != 200:
             return web.Response(body=data, status=status, headers=headers)
         for t in ids:
@@ -336,6 +342,18 @@ class Relay:
         """The engine refused the connection: it is not listening (down, or not yet up)."""
         self.metrics.errors.labels("engine_unavailable").inc()
         return engine_down_response(self.retry_after_s)
+
+    def _key_refused(self) -> web.Response:
+        """The engine answered 401: clients' keys never go upstream, so it refused the gateway's own (a remote
+        vLLM started with --api-key); passing the 401 on would tell the client its key is wrong."""
+        self.metrics.errors.labels("engine_key_refused").inc()
+        where = "the key in --upstream-api-key-file" if self.upstream.api_key else "no key"
+        return error_response(
+            502,
+            f"the engine refused the gateway: it sent {where}; start `lcserve gateway` with --upstream-api-key-file "
+            "holding the key vLLM was started with (--api-key or VLLM_API_KEY)",
+            "EngineAuthenticationError",
+        )
 
     def _engine_lost(self) -> web.Response:
         self.metrics.errors.labels("engine_lost").inc()

@@ -14,8 +14,10 @@ measures it beside TP=1 and TP=2.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
+import httpx
 import pytest
 
 from lcserve.deploy.hardware import GIB, resolve_profile
@@ -24,6 +26,7 @@ from lcserve.deploy.plan import PlanRequest, plan_deployment
 from lcserve.engine import EngineProcess, EngineSpec, free_port
 from lcserve.model_config import read_model
 from tests.integration.agreement import gap_summary, greedy, greedy_fork, own_logprobs, prompt_logprobs
+from tests.integration.gateway_process import GatewayCommand
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +49,12 @@ TEXT = (
 MEAN_GAP, P99_GAP = 0.1, 0.5
 
 
-def test_tp2_plan_runs_on_the_cpu_build_with_the_planned_kv_capacity(engine, embedded_model_dir, tmp_path):
+UPSTREAM_KEY = "tp2-engine-key"  # the TP=2 engine runs as a remote vLLM would: /v1 behind vLLM's own key
+
+
+@pytest.fixture(scope="module")
+def tp2(engine, embedded_model_dir, tmp_path_factory):
+    """The plan's TP=2 engine, started with VLLM_API_KEY (vLLM's --api-key), and the plan."""
     profile = dataclasses.replace(resolve_profile("cpu"), memory_bytes=32 * GIB)
     if len(profile.cpu_ids) < 2:
         pytest.skip("tensor parallelism on the CPU build needs a core per rank")
@@ -62,21 +70,27 @@ def test_tp2_plan_runs_on_the_cpu_build_with_the_planned_kv_capacity(engine, emb
         served_model_name=engine.base_model,
         port=free_port(),
         args=[*plan.vllm_args(), "--enforce-eager"],
-        env=plan.env,
+        env={**plan.env, "VLLM_API_KEY": UPSTREAM_KEY},
     )
-    process = EngineProcess(spec, tmp_path / "vllm-tp2.log")
+    process = EngineProcess(spec, tmp_path_factory.mktemp("tp2") / "vllm-tp2.log")
     process.start()
     try:
         process.wait_ready(600)
-        measured = parse_capacity(process.log_path.read_text(errors="replace"))
-        tp2_paths = [greedy(spec.url, spec.served_model_name, p, GREEDY_TOKENS) for p in PROMPTS]
-        tp2_text = own_logprobs(prompt_logprobs(spec.url, spec.served_model_name, TEXT))
+        yield spec, process, plan
     finally:
         process.stop()
+
+
+def test_tp2_plan_runs_on_the_cpu_build_with_the_planned_kv_capacity(engine, tp2, tmp_path):
+    spec, process, plan = tp2
+    measured = parse_capacity(process.log_path.read_text(errors="replace"))
     assert measured is not None, "vLLM logged no KV cache size"
     assert abs(plan.kv_tokens - measured.kv_tokens) <= 0.01 * measured.kv_tokens, (plan.kv_tokens, measured)
 
-    # TP=1: the session engine, the same weights
+    # TP=2 through `lcserve gateway` with the engine's key; TP=1: the session engine, the same weights
+    with fronted(spec.url, tmp_path, UPSTREAM_KEY) as url:
+        tp2_paths = [greedy(url, spec.served_model_name, p, GREEDY_TOKENS) for p in PROMPTS]
+        tp2_text = own_logprobs(prompt_logprobs(url, spec.served_model_name, TEXT))
     tp1_paths = [greedy(engine.url, engine.base_model, p, GREEDY_TOKENS) for p in PROMPTS]
     forks = [greedy_fork(a, b) for a, b in zip(tp1_paths, tp2_paths)]
     mean, p99, worst = gap_summary(own_logprobs(prompt_logprobs(engine.url, engine.base_model, TEXT)), tp2_text)
@@ -85,3 +99,30 @@ def test_tp2_plan_runs_on_the_cpu_build_with_the_planned_kv_capacity(engine, emb
         f"over {len(tp2_text)} teacher-forced tokens mean |dlogprob| {mean:.4f}, p99 {p99:.3f}, max {worst:.3f}"
     )
     assert mean < MEAN_GAP and p99 < P99_GAP, (mean, p99, worst)
+
+
+@contextlib.contextmanager
+def fronted(upstream: str, tmp_path, key: str):
+    """`lcserve gateway --upstream URL --upstream-api-key-file F` in front of a keyed vLLM; yields its URL."""
+    key_file = tmp_path / f"upstream-key-{key}"
+    key_file.write_text(key + "\n")
+    gateway = GatewayCommand(upstream, ["--upstream-api-key-file", str(key_file)], {"LCSERVE_API_KEY": ""}, tmp_path)
+    try:
+        gateway.wait_ready()
+        yield gateway.url
+    finally:
+        gateway.stop()
+
+
+def test_a_remote_vllm_key_goes_upstream_and_a_wrong_one_is_named(tp2, tmp_path):
+    """vLLM started with --api-key refuses /v1 without it; `lcserve gateway --upstream-api-key-file` sends it
+    (the test above streams through it), and a wrong key is the gateway's own error, not the client's 401."""
+    spec = tp2[0]
+    prompt = {"model": spec.served_model_name, "max_tokens": 1, "prompt": "Water boils at"}
+    chat = {"model": spec.served_model_name, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
+    assert httpx.post(f"{spec.url}/v1/completions", json=prompt, timeout=60).status_code == 401
+    with fronted(spec.url, tmp_path, "not-the-engine-key") as url:
+        for path, body in (("/v1/completions", prompt), ("/v1/chat/completions", chat), ("/v1/models", None)):
+            refused = httpx.request("POST" if body else "GET", f"{url}{path}", json=body, timeout=60)
+            assert refused.status_code == 502, (path, refused.status_code, refused.text)
+            assert "--upstream-api-key-file" in refused.json()["error"]["message"], refused.text

@@ -20,7 +20,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from lcserve.serving.stack import Stack
-from tests.unit.test_supervisor import free_port, wait_until
+from tests.integration.gateway_process import GatewayCommand
+from tests.unit.test_supervisor import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -140,47 +141,6 @@ def test_without_allowed_folders_runtime_loading_is_off(engine, folders):
     assert "off" not in served(engine.url)
 
 
-class GatewayCommand:
-    """`lcserve gateway` in a subprocess, in front of the session engine."""
-
-    def __init__(self, engine, args: list[str], env: dict[str, str], workdir: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.err = workdir / f"gateway-{self.port}.err"
-        with self.err.open("wb") as sink:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "lcserve.cli",
-                    "gateway",
-                    "--upstream",
-                    engine.url,
-                    "--port",
-                    str(self.port),
-                    *args,
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=sink,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, **env},
-            )
-
-    def stderr(self) -> str:
-        return self.err.read_text()
-
-    def wait_ready(self) -> None:
-        assert wait_until(lambda: self.proc.poll() is not None or "gateway ready" in self.stderr(), 60), self.stderr()
-        assert self.proc.poll() is None, self.stderr()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 @pytest.mark.parametrize("source", ["file", "environment"])
 def test_the_key_from_a_file_or_the_environment_guards_loading(engine, folders, tmp_path, source):
     key_file = tmp_path / "key"
@@ -190,7 +150,7 @@ def test_the_key_from_a_file_or_the_environment_guards_loading(engine, folders, 
         args += ["--api-key-file", str(key_file)]
     else:
         env["LCSERVE_API_KEY"] = KEY
-    gateway = GatewayCommand(engine, args, env, tmp_path)
+    gateway = GatewayCommand(engine.url, args, env, tmp_path)
     try:
         gateway.wait_ready()
         assert KEY.encode() not in Path(f"/proc/{gateway.proc.pid}/cmdline").read_bytes()  # not for `ps` to show
@@ -207,7 +167,7 @@ def test_the_key_from_a_file_or_the_environment_guards_loading(engine, folders, 
 
 
 def test_a_key_on_the_command_line_gets_a_note(engine, tmp_path):
-    gateway = GatewayCommand(engine, ["--api-key", KEY], {"LCSERVE_API_KEY": ""}, tmp_path)
+    gateway = GatewayCommand(engine.url, ["--api-key", KEY], {"LCSERVE_API_KEY": ""}, tmp_path)
     try:
         gateway.wait_ready()
         assert "visible to every user of this machine" in gateway.stderr()
@@ -219,15 +179,15 @@ def test_a_key_on_the_command_line_gets_a_note(engine, tmp_path):
 def test_a_non_loopback_bind_without_a_key_warns_loudly(engine, tmp_path):
     """192.0.2.1 (TEST-NET-1) is no address of this machine: the warning comes before the bind,
     which then fails with one line; nothing is exposed."""
-    gateway = GatewayCommand(engine, ["--host", "192.0.2.1"], {"LCSERVE_API_KEY": ""}, tmp_path)
+    gateway = GatewayCommand(engine.url, ["--host", "192.0.2.1"], {"LCSERVE_API_KEY": ""}, tmp_path)
     assert gateway.proc.wait(60) == 2
     lines = [line for line in gateway.stderr().splitlines() if line.strip() and " INFO " not in line]
     assert lines[0].startswith("WARNING: the gateway listens on 192.0.2.1, which is not loopback, and has no API key")
     assert lines[-1].startswith("error: the gateway cannot listen on 192.0.2.1")
-    keyed = GatewayCommand(engine, ["--host", "192.0.2.1"], {"LCSERVE_API_KEY": KEY}, tmp_path)
+    keyed = GatewayCommand(engine.url, ["--host", "192.0.2.1"], {"LCSERVE_API_KEY": KEY}, tmp_path)
     assert keyed.proc.wait(60) == 2
     assert "WARNING" not in keyed.stderr()
-    loopback = GatewayCommand(engine, [], {"LCSERVE_API_KEY": ""}, tmp_path)
+    loopback = GatewayCommand(engine.url, [], {"LCSERVE_API_KEY": ""}, tmp_path)
     try:
         loopback.wait_ready()
         assert "WARNING" not in loopback.stderr()
