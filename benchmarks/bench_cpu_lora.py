@@ -136,7 +136,7 @@ def measure(ops: str, args, log_dir: Path) -> dict:
         ],
         # vLLM's own thread binding, as `lcserve serve` leaves it: its compute threads on all cores but
         # one, that one kept for the API server and the scheduler (with "nobind" they share the cores,
-        # and every small op's thread barrier waits on them: decode with the adapter 1.42x the base, 1.22x bound)
+        # and every small op's thread barrier waits on them: decode with the adapter 1.28x the base, 1.13x bound)
         env={"VLLM_CPU_KVCACHE_SPACE": "2", ENV_VAR: ops},
     )
     engine = EngineProcess(spec, log_dir / f"vllm-{ops}.log")

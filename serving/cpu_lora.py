@@ -14,8 +14,9 @@ step on a 270M model, more time than the products themselves. The plugin's `add_
 does each run in two products for all slices together: the slices' A matrices side by side in
 float32 (vLLM's shrink computes in float32), their B matrices block-diagonal, both without the
 zero rows vLLM pads each adapter's rank with, built once per slot and rebuilt when vLLM writes
-the slot; the runs are read once per step. (A shrink in bfloat16 runs 3-4x faster on a long prompt, but its other order of float32
-sums changed the demo adapter's greedy output: measured, so it stays in float32.)
+the slot; the runs are read once per step. (A shrink in bfloat16 runs 3-4x faster on a long
+prompt, but its other order of float32 sums changed the demo adapter's greedy output: measured,
+so it stays in float32.)
 
 Two differences from the stock ops, both deliberate:
 - a run with slot -1 (a request without an adapter) gets no LoRA contribution; the stock ops

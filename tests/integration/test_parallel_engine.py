@@ -8,6 +8,8 @@ computes, within bf16 noise: TP sums in another order, so greedy text may part a
 text is not a property vLLM promises (it once failed here: " in good condition" against " in a bad
 condition"). So the test compares greedy paths up to their fork, the margins at the fork, and the
 teacher-forced log-probabilities of one fixed text (`tests/integration/agreement.py`).
+The TP=2 engine also stands for a remote vLLM started with --api-key (VLLM_API_KEY): the comparison
+goes through `lcserve gateway --upstream-api-key-file`, and a wrong key must be named by the gateway.
 PP=2 runs compiled only on the CPU build, a minute more of warm-up: `benchmarks/bench_parallel_cpu.py`
 measures it beside TP=1 and TP=2.
 """
@@ -116,7 +118,7 @@ def fronted(upstream: str, tmp_path, key: str):
 
 def test_a_remote_vllm_key_goes_upstream_and_a_wrong_one_is_named(tp2, tmp_path):
     """vLLM started with --api-key refuses /v1 without it; `lcserve gateway --upstream-api-key-file` sends it
-    (the test above streams through it), and a wrong key is the gateway's own error, not the client's 401."""
+    (the test above compares TP=2 through it), and a wrong key is the gateway's own error, not the client's 401."""
     spec = tp2[0]
     prompt = {"model": spec.served_model_name, "max_tokens": 1, "prompt": "Water boils at"}
     chat = {"model": spec.served_model_name, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
