@@ -25,7 +25,7 @@ from lcserve.embedded import SERVED_NAME
 from lcserve.errors import ProbeError
 from lcserve.paths import check_output, output_dir
 
-from . import plots, report
+from . import report
 from .client import ProbeClient, ServedModel
 from .plan import (
     REPETITION_PROMPT_TOKENS,
@@ -352,6 +352,9 @@ def _fit_budget(
 def _write_reports(summary: dict, out_dir: Path | None, started: float) -> None:
     """The plots, report.md and summary.json into out_dir (None: no files), after the final wall time."""
     if out_dir:
+        # matplotlib loads here, not at import: the gateway imports the runner and starts without it
+        from . import plots
+
         mark = time.time()
         summary["files"] = [p.name for p in plots.write_all(summary, out_dir)] + list(OUT_FILES)
         summary["timings"]["plots_s"] = round(time.time() - mark, 1)
