@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import DownloadColumn
 from rich.table import Table
 
+from lcserve.options import gateway_api_key
 from lcserve.output import emit, json_option
 from lcserve.progress import progress_bar
 
@@ -18,7 +19,7 @@ from .inspection import AdapterReport, Verdict, inspect_adapter
 from .merge import OUT_DTYPES, merge_adapter
 from .mount import mount_args, parse_adapter_spec
 from .reader import read_adapter
-from .runtime import API_KEY_ENV, load_adapter, unload_lora_adapter
+from .runtime import load_adapter, unload_lora_adapter
 from .scale import write_scaled_adapter
 from .verify import VerifyResult, verify_merge
 
@@ -28,12 +29,6 @@ allow_pickle_option = click.option(
 )
 url_option = click.option(
     "--url", default="http://127.0.0.1:8000", show_default=True, help="The running `lcserve serve` (its gateway)."
-)
-api_key_option = click.option(
-    "--api-key",
-    envvar=API_KEY_ENV,
-    show_envvar=True,
-    help=f"The gateway's API key; set {API_KEY_ENV} instead (a command line is visible to other users).",
 )
 
 
@@ -305,7 +300,7 @@ def mount_args_command(specs: tuple[str, ...], base_name: str, as_json: bool) ->
 @click.argument("name")
 @click.argument("adapter", metavar="DIR")
 @url_option
-@api_key_option
+@gateway_api_key
 @json_option
 def load(name: str, adapter: str, url: str, api_key: str | None, as_json: bool) -> None:
     """Load the adapter in DIR into a running `lcserve serve`, served as NAME.
@@ -322,7 +317,7 @@ def load(name: str, adapter: str, url: str, api_key: str | None, as_json: bool) 
 @adapters.command()
 @click.argument("name")
 @url_option
-@api_key_option
+@gateway_api_key
 @json_option
 def unload(name: str, url: str, api_key: str | None, as_json: bool) -> None:
     """Unload the adapter served as NAME from a running `lcserve serve` (behind its API key)."""

@@ -17,11 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lcserve.errors import AdapterError, EngineError
+from lcserve.options import API_KEY_ENV
 
 from .inspection import Verdict, inspect_adapter
 from .reader import read_adapter
-
-API_KEY_ENV = "LCSERVE_API_KEY"  # where the gateway and these commands read the key (not argv: others can read it)
 
 
 @dataclass(frozen=True)
@@ -66,10 +65,11 @@ def unload_lora_adapter(base_url: str, name: str, api_key: str | None = None, ti
 def _post(base_url: str, route: str, body: dict, api_key: str | None, timeout_s: float) -> str:
     import httpx  # here, not at import: `lcserve --help` loads this module
 
+    from lcserve.engine import bearer
+
     url = base_url.rstrip("/") + route
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.post(url, json=body, headers=headers, timeout=timeout_s)
+        response = httpx.post(url, json=body, headers=bearer(api_key), timeout=timeout_s)
     except httpx.HTTPError as e:
         raise EngineError(
             f"{url}: unreachable ({e}); check --url: is `lcserve serve` (or vLLM) running there?"

@@ -47,6 +47,11 @@ def engine_address(url: str) -> tuple[str, str | None]:
     return url.rstrip("/"), None
 
 
+def bearer(api_key: str | None) -> dict[str, str]:
+    """The header that carries an API key (none without a key)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def engine_client(url: str, **kwargs) -> httpx.Client:
     """An httpx client whose relative paths go to the engine at `url` (TCP or Unix socket)."""
     base, uds = engine_address(url)

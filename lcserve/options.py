@@ -27,6 +27,13 @@ def option(*names: str, **kwargs):
     return click.option(*names, cls=RenamedOption, **kwargs)
 
 
+API_KEY_ENV = "LCSERVE_API_KEY"  # where the gateway and its clients read the key (not argv: others can read it)
+gateway_api_key = click.option(
+    "--api-key",
+    envvar=API_KEY_ENV,
+    show_envvar=True,
+    help=f"The gateway's API key; set {API_KEY_ENV} instead (a command line is visible to other users).",
+)
 profile = click.option(
     "--profile",
     default="auto",

@@ -29,7 +29,8 @@ class ProbeSchedule:
     """Probe `config` (its url is replaced by the engine's) on start when `on_start`, then every
     `every_s` seconds when given; each run's files go to a timestamped folder under `out_root`.
     An embedding model gets the retrieval probe, which compares the gateway's long-input policies:
-    it runs against `gateway_url` (set it to the gateway's address) or else the given url."""
+    it runs against `gateway_url` (set it to the gateway's address, and `gateway_key` to its key) or else
+    the given url."""
 
     def __init__(self, config: ProbeConfig, out_root: Path, on_start: bool = True, every_s: float | None = None):
         if not on_start and not every_s:
@@ -39,6 +40,7 @@ class ProbeSchedule:
         self.on_start = on_start
         self.every_s = every_s
         self.gateway_url: str | None = None
+        self.gateway_key: str | None = None
         self.runs = 0
         self.last_summary: dict | None = None
         self.last_error: str | None = None
@@ -97,5 +99,12 @@ class ProbeSchedule:
             return run_probe(dataclasses.replace(self.config, url=url, out_dir=out_dir, console=None))
         c = self.config
         return run_retrieval_probe(
-            self.gateway_url or url, embedding, c.tier, out_dir, c.training_length, c.threshold, c.seed
+            self.gateway_url or url,
+            embedding,
+            c.tier,
+            out_dir,
+            c.training_length,
+            c.threshold,
+            c.seed,
+            api_key=self.gateway_key if self.gateway_url else None,
         )

@@ -97,6 +97,7 @@ class Stack:
         )
         self.gateway_host = gateway_host
         self.gateway_port = gateway_port
+        self.api_key = api_key  # the gateway's: the scheduled retrieval probe goes through it
         self.probe = probe
 
     @property
@@ -116,6 +117,7 @@ class Stack:
             raise
         if self.probe is not None:  # straight to the engine: probe traffic stays out of the gateway's series
             self.probe.gateway_url = self.url  # but the retrieval probe compares the gateway's long-input policies
+            self.probe.gateway_key = self.api_key
             self.probe.start(self.engine.url)
 
     def wait(self) -> None:

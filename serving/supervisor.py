@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from lcserve.engine import EngineProcess, EngineSpec, check_vllm_version, engine_client
+from lcserve.engine import EngineProcess, EngineSpec, bearer, check_vllm_version, engine_client
 from lcserve.errors import EngineError
 
 log = logging.getLogger("lcserve.serving")
@@ -165,7 +165,7 @@ class ExternalEngine:
     def __init__(self, url: str, poll_s: float = 1.0, api_key: str | None = None):
         self.url = url.rstrip("/")  # http://host:port, or unix:/path/vllm.sock
         self.poll_s = poll_s
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.headers = bearer(api_key)
         self.up = False
         self.restarts = 0
         self.generation = 0

@@ -17,7 +17,7 @@ import asyncio
 
 import aiohttp
 
-from lcserve.engine import engine_address
+from lcserve.engine import bearer, engine_address
 
 from .engine_http import EnginePool
 from .metrics import EngineStatus
@@ -46,7 +46,7 @@ class Upstream:
         self.session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.read_timeout_s),
-            headers={"Authorization": f"Bearer {self.api_key}"} if self.api_key else None,
+            headers=bearer(self.api_key),
         )
 
     async def close(self) -> None:

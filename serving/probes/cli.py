@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 
 from lcserve.errors import ProbeError
-from lcserve.options import option
+from lcserve.options import gateway_api_key, option
 from lcserve.output import emit, json_option
 
 from .plan import TIERS, parse_lengths
@@ -102,6 +102,7 @@ from .style import load_markers
     "adapter side by side (their decodes batch; the prefix cache keeps the haystack), and a style length's "
     "questions together once its preamble is cached.",
 )
+@gateway_api_key
 @json_option
 def probe(
     url,
@@ -120,6 +121,7 @@ def probe(
     style_markers,
     style_lengths,
     concurrency,
+    api_key,
     as_json,
 ):
     """Tell whether short-trained adapters hold at long context, against their base; for an embedding
@@ -139,7 +141,7 @@ def probe(
         load_markers(style_markers)  # a file that is empty or not text: one line before any request
     out_dir = out_dir or Path(f"probe-{datetime.now():%Y%m%d-%H%M%S}")
     console = Console(stderr=True)
-    embedding = served_embedding_model(url, base)
+    embedding = served_embedding_model(url, base, api_key)
     if embedding is not None:  # an embedding model: the retrieval probe, by length, depth and policy
         generative = {
             "--adapter": adapters,
@@ -154,7 +156,7 @@ def probe(
         }
         refuse_generation_options(embedding["id"], url, [name for name, given in generative.items() if given])
         summary = run_retrieval_probe(
-            url, embedding, tier, out_dir, training_length, threshold, seed, lambda line: console.print(line)
+            url, embedding, tier, out_dir, training_length, threshold, seed, console.print, api_key
         )
         emit(summary, as_json, lambda: Console().print(retrieval_markdown(summary), highlight=False))
         return
@@ -176,6 +178,7 @@ def probe(
             style_markers=style_markers,
             style_lengths=parse_lengths(style_lengths, "--style-lengths") if style_lengths else None,
             console=console,
+            api_key=api_key,
         )
     )
     emit(summary, as_json, lambda: print_probe_summary(summary, base, out_dir))

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from lcserve.engine import engine_client
+from lcserve.engine import bearer, engine_client
 from lcserve.errors import ProbeError
+from lcserve.options import API_KEY_ENV
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,12 @@ class ServedModel:
 class ProbeClient:
     """Thread-safe (one httpx.Client shared by the worker threads)."""
 
-    def __init__(self, url: str, timeout_s: float = 1800.0):
+    def __init__(self, url: str, timeout_s: float = 1800.0, api_key: str | None = None):
         self.url = url.rstrip("/")
         try:
             # engine_client: `lcserve serve` probes its engine on the Unix socket (unix:/path/vllm.sock)
-            self._http = engine_client(self.url, timeout=httpx.Timeout(timeout_s, connect=10.0))
+            timeout = httpx.Timeout(timeout_s, connect=10.0)
+            self._http = engine_client(self.url, timeout=timeout, headers=bearer(api_key))
         except httpx.InvalidURL as e:
             raise ProbeError(f"--url {url} is not a valid URL ({e}); check --url") from None
 
@@ -95,13 +97,20 @@ class ProbeClient:
                 f"{self.url} has no /tokenize endpoint, which exact prompt sizing needs; point --url at vLLM or the lcserve gateway"
             )
         if response.status_code != 200:
-            raise ProbeError(f"{self.url}{path} answered HTTP {response.status_code}: {_server_message(response)}")
+            raise ProbeError(
+                f"{self.url}{path} answered HTTP {response.status_code}: {_server_message(response)}{key_hint(response)}"
+            )
         try:
             return response.json()
         except ValueError:
             raise ProbeError(
                 f"{self.url}{path} did not answer JSON; is --url an OpenAI-compatible vLLM endpoint?"
             ) from None
+
+
+def key_hint(response: httpx.Response) -> str:
+    """What to do about a 401: the gateway wants its key, which the probe reads from the environment."""
+    return f"; give the probe the gateway's key in {API_KEY_ENV}" if response.status_code == 401 else ""
 
 
 def _reason(error: Exception) -> str:

@@ -22,12 +22,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from lcserve.engine import engine_client
+from lcserve.engine import bearer, engine_client
 from lcserve.errors import ProbeError
 from lcserve.model_config import is_embedding_model
 from lcserve.paths import check_output, output_dir
 
 from ..embeddings import POLICY_HEADER
+from .client import key_hint
 from .sizing import Filler, Insert, fit, with_inserts
 from .tasks import load_document
 from .verdicts import effective_length
@@ -177,9 +178,9 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
 class _Client:
     """The gateway's /v1/models, /tokenize and /v1/embeddings, with errors as ProbeError lines."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, api_key: str | None = None):
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(600, connect=10))
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(600, connect=10), headers=bearer(api_key))
 
     def post(self, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
         try:
@@ -187,7 +188,7 @@ class _Client:
         except httpx.HTTPError as e:
             raise ProbeError(f"{self.url}{path}: {e}; is the server up (lcserve serve)?") from None
         if r.status_code != 200:
-            raise ProbeError(f"{self.url}{path} answered {r.status_code}: {r.text[:300]}")
+            raise ProbeError(f"{self.url}{path} answered {r.status_code}: {r.text[:300]}{key_hint(r)}")
         return r
 
     def embed(self, model: str, texts: list[str], policy: str) -> np.ndarray:
@@ -203,11 +204,11 @@ class _Client:
         return int(self.post("/tokenize", {"model": model, "prompt": text}).json()["count"])
 
 
-def served_embedding_model(url: str, name: str | None) -> dict | None:
+def served_embedding_model(url: str, name: str | None, api_key: str | None = None) -> dict | None:
     """The `/v1/models` entry to probe for retrieval: `name` when it is an embedding model, or the one
     model served when it is; None otherwise (a generative server: the generative probes apply)."""
     try:
-        with engine_client(url, timeout=30) as client:  # the engine's own socket too (a scheduled probe)
+        with engine_client(url, timeout=30, headers=bearer(api_key)) as client:  # the engine's socket too
             models = client.get("/v1/models").json()["data"]
     except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError):
         return None  # the generative probe's client words the URL problem
@@ -226,8 +227,10 @@ def run_retrieval_probe(
     threshold: float = 0.8,
     seed: int = 0,
     say=lambda _line: None,
+    api_key: str | None = None,
 ) -> dict:
-    """Probe one embedding model through the gateway; returns the summary (written to out_dir too)."""
+    """Probe one embedding model through the gateway (`api_key`: the gateway's); returns the summary
+    (written to out_dir too)."""
     from lcserve.model_config import base_training_len
 
     if out_dir is not None:
@@ -238,7 +241,7 @@ def run_retrieval_probe(
     if not training_len:
         raise ProbeError(f"{model}: its training length is unknown; pass --training-len")
     spec = TIERS[tier]
-    client = _Client(url)
+    client = _Client(url, api_key)
     filler = Filler(load_document())
     stride = filler.words // spec["documents"]
     fact_list = facts(spec["documents"], seed)

@@ -78,13 +78,14 @@ class ProbeConfig:
     style_markers: Path | None = None  # the user's markers file: every adapter is a writer
     style_lengths: tuple[int, ...] | None = None  # None: the tier's, capped by max_model_len
     console: Console | None = field(default=None, repr=False)  # progress and notes; None: silent
+    api_key: str | None = field(default=None, repr=False)  # the gateway's, when --url is a gateway with a key
 
 
 def run_probe(config: ProbeConfig) -> dict:
     """Probe base and adapters; returns the summary (also written to config.out_dir)."""
     if config.out_dir:
         check_out_dir(Path(config.out_dir))
-    client = ProbeClient(config.url)
+    client = ProbeClient(config.url, api_key=config.api_key)
     try:
         return _run(client, config)
     finally:

@@ -5,6 +5,8 @@ One engine for the module (MiniLM is tiny: ready in about 30 s), launched from t
 `describe_launch` that `lcserve serve MODEL --max-model-len 512 --adapter tuned=DIR` uses, with a LoRA
 mounted beside the base (vLLM 0.32's BertEmbeddingModel declares SupportsLoRA: through the gateway its
 vectors equal PEFT's); one gateway per policy in front of it, as `--embedding-policy` would start them.
+The first gateway holds an API key, as `lcserve serve --api-key-file` starts it: the scheduled retrieval
+probe must go through it with that key.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from rich.console import Console
 from lcserve import embedded as emb
 from lcserve.deploy.plan_types import PlanRequest
 from lcserve.engine import engine_client
+from lcserve.errors import ProbeError
+from lcserve.options import API_KEY_ENV
 from lcserve.serving.cli import read_inputs
 from lcserve.serving.embeddings import POLICY_HEADER, chunk_windows, special_wrap
 from lcserve.serving.gateway import Gateway
@@ -34,19 +38,25 @@ pytestmark = pytest.mark.integration
 NAME = emb.EMBEDDING_SERVED_NAME
 ADAPTER = "tuned"
 MAX_MODEL_LEN = 512  # past sentence-transformers' max_seq_length (256): vLLM's override is planned
+KEY = "embedding-gateway-key"  # the "reject" gateway's (the stack's own); the others hold none
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @dataclasses.dataclass
 class Served:
     urls: dict[str, str]  # policy -> gateway URL
     engine_url: str
+    stack: Stack
     model_dir: object
     st: object  # sentence_transformers.SentenceTransformer
     adapter: object  # the mounted LoRA's folder
 
     def embed(self, policy: str, inputs, **extra) -> httpx.Response:
         return httpx.post(
-            f"{self.urls[policy]}/v1/embeddings", json={"model": NAME, "input": inputs, **extra}, timeout=120
+            f"{self.urls[policy]}/v1/embeddings",
+            json={"model": NAME, "input": inputs, **extra},
+            headers=AUTH,
+            timeout=120,
         )
 
     def tokens(self, text: str, special: bool = True) -> list[int]:
@@ -76,6 +86,7 @@ def served(tmp_path_factory):
     stack = Stack(
         spec,
         gateway_port=0,
+        api_key=KEY,
         training_lengths=launch.training_lengths,
         embedding_policies=launch.embedding_policies,
         log_path=tmp_path_factory.mktemp("embedding-engine") / "vllm.log",
@@ -92,7 +103,9 @@ def served(tmp_path_factory):
             gateway.start("127.0.0.1", 0)
             others.append((gateway, engine))
             urls[policy] = gateway.url
-        yield Served(urls, stack.engine.url, model_dir, SentenceTransformer(str(model_dir), device="cpu"), adapter)
+        yield Served(
+            urls, stack.engine.url, stack, model_dir, SentenceTransformer(str(model_dir), device="cpu"), adapter
+        )
     finally:
         for gateway, engine in others:
             gateway.stop()
@@ -202,24 +215,33 @@ def test_each_bad_input_gets_one_clear_400(served):
     unknown = httpx.post(
         served.urls["reject"] + "/v1/embeddings",
         json={"model": NAME, "input": "x"},
-        headers={POLICY_HEADER: "squash"},
+        headers={POLICY_HEADER: "squash", **AUTH},
         timeout=60,
     )
     assert unknown.status_code == 400 and "reject, truncate, chunk" in unknown.json()["error"]["message"]
     for path, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": []})):
-        r = httpx.post(served.urls["reject"] + path, json={"model": NAME, **body}, timeout=60)
+        r = httpx.post(served.urls["reject"] + path, json={"model": NAME, **body}, headers=AUTH, timeout=60)
         assert r.status_code == 400 and "is an embedding model" in r.json()["error"]["message"], r.text
 
 
 def test_retrieval_probe_quick_tier_reports_recall_by_length_per_policy(served, tmp_path):
-    """The quick tier through the gateway: recall@1 and MRR by length and depth for full, truncate and
-    chunk, the effective length and verdict, and the files; the figures go in the README."""
+    """The quick tier as `lcserve serve --probe-on-start` runs it: the model found on the engine's socket,
+    the probe through the keyed gateway with the stack's key. Recall@1 and MRR by length and depth for
+    full, truncate and chunk, the effective length and verdict, and the files; the figures go in the README."""
+    from lcserve.serving.probe_schedule import ProbeSchedule
     from lcserve.serving.probes.retrieval import run_retrieval_probe, served_embedding_model
+    from lcserve.serving.probes.runner import ProbeConfig
 
-    entry = served_embedding_model(served.urls["reject"], NAME)
+    entry = served_embedding_model(served.urls["reject"], NAME, KEY)
     assert entry is not None and entry["id"] == NAME
-    summary = run_retrieval_probe(served.urls["reject"], entry, "quick", tmp_path / "out")
-    print("\n" + (tmp_path / "out" / "report.md").read_text())
+    with pytest.raises(ProbeError, match=f"answered 401.*the gateway's key in {API_KEY_ENV}"):
+        run_retrieval_probe(served.urls["reject"], entry, "quick")
+    schedule = ProbeSchedule(ProbeConfig(base=NAME), tmp_path)
+    schedule.gateway_url, schedule.gateway_key = served.stack.url, served.stack.api_key  # as Stack.start sets them
+    summary = schedule.run_once(served.engine_url)
+    assert summary is not None, schedule.last_error
+    (out,) = tmp_path.iterdir()
+    print("\n" + (out / "report.md").read_text())
     policies = summary["policies"]
     assert set(policies) == {"full", "truncate", "chunk"} and summary["training_len"] == 128
     assert max(policies["full"]["by_length"]) == 512 and max(policies["chunk"]["by_length"]) == 2048
@@ -227,9 +249,7 @@ def test_retrieval_probe_quick_tier_reports_recall_by_length_per_policy(served, 
     # truncation at 128 tokens loses the facts placed deep in long documents: the probe can tell
     deep = policies["truncate"]["grid"][2048][0.9]
     assert deep < policies["truncate"]["grid"][64][0.9]
-    assert {"summary.json", "records.jsonl", "report.md", "retrieval_by_length.png"} <= {
-        p.name for p in (tmp_path / "out").iterdir()
-    }
+    assert {"summary.json", "records.jsonl", "report.md", "retrieval_by_length.png"} <= {p.name for p in out.iterdir()}
     assert len(summary["verdict"]) == 4 and summary["wall_s"] > 0
 
 

@@ -19,6 +19,8 @@ import httpx
 import pytest
 from safetensors.torch import load_file, save_file
 
+from lcserve.errors import ProbeError
+from lcserve.options import API_KEY_ENV
 from lcserve.serving.stack import Stack
 from tests.integration.gateway_process import GatewayCommand
 from tests.unit.test_supervisor import free_port
@@ -132,6 +134,16 @@ def test_an_allowed_adapter_loads_from_its_resolved_path_and_serves(engine, gate
     finally:
         assert unload(gateway.url, "allowed-good").status_code == 200
     assert "allowed-good" not in served(engine.url)
+
+
+def test_the_probe_client_sends_the_gateway_key(engine, gateway):
+    """`lcserve probe --url GATEWAY` against a keyed gateway: LCSERVE_API_KEY (--api-key) goes with every
+    request; without it the one line says where the key goes."""
+    from lcserve.serving.probes.client import ProbeClient
+
+    assert engine.base_model in ProbeClient(gateway.url, api_key=KEY).models()
+    with pytest.raises(ProbeError, match=f"answered HTTP 401.*the gateway's key in {API_KEY_ENV}"):
+        ProbeClient(gateway.url).models()
 
 
 def test_without_allowed_folders_runtime_loading_is_off(engine, folders):
