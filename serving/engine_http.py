@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import httptools
 
-from lcserve.engine import engine_address
+from lcserve.engine import bearer, engine_address
 
 # headers sent upstream may come from a client: a value with a line break would forge a header
 _UNSAFE = (b"\r", b"\n")
@@ -242,8 +242,7 @@ class EnginePool:
 
     def _request(self, method: str, path: str, body: bytes, headers: dict[str, str], base: str) -> bytes:
         lines = [f"{method} {path} HTTP/1.1", f"Host: {base.removeprefix('http://')}", f"Content-Length: {len(body)}"]
-        if self.api_key:
-            lines.append(f"Authorization: Bearer {self.api_key}")
+        lines += [f"{name}: {value}" for name, value in bearer(self.api_key).items()]
         head = "\r\n".join(lines).encode("latin-1")
         for name, value in headers.items():
             raw = f"{name}: {value}".encode("latin-1", "replace")
